@@ -1,0 +1,109 @@
+"""The `l2l-recipes` command line: list, show, run and eval named recipes."""
+import dataclasses
+import inspect
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from l2l_recipes import harness, registry
+from l2l_recipes.config import apply_overrides
+from l2l_recipes.errors import UserError
+
+
+class _Group(click.Group):
+    """Turns a UserError anywhere below into a one-line 'Error: ...' and exit status 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Group)
+def cli():
+    """Run, reproduce and reuse meta-learning recipes built on learn2learn."""
+
+
+@cli.command("list")
+@click.argument("pattern", default="*")
+def recipes_list(pattern):
+    """List recipe names matching PATTERN (wildcards allowed, e.g. 'maml-*')."""
+    for name in registry.list_recipes(pattern):
+        doc = inspect.getdoc(registry.get_recipe(name).make_config) or ""
+        click.echo(f"{name:32s} {doc.splitlines()[0] if doc else ''}")
+
+
+@cli.command("show")
+@click.argument("name")
+def recipes_show(name):
+    """Print a recipe's description and its resolved config."""
+    recipe = registry.get_recipe(name)
+    module = recipe.load_module()
+    click.echo(f"{name}  (family {recipe.family}, {Path(module.__file__).name})\n")
+    click.echo((inspect.getdoc(recipe.make_config) or "") + "\n")
+    for key, value in dataclasses.asdict(recipe.config()).items():
+        click.echo(f"  {key} = {value!r}")
+
+
+@cli.command("run")
+@click.argument("name")
+@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the datasets "
+              "(default: $L2L_RECIPES_DATA, else ~/.cache/l2l-recipes/data).")
+@click.option("--download", is_flag=True, help="Download the dataset into the data root if missing.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="Where to train (default: the recipe's, normally auto).")
+@click.option("--seed", type=int, default=None, help="Random seed (default: the recipe's).")
+@click.option("--out", type=click.Path(file_okay=False), default="runs", show_default=True,
+              help="Parent folder of run directories.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="Override a config field; repeatable, applied left to right.")
+@click.option("--progress/--no-progress", default=None,
+              help="Show progress bars (default: when stderr is a terminal).")
+def recipes_run(name, data_root, download, device, seed, out, assignments, progress):
+    """Train recipe NAME, then meta-test it on the fixed test tasks."""
+    recipe = registry.get_recipe(name)
+    progress = sys.stderr.isatty() if progress is None else progress
+    cfg = recipe.config()
+    flags = [f"seed={seed}"] * (seed is not None) + [f"device='{device}'"] * (device is not None)
+    cfg = apply_overrides(cfg, flags + list(assignments))
+    for text in assignments:
+        click.echo(f"override: {text}")
+    device = harness.resolve_device(cfg.device)
+    run = harness.Run.create(out, name, cfg, device, data_root=data_root, download=download,
+                             progress=progress)
+    click.echo(f"run directory: {run.path}  (device {device})")
+    recipe.load_module().train(cfg, run)
+    result = harness.meta_test(run.path, device=str(device), data_root=data_root, progress=progress)
+    click.echo(_result_line(result))
+
+
+@cli.command("eval")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--episodes", type=click.IntRange(min=1), default=None,
+              help="Test tasks (default: the recipe's, 1000).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--data-root", type=click.Path(file_okay=False), default=None)
+@click.option("--progress/--no-progress", default=None,
+              help="Show progress bars (default: when stderr is a terminal).")
+def recipes_eval(run_dir, episodes, device, data_root, progress):
+    """Meta-test the model of RUN_DIR on the fixed test tasks of its recipe."""
+    progress = sys.stderr.isatty() if progress is None else progress
+    result = harness.meta_test(run_dir, episodes, device, data_root, progress)
+    click.echo(json.dumps(result))
+    click.echo(_result_line(result))
+
+
+def _result_line(r):
+    return (f"{r['recipe']}: {r['ways']}-way {r['shots']}-shot test accuracy "
+            f"{100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.2f}% (95% CI, {r['episodes']} episodes)")
+
+
+def main(args=None):
+    cli.main(args=args, prog_name="l2l-recipes")
+
+
+if __name__ == "__main__":
+    main()

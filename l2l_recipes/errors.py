@@ -1,0 +1,5 @@
+"""The one exception type that reaches users as a one-line message instead of a traceback."""
+
+
+class UserError(Exception):
+    """Bad input from the user (name, option, data, file); the message says how to fix it."""

@@ -1,0 +1,276 @@
+"""Run directories, checkpoints, evaluation with 95% confidence intervals, and `load()`.
+
+A run directory `runs/<recipe>/<YYYYmmdd-HHMMSS>-s<seed>/` holds:
+    config.json    the resolved config (with the recipe name)
+    env.json       versions, git commit, device, host
+    metrics.jsonl  one JSON object per log step
+    ckpt.pt        latest checkpoint: model, optimizer, iteration, best validation, config
+    best.pt        weights with the best validation accuracy (what gets tested)
+    result.json    the final meta-test: accuracy and ci95 as fractions, episodes, ways, shots, split
+"""
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from l2l_recipes import data
+from l2l_recipes.errors import UserError
+from l2l_recipes.registry import get_recipe
+
+CHECKPOINT_FORMAT = 1
+
+
+def resolve_device(name):
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserError(f"unknown device '{name}': use auto, cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda but PyTorch sees no CUDA GPU here: use --device cpu or auto")
+    return torch.device(name)
+
+
+def seed_everything(seed):
+    """Seed Python's `random` (learn2learn's task sampling), NumPy and torch."""
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device):
+    """Versions, git commit, device and host: what env.json records."""
+    import learn2learn
+    import torchvision
+    env = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "learn2learn": learn2learn.__version__,
+        "git_commit": _git_commit(),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": _cpu_model(),
+        "hostname": platform.node(),
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def write_json(path, obj):
+    """Write `obj` as indented JSON through a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class Run:
+    """A run directory being written: config, environment, metrics, checkpoints.
+
+    The directory appears at the first log line or checkpoint, so a run that fails while
+    loading its data leaves nothing behind. `data_root`, `download` and `progress` are the
+    machine-side options a recipe's train() passes on to the data loaders.
+    """
+
+    def __init__(self, path, recipe_name, cfg, device, data_root=None, download=False, progress=True):
+        self.path = Path(path)
+        self.recipe = recipe_name
+        self.cfg = cfg
+        self.device = device
+        self.data_root = data_root
+        self.download = download
+        self.progress = progress
+        self.started = time.time()
+
+    @classmethod
+    def create(cls, out, recipe_name, cfg, device, **options):
+        """A new run under `out/<recipe>/<time>-s<seed>`; an existing directory is never reused."""
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = Path(out) / recipe_name / f"{stamp}-s{cfg.seed}"
+        if path.exists():
+            raise UserError(f"run directory {path} already exists: wait a second or pass another --out")
+        return cls(path, recipe_name, cfg, device, **options)
+
+    def _materialise(self):
+        if (self.path / "config.json").exists():
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json(self.path / "env.json", environment(self.device))
+        # config.json last: its presence marks the directory as complete
+        write_json(self.path / "config.json", {"recipe": self.recipe, **dataclasses.asdict(self.cfg)})
+
+    def write_json(self, name, obj):
+        self._materialise()
+        write_json(self.path / name, obj)
+
+    def log(self, iteration, **metrics):
+        """Append one metrics line and print it."""
+        self._materialise()
+        row = {"iteration": iteration, "time": round(time.time() - self.started, 3), **metrics}
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in row.items()))
+
+    def save(self, name, model, iteration, optimizer=None, **extra):
+        """Write checkpoint `name` (ckpt.pt or best.pt) atomically."""
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "recipe": self.recipe,
+            "config": dataclasses.asdict(self.cfg),
+            "iteration": iteration,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            **extra,
+        }
+        self._materialise()
+        data.atomic_save(state, self.path / name)
+
+
+class Predictor:
+    """A trained model that adapts to a support set and scores a query set.
+
+    Attributes: `transform` (PIL image as read from the dataset's files -> input tensor, as
+    in training), `test_classes` (the test split's class names), `cfg`, `model`, `device`.
+    Recipes subclass it and implement `predict`.
+    """
+
+    def __init__(self, cfg, model, device):
+        self.cfg = cfg
+        self.model = model.to(device)
+        self.device = device
+        info = data.dataset_info(cfg.dataset)
+        self.transform = info["transform"]
+        self.test_classes = info["classes"]("test")
+
+    def predict(self, support_x, support_y, query_x):
+        """Logits [len(query_x), ways] for a task whose support labels are 0..ways-1."""
+        raise NotImplementedError
+
+
+def mean_ci95(values):
+    """Mean and half-width of the normal 95% confidence interval of the mean."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if len(t) < 2:
+        return float(t.mean()), float("nan")
+    return float(t.mean()), float(1.96 * t.std(unbiased=True) / math.sqrt(len(t)))
+
+
+def evaluate(predictor, tasks, shots, desc="eval", progress=True):
+    """Mean query accuracy over `tasks` (a finite Taskset) and its 95% CI, as fractions."""
+    accuracies = []
+    for x, y in tqdm(tasks, total=len(tasks), desc=desc, leave=False, disable=not progress):
+        sx, sy, qx, qy = data.split_support_query(x.to(predictor.device), y.to(predictor.device), shots)
+        logits = predictor.predict(sx, sy, qx)
+        accuracies.append((logits.argmax(dim=1) == qy).float().mean().item())
+    return mean_ci95(accuracies)
+
+
+def read_checkpoint(path):
+    """Load a checkpoint file, or raise a one-line UserError naming it and the reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise UserError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"checkpoint {path} is not an l2l-recipes checkpoint of format {CHECKPOINT_FORMAT}")
+    return state
+
+
+def load(run_dir, device="auto"):
+    """The trained predictor of a run directory (best validation weights when recorded).
+
+    Example:
+        predictor = l2l_recipes.load("runs/protonet-omniglot-5w1s/20261122-101500-s42")
+        logits = predictor.predict(support_x, support_y, query_x)
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.json)")
+    ckpt = run_dir / "best.pt"
+    if not ckpt.is_file():
+        ckpt = run_dir / "ckpt.pt"
+    state = read_checkpoint(ckpt)
+    recipe = get_recipe(state["recipe"])
+    module = recipe.load_module()
+    try:
+        cfg = module.Config(**state["config"])
+    except TypeError as e:
+        raise UserError(f"checkpoint {ckpt} does not match recipe {recipe.name}'s config ({e})") from None
+    model = module.build_model(cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {ckpt} does not fit recipe {recipe.name}'s model "
+                        f"({str(e).splitlines()[0]})") from None
+    return module.Predictor(cfg, model, resolve_device(device))
+
+
+def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=True, out_name=None):
+    """Meta-test a run's model on its fixed test tasks; writes the result to `out_name` and returns it.
+
+    The default `out_name` is result.json for the run's own episode count, else eval-<N>.json,
+    so a re-evaluation never replaces the run's recorded result.
+    """
+    predictor = load(run_dir, device)
+    cfg = predictor.cfg
+    episodes = episodes or cfg.test_episodes
+    split = data.load_split(cfg.dataset, "test", data_root)
+    tasks = data.fixed_taskset(split, cfg.ways, cfg.shots, cfg.queries, episodes, cfg.test_seed)
+    started = time.time()
+    accuracy, ci95 = evaluate(predictor, tasks, cfg.shots, desc="test", progress=progress)
+    result = {
+        "recipe": json.loads((Path(run_dir) / "config.json").read_text())["recipe"],
+        "accuracy": accuracy, "ci95": ci95, "episodes": episodes,
+        "ways": cfg.ways, "shots": cfg.shots, "queries": cfg.queries,
+        "split": "test", "test_seed": cfg.test_seed, "seed": cfg.seed,
+        "device": str(predictor.device), "eval_seconds": round(time.time() - started, 1),
+    }
+    if out_name is None:
+        out_name = "result.json" if episodes == cfg.test_episodes else f"eval-{episodes}.json"
+    write_json(Path(run_dir) / out_name, result)
+    return result

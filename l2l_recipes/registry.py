@@ -1,0 +1,81 @@
+"""The one place to look up a recipe by name (like timm's `list_models` / `create_model`).
+
+A variant is a function decorated with `@register`; its name, with '_' read as '-',
+is the registry key and it returns the family's config. Built-in families are the
+modules of the `recipes` package; other packages add families through the entry-point
+group `l2l_recipes.recipes`.
+"""
+import difflib
+import fnmatch
+import importlib
+import pkgutil
+import re
+import sys
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+from l2l_recipes.errors import UserError
+
+ENTRY_POINT_GROUP = "l2l_recipes.recipes"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    family: str  # the recipe module's short name, e.g. 'protonet'
+    module: str  # import path of the module holding Config, train and Predictor
+    make_config: object
+
+    def config(self):
+        return self.make_config()
+
+    def load_module(self):
+        return sys.modules.get(self.module) or importlib.import_module(self.module)
+
+
+_RECIPES = {}
+_discovered = False
+
+
+def register(fn):
+    """Register the variant `fn` under its name with '_' -> '-'; duplicate names raise."""
+    if fn.__module__ == "__main__":
+        return fn  # a recipe file run as a script registers through discovery instead
+    name = fn.__name__.replace("_", "-")
+    if name in _RECIPES:
+        raise ValueError(f"recipe '{name}' is registered twice ({_RECIPES[name].module}, {fn.__module__})")
+    family = fn.__module__.rsplit(".", 1)[-1]
+    _RECIPES[name] = Recipe(name, family, fn.__module__, fn)
+    return fn
+
+
+def _discover():
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    import recipes
+    for info in pkgutil.iter_modules(recipes.__path__):
+        importlib.import_module(f"recipes.{info.name}")
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        ep.load()
+
+
+def _natural_key(name):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def list_recipes(pattern="*"):
+    """Registered names matching the fnmatch `pattern`, in natural order (5w5s before 5w10s)."""
+    _discover()
+    return sorted((n for n in _RECIPES if fnmatch.fnmatchcase(n, pattern)), key=_natural_key)
+
+
+def get_recipe(name):
+    """The Recipe registered as `name`; an unknown name raises a UserError suggesting close ones."""
+    _discover()
+    if name not in _RECIPES:
+        close = difflib.get_close_matches(name, list(_RECIPES), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see `l2l-recipes list`"
+        raise UserError(f"unknown recipe '{name}'{hint}")
+    return _RECIPES[name]

@@ -1,0 +1,167 @@
+"""Prototypical Networks (Snell, Swersky & Zemel, NeurIPS 2017, arXiv:1703.05175).
+
+Each class is the mean embedding (prototype) of its support images; queries are scored
+by negative squared Euclidean distance to the prototypes. Conv4 backbone (4 x [conv 3x3,
+64 filters, batch norm, ReLU, 2x2 max-pool]), Adam at 1e-3 halved every 2000 episodes,
+60-way training episodes with 5 queries per class and as many shots as at test.
+The paper trains until validation loss stops improving; we keep the weights with the best
+validation accuracy on a fixed set of validation tasks, and test those.
+
+Published (Table 1, Omniglot, 1000 test episodes): 5w1s 98.8, 5w5s 99.7, 20w1s 96.0, 20w5s 98.9.
+
+Reproduce:
+    l2l-recipes run protonet-omniglot-5w1s
+    l2l-recipes run protonet-omniglot-20w5s --device cuda
+"""
+import sys
+from dataclasses import dataclass
+
+import learn2learn as l2l
+import torch
+import torch.nn.functional as F
+from tqdm import trange
+
+from l2l_recipes import data
+from l2l_recipes.config import check
+from l2l_recipes.harness import Predictor as _Predictor
+from l2l_recipes.harness import evaluate, seed_everything
+from l2l_recipes.registry import register
+
+
+@dataclass(frozen=True)
+class Config:
+    # data
+    dataset: str = "omniglot"
+    ways: int = 5  # classes per test (and validation) task
+    shots: int = 1  # support images per class, in training and at test
+    queries: int = 15  # query images per class at validation and test
+    train_ways: int = 60  # Snell et al.: more ways in training than at test helps
+    train_queries: int = 5
+    # model
+    hidden_size: int = 64  # Conv4 filters
+    # optimisation
+    iterations: int = 2000  # training episodes
+    lr: float = 1e-3  # Adam
+    lr_step: int = 2000  # halve the learning rate every lr_step episodes
+    lr_gamma: float = 0.5
+    # validation and test
+    val_interval: int = 250  # episodes between validations (and checkpoints)
+    val_episodes: int = 200
+    val_seed: int = 1  # the fixed validation tasks
+    test_episodes: int = 1000
+    test_seed: int = 0  # the fixed test tasks
+    # system
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    log_interval: int = 50
+
+    def __post_init__(self):
+        check(self.ways >= 2 and self.train_ways >= 2, "ways and train_ways must be at least 2")
+        check(self.shots >= 1 and self.queries >= 1 and self.train_queries >= 1,
+              "shots, queries and train_queries must be at least 1")
+        check(self.iterations >= 1 and self.val_interval >= 1 and self.log_interval >= 1,
+              "iterations, val_interval and log_interval must be at least 1")
+        check(self.lr > 0 and self.lr_step >= 1 and 0 < self.lr_gamma <= 1,
+              "lr must be > 0, lr_step >= 1 and 0 < lr_gamma <= 1")
+        check(self.val_episodes >= 2 and self.test_episodes >= 2, "val/test_episodes must be at least 2")
+
+
+def build_model(cfg):
+    """Conv4 embedding: 28x28 Omniglot -> 64 features (84x84 mini-ImageNet -> 1600)."""
+    channels = data.dataset_info(cfg.dataset)["channels"]
+    return l2l.vision.models.CNN4Backbone(hidden_size=cfg.hidden_size, channels=channels,
+                                          max_pool=True, layers=4)
+
+
+def prototypes(embeddings, labels, ways):
+    """Mean embedding of each class 0..ways-1."""
+    one_hot = F.one_hot(labels, ways).to(embeddings.dtype)
+    return one_hot.t() @ embeddings / one_hot.sum(0, keepdim=True).t()
+
+
+def proto_logits(support, support_y, query, ways):
+    """Negative squared Euclidean distances from each query to each prototype."""
+    protos = prototypes(support, support_y, ways)
+    return -((query.unsqueeze(1) - protos.unsqueeze(0)) ** 2).sum(-1)
+
+
+class Predictor(_Predictor):
+    def predict(self, support_x, support_y, query_x):
+        self.model.eval()
+        with torch.no_grad():
+            ways = int(support_y.max()) + 1
+            return proto_logits(self.model(support_x), support_y, self.model(query_x), ways)
+
+
+def train(cfg, run):
+    seed_everything(cfg.seed)
+    device = run.device
+    train_set = data.load_split(cfg.dataset, "train", run.data_root, run.download)
+    val_set = data.load_split(cfg.dataset, "val", run.data_root)
+    train_tasks = data.taskset(train_set, cfg.train_ways, cfg.shots, cfg.train_queries)
+    val_tasks = data.fixed_taskset(val_set, cfg.ways, cfg.shots, cfg.queries, cfg.val_episodes, cfg.val_seed)
+
+    model = build_model(cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    best = -1.0
+    for iteration in trange(1, cfg.iterations + 1, desc="train", disable=not run.progress):
+        # one training episode
+        model.train()
+        x, y = train_tasks.sample()
+        sx, sy, qx, qy = data.split_support_query(x.to(device), y.to(device), cfg.shots)
+        # one forward pass for support and query, as in the paper's code (shared batch norm statistics)
+        embeddings = model(torch.cat([sx, qx]))
+        logits = proto_logits(embeddings[: len(sx)], sy, embeddings[len(sx):], cfg.train_ways)
+        loss = F.cross_entropy(logits, qy)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+        if iteration % cfg.log_interval == 0:
+            accuracy = (logits.argmax(1) == qy).float().mean().item()
+            run.log(iteration, loss=loss.item(), accuracy=accuracy, lr=scheduler.get_last_lr()[0])
+
+        # validate on fixed tasks, keep the best weights, checkpoint
+        if iteration % cfg.val_interval == 0 or iteration == cfg.iterations:
+            val_acc, val_ci = evaluate(Predictor(cfg, model, device), val_tasks, cfg.shots,
+                                       desc="val", progress=run.progress)
+            run.log(iteration, val_accuracy=val_acc, val_ci95=val_ci)
+            if val_acc > best:
+                best = val_acc
+                run.save("best.pt", model, iteration, best_val_accuracy=best)
+            run.save("ckpt.pt", model, iteration, optimizer, scheduler=scheduler.state_dict(),
+                     best_val_accuracy=best)
+    return model
+
+
+# ----------------------------------------------------------------------------- variants
+
+@register
+def protonet_omniglot_5w1s():
+    """ProtoNet, Omniglot 5-way 1-shot (Snell et al. 2017, Table 1: 98.8%)."""
+    return Config(ways=5, shots=1)
+
+
+@register
+def protonet_omniglot_5w5s():
+    """ProtoNet, Omniglot 5-way 5-shot (Snell et al. 2017, Table 1: 99.7%)."""
+    return Config(ways=5, shots=5)
+
+
+@register
+def protonet_omniglot_20w1s():
+    """ProtoNet, Omniglot 20-way 1-shot (Snell et al. 2017, Table 1: 96.0%)."""
+    return Config(ways=20, shots=1)
+
+
+@register
+def protonet_omniglot_20w5s():
+    """ProtoNet, Omniglot 20-way 5-shot (Snell et al. 2017, Table 1: 98.9%)."""
+    return Config(ways=20, shots=5)
+
+
+if __name__ == "__main__":
+    from l2l_recipes.cli import main
+    main(["run", *sys.argv[1:]])

@@ -3,6 +3,7 @@ import dataclasses
 import inspect
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -75,8 +76,10 @@ def recipes_run(name, data_root, download, device, seed, out, assignments, progr
     run = harness.Run.create(out, name, cfg, device, data_root=data_root, download=download,
                              progress=progress)
     click.echo(f"run directory: {run.path}  (device {device})")
+    started = time.time()
     recipe.load_module().train(cfg, run)
-    result = harness.meta_test(run.path, device=str(device), data_root=data_root, progress=progress)
+    result = harness.meta_test(run.path, device=str(device), data_root=data_root, progress=progress,
+                               out_name="result.json", train_seconds=round(time.time() - started, 1))
     click.echo(_result_line(result))
 
 

@@ -121,6 +121,7 @@ class Run:
         self.download = download
         self.progress = progress
         self.started = time.time()
+        self.best_val = float("-inf")
 
     @classmethod
     def create(cls, out, recipe_name, cfg, device, **options):
@@ -165,6 +166,18 @@ class Run:
         }
         self._materialise()
         data.atomic_save(state, self.path / name)
+
+
+    def validate(self, iteration, predictor, tasks, optimizer=None, **extra):
+        """Evaluate on the fixed validation `tasks`, log, keep the best weights in best.pt and
+        write ckpt.pt (with `optimizer` and `extra` state); returns the validation accuracy."""
+        accuracy, ci95 = evaluate(predictor, tasks, predictor.cfg.shots, desc="val", progress=self.progress)
+        self.log(iteration, val_accuracy=accuracy, val_ci95=ci95)
+        if accuracy > self.best_val:
+            self.best_val = accuracy
+            self.save("best.pt", predictor.model, iteration, best_val_accuracy=accuracy)
+        self.save("ckpt.pt", predictor.model, iteration, optimizer, best_val_accuracy=self.best_val, **extra)
+        return accuracy
 
 
 class Predictor:
@@ -250,11 +263,12 @@ def load(run_dir, device="auto"):
     return module.Predictor(cfg, model, resolve_device(device))
 
 
-def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=True, out_name=None):
+def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=True, out_name=None,
+              **extra):
     """Meta-test a run's model on its fixed test tasks; writes the result to `out_name` and returns it.
 
-    The default `out_name` is result.json for the run's own episode count, else eval-<N>.json,
-    so a re-evaluation never replaces the run's recorded result.
+    `run` writes result.json; a later `eval` writes eval-<episodes>.json, so it never replaces
+    the run's recorded result. `extra` fields are added to the result.
     """
     predictor = load(run_dir, device)
     cfg = predictor.cfg
@@ -268,9 +282,7 @@ def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=Tr
         "accuracy": accuracy, "ci95": ci95, "episodes": episodes,
         "ways": cfg.ways, "shots": cfg.shots, "queries": cfg.queries,
         "split": "test", "test_seed": cfg.test_seed, "seed": cfg.seed,
-        "device": str(predictor.device), "eval_seconds": round(time.time() - started, 1),
+        "device": str(predictor.device), "eval_seconds": round(time.time() - started, 1), **extra,
     }
-    if out_name is None:
-        out_name = "result.json" if episodes == cfg.test_episodes else f"eval-{episodes}.json"
-    write_json(Path(run_dir) / out_name, result)
+    write_json(Path(run_dir) / (out_name or f"eval-{episodes}.json"), result)
     return result

@@ -30,7 +30,7 @@ from l2l_recipes import data
 from l2l_recipes.config import check
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
-from l2l_recipes.harness import evaluate, seed_everything
+from l2l_recipes.harness import seed_everything
 from l2l_recipes.registry import register
 
 
@@ -121,7 +121,6 @@ def train(cfg, run):
     model = build_model(cfg).to(device)
     maml = l2l.algorithms.MAML(model, lr=cfg.fast_lr, first_order=cfg.first_order)
     optimizer = torch.optim.Adam(maml.parameters(), lr=cfg.meta_lr)
-    best = -1.0
     for iteration in trange(1, cfg.iterations + 1, desc="train", disable=not run.progress):
         # meta-batch: adapt a clone per task, accumulate the mean query loss's gradient
         model.train()
@@ -139,15 +138,9 @@ def train(cfg, run):
         if iteration % cfg.log_interval == 0:
             run.log(iteration, loss=meta_loss, accuracy=meta_acc)
 
-        # validate on fixed tasks, keep the best weights, checkpoint
+        # validate on the fixed tasks, keep the best weights, checkpoint
         if iteration % cfg.val_interval == 0 or iteration == cfg.iterations:
-            val_acc, val_ci = evaluate(Predictor(cfg, model, device), val_tasks, cfg.shots,
-                                       desc="val", progress=run.progress)
-            run.log(iteration, val_accuracy=val_acc, val_ci95=val_ci)
-            if val_acc > best:
-                best = val_acc
-                run.save("best.pt", model, iteration, best_val_accuracy=best)
-            run.save("ckpt.pt", model, iteration, optimizer, best_val_accuracy=best)
+            run.validate(iteration, Predictor(cfg, model, device), val_tasks, optimizer)
     return model
 
 

@@ -24,7 +24,7 @@ from tqdm import trange
 from l2l_recipes import data
 from l2l_recipes.config import check
 from l2l_recipes.harness import Predictor as _Predictor
-from l2l_recipes.harness import evaluate, seed_everything
+from l2l_recipes.harness import seed_everything
 from l2l_recipes.registry import register
 
 
@@ -104,7 +104,6 @@ def train(cfg, run):
     model = build_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    best = -1.0
     for iteration in trange(1, cfg.iterations + 1, desc="train", disable=not run.progress):
         # one training episode
         model.train()
@@ -123,16 +122,10 @@ def train(cfg, run):
             accuracy = (logits.argmax(1) == qy).float().mean().item()
             run.log(iteration, loss=loss.item(), accuracy=accuracy, lr=scheduler.get_last_lr()[0])
 
-        # validate on fixed tasks, keep the best weights, checkpoint
+        # validate on the fixed tasks, keep the best weights, checkpoint
         if iteration % cfg.val_interval == 0 or iteration == cfg.iterations:
-            val_acc, val_ci = evaluate(Predictor(cfg, model, device), val_tasks, cfg.shots,
-                                       desc="val", progress=run.progress)
-            run.log(iteration, val_accuracy=val_acc, val_ci95=val_ci)
-            if val_acc > best:
-                best = val_acc
-                run.save("best.pt", model, iteration, best_val_accuracy=best)
-            run.save("ckpt.pt", model, iteration, optimizer, scheduler=scheduler.state_dict(),
-                     best_val_accuracy=best)
+            run.validate(iteration, Predictor(cfg, model, device), val_tasks, optimizer,
+                         scheduler=scheduler.state_dict())
     return model
 
 

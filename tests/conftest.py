@@ -1,0 +1,53 @@
+"""Shared fixtures: the real data beside the checkout (../shared/data), never downloaded."""
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_data():
+    env = os.environ.get("L2L_RECIPES_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_root():
+    root = _shared_data()
+    if not (root / "omniglot-py" / "images_background").is_dir():
+        pytest.fail(f"real Omniglot expected at {root}/omniglot-py (set L2L_RECIPES_DATA)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def omniglot(data_root):
+    """(character names, uint8 images [1623, 20, 28, 28]) through the real cache."""
+    from l2l_recipes import data
+    return data.load_omniglot(data_root, progress=False)
+
+
+@pytest.fixture(scope="session")
+def splits(data_root, omniglot):
+    from l2l_recipes import data
+    return {s: data.load_split("omniglot", s, data_root) for s in data.SPLIT_NAMES}
+
+
+def cli(*args):
+    """Invoke the l2l-recipes CLI in-process; returns click's Result (stdout and stderr apart)."""
+    from click.testing import CliRunner
+
+    from l2l_recipes.cli import cli as group
+    return CliRunner().invoke(group, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="session")
+def protonet_run(tmp_path_factory, data_root):
+    """A short real ProtoNet run on Omniglot through `l2l-recipes run` (shared by several tests)."""
+    out = tmp_path_factory.mktemp("runs")
+    result = cli("run", "protonet-omniglot-5w1s", "--data-root", data_root, "--device", "cpu",
+                 "--out", out, "--no-progress", "--set", "iterations=80", "--set", "train_ways=20",
+                 "--set", "val_interval=40", "--set", "val_episodes=50", "--set", "test_episodes=200")
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (out / "protonet-omniglot-5w1s").iterdir()
+    return run_dir, result

@@ -7,7 +7,7 @@
 __version__ = "0.1.0"
 
 
-def load(run_dir, device="auto"):
+def load(run_dir, device="auto", data_root=None):
     """The trained predictor of a run directory (see l2l_recipes.harness.load)."""
     from l2l_recipes.harness import load as _load
-    return _load(run_dir, device)
+    return _load(run_dir, device, data_root)

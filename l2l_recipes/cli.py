@@ -2,6 +2,7 @@
 import dataclasses
 import inspect
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -33,8 +34,10 @@ def cli():
 def recipes_list(pattern):
     """List recipe names matching PATTERN (wildcards allowed, e.g. 'maml-*')."""
     for name in registry.list_recipes(pattern):
-        doc = inspect.getdoc(registry.get_recipe(name).make_config) or ""
-        click.echo(f"{name:32s} {doc.splitlines()[0] if doc else ''}")
+        recipe = registry.get_recipe(name)
+        doc = (inspect.getdoc(recipe.make_config) or "").split("\n")[0]
+        published = f" Published: {recipe.published}" if recipe.published else ""
+        click.echo(f"{name:32s} {doc}{published}")
 
 
 @cli.command("show")
@@ -44,7 +47,11 @@ def recipes_show(name):
     recipe = registry.get_recipe(name)
     module = recipe.load_module()
     click.echo(f"{name}  (family {recipe.family}, {Path(module.__file__).name})\n")
-    click.echo((inspect.getdoc(recipe.make_config) or "") + "\n")
+    click.echo(inspect.getdoc(recipe.make_config) or "")
+    for label, number in (("published", recipe.published), ("learn2learn's claim", recipe.learn2learn)):
+        if number:
+            click.echo(f"{label}: {number}")
+    click.echo("")
     for key, value in dataclasses.asdict(recipe.config()).items():
         click.echo(f"  {key} = {value!r}")
 
@@ -97,6 +104,54 @@ def recipes_eval(run_dir, episodes, device, data_root, progress):
     result = harness.meta_test(run_dir, episodes, device, data_root, progress)
     click.echo(json.dumps(result))
     click.echo(_result_line(result))
+
+
+@cli.command("bench")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Training runs per recipe, with seeds 1..N.")
+@click.option("--episodes", type=click.IntRange(min=2), default=1000, show_default=True,
+              help="Fixed test tasks per evaluation.")
+@click.option("--iterations", type=click.IntRange(min=1), default=None,
+              help="Budget: training iterations (default: the recipe's).")
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Budget: training wall time per seed; the last iteration reached is validated.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Config override.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--data-root", type=click.Path(file_okay=False), default=None)
+@click.option("--runs-dir", type=click.Path(file_okay=False), default="runs/bench", show_default=True)
+@click.option("--results-dir", type=click.Path(file_okay=False), default="benchmarks/results",
+              show_default=True)
+@click.option("--progress/--no-progress", default=None)
+def recipes_bench(names, seeds, episodes, iterations, max_minutes, assignments, device, data_root, runs_dir,
+                  results_dir, progress):
+    """Train and meta-test each recipe NAME over seeds; write records and the benchmark table."""
+    from l2l_recipes import bench
+    for name in names:
+        registry.get_recipe(name)  # fail on a typo before hours of training
+    progress = sys.stderr.isatty() if progress is None else progress
+    budget = [f"iterations={iterations}"] if iterations else []
+    flags = f" --seeds {seeds} --episodes {episodes}"
+    flags += f" --iterations {iterations}" if iterations else ""
+    flags += f" --max-minutes {max_minutes:g}" if max_minutes else ""
+    flags += "".join(f" --set {shlex.quote(a)}" for a in assignments) + f" --device {device}"
+    for name in names:
+        record = bench.bench_recipe(name, seeds, episodes, [*budget, *assignments], max_minutes, device,
+                                    data_root, runs_dir, results_dir, progress,
+                                    command=f"l2l-recipes bench {name}{flags}")
+        click.echo(f"{name}: {100 * record['mean_accuracy']:.2f}% ± {100 * record['mean_ci95']:.2f}% "
+                   f"over {seeds} seed(s); record {Path(results_dir) / record['curve'][:-4]}.json")
+    bench.write_table(results_dir, Path(results_dir).parent / "README.md")
+
+
+@cli.command("bench-table")
+@click.option("--results-dir", type=click.Path(file_okay=False), default="benchmarks/results",
+              show_default=True)
+def recipes_bench_table(results_dir):
+    """Regenerate benchmarks/README.md's table from the records in RESULTS_DIR."""
+    from l2l_recipes import bench
+    count = bench.write_table(results_dir, Path(results_dir).parent / "README.md")
+    click.echo(f"table rebuilt from {count} record(s) in {results_dir}")
 
 
 def _result_line(r):

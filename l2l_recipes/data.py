@@ -1,11 +1,12 @@
-"""Few-shot data: Omniglot on disk, the standard class splits, and learn2learn episodes.
+"""Few-shot data: where datasets live, their caches and splits, and learn2learn episodes.
 
-Images are decoded once into a tensor cache keyed on the source files, so a second
-start loads in about a second. Episodes are built from learn2learn's `MetaDataset`,
-`Taskset` and task transforms over one split's classes only, so no other split's
-class can reach a task.
+Each dataset (a module named in DATASETS) decodes its images once into a tensor cache
+keyed on its source files, so a second start loads in seconds. Episodes are built from
+learn2learn's `MetaDataset`, `Taskset` and task transforms over one split's classes only,
+so no other split's class can reach a task.
 """
 import hashlib
+import importlib
 import os
 import random
 from pathlib import Path
@@ -19,12 +20,6 @@ from l2l_recipes.errors import UserError
 
 SPLITS_DIR = Path(__file__).parent / "splits"
 SPLIT_NAMES = ("train", "val", "test")
-
-# Omniglot: 105x105 binary PNGs resized to 28x28 with PIL's Lanczos filter on the
-# grayscale image, then inverted so that ink = 1 and background = 0.
-OMNIGLOT_SIZE = 28
-OMNIGLOT_SETS = ("images_background", "images_evaluation")
-OMNIGLOT_CACHE_VERSION = 1
 
 
 def data_root(path=None):
@@ -52,126 +47,72 @@ def read_split(name, split):
     return path.read_text().split()
 
 
-# ----------------------------------------------------------------------------- Omniglot
+# ----------------------------------------------------------------------------- datasets
 
-def omniglot_pixels(image):
-    """A PNG as read (PIL image) -> uint8 [28, 28] ink intensities (ink = 255)."""
-    small = image.convert("L").resize((OMNIGLOT_SIZE, OMNIGLOT_SIZE), Image.LANCZOS)
-    return 255 - torch.from_numpy(np.array(small, dtype=np.uint8))
-
-
-def omniglot_transform(image):
-    """A PNG as read (PIL image) -> float [1, 28, 28] in [0, 1], exactly as in training."""
-    return omniglot_pixels(image).float().div_(255).unsqueeze(0)
-
-
-def omniglot_sources(root, download=False):
-    """{'<Alphabet>/characterNN': [png paths]} for all 1623 characters under `root/omniglot-py`."""
-    base = Path(root) / "omniglot-py"
-    missing = [s for s in OMNIGLOT_SETS if not (base / s).is_dir()]
-    if missing and download:
-        import torchvision
-        for s in missing:
-            torchvision.datasets.Omniglot(str(root), background=(s == "images_background"), download=True)
-        missing = [s for s in OMNIGLOT_SETS if not (base / s).is_dir()]
-    if missing:
-        raise UserError(
-            f"Omniglot not found: no {base / missing[0]}. Pass --data-root DIR (the folder holding "
-            f"omniglot-py/), set L2L_RECIPES_DATA, or add --download to fetch it")
-    characters = {}
-    for s in OMNIGLOT_SETS:
-        for alphabet in sorted(p for p in (base / s).iterdir() if p.is_dir()):
-            for character in sorted(p for p in alphabet.iterdir() if p.is_dir()):
-                characters[f"{alphabet.name}/{character.name}"] = sorted(character.glob("*.png"))
-    return characters
-
-
-def _sources_key(characters):
-    """Hash of every source file's path, size and mtime, and of the preprocessing."""
-    h = hashlib.sha256(f"omniglot v{OMNIGLOT_CACHE_VERSION} {OMNIGLOT_SIZE} lanczos".encode())
-    for name, files in characters.items():
-        for f in files:
-            st = f.stat()
-            h.update(f"{name}/{f.name} {st.st_size} {st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def load_omniglot(root=None, download=False, progress=True):
-    """All Omniglot characters as (names, uint8 tensor [characters, 20, 28, 28]), via the cache."""
-    characters = omniglot_sources(data_root(root), download)
-    counts = {len(files) for files in characters.values()}
-    if counts != {20}:
-        raise UserError(f"Omniglot under {data_root(root)} is incomplete: expected 20 drawings per "
-                        f"character, found {sorted(counts)}; re-extract or re-download it")
-    path = cache_dir() / f"omniglot-{OMNIGLOT_SIZE}px-{_sources_key(characters)}.pt"
-    if path.is_file():
-        cached = torch.load(path, weights_only=True)
-        return cached["names"], cached["images"]
-    from tqdm import tqdm
-    names = list(characters)
-    images = torch.empty(len(names), 20, OMNIGLOT_SIZE, OMNIGLOT_SIZE, dtype=torch.uint8)
-    for i, name in enumerate(tqdm(names, desc="decoding Omniglot (once)", disable=not progress)):
-        for j, f in enumerate(characters[name]):
-            with Image.open(f) as im:
-                images[i, j] = omniglot_pixels(im)
-    atomic_save({"names": names, "images": images}, path)
-    return names, images
-
-
-class OmniglotClasses(torch.utils.data.Dataset):
-    """The classes `<Alphabet>/characterNN/rotDDD` of one split; item i -> (image, class index).
-
-    Each character's rotations are classes of their own (Vinyals et al. 2016), so the
-    rotation belongs to the class, never drawn per task.
-    """
-
-    def __init__(self, names, images, classes):
-        index = {n: i for i, n in enumerate(names)}
-        unknown = [c for c in classes if c.rsplit("/", 1)[0] not in index]
-        if unknown:
-            raise UserError(f"split class {unknown[0]} has no images in the Omniglot data")
-        self.images = images
-        self.classes = list(classes)
-        self.per_class = images.shape[1]
-        self.character = [index[c.rsplit("/", 1)[0]] for c in self.classes]
-        self.quarter_turns = [int(c.rsplit("/rot", 1)[1]) // 90 for c in self.classes]
-        self.labels_to_indices = {c: list(range(c * self.per_class, (c + 1) * self.per_class))
-                                  for c in range(len(self.classes))}
-
-    def __len__(self):
-        return len(self.classes) * self.per_class
-
-    def __getitem__(self, i):
-        c, j = divmod(i, self.per_class)
-        # torch.rot90 turns counter-clockwise, as PIL's Image.rotate does.
-        x = torch.rot90(self.images[self.character[c], j], self.quarter_turns[c], dims=(0, 1))
-        return x.float().div_(255).unsqueeze(0), c
-
-
-def omniglot_split(split, root=None, download=False):
-    """One split of the standard Omniglot split (1028/172/423 characters x 4 rotations)."""
-    names, images = load_omniglot(root, download)
-    return OmniglotClasses(names, images, read_split("omniglot-vinyals", split))
-
-
+# name -> module holding load_split(split, root, download), transform(pil_image),
+# classes(split) and CHANNELS; imported on first use.
 DATASETS = {
-    "omniglot": {"split": omniglot_split, "transform": omniglot_transform, "channels": 1,
-                 "classes": lambda split: read_split("omniglot-vinyals", split)},
+    "omniglot": "l2l_recipes.omniglot",
+    "mini-imagenet": "l2l_recipes.mini_imagenet",
+    "tiered-imagenet": "l2l_recipes.tiered_imagenet",
+    "cifar-fs": "l2l_recipes.cifar_fs",
+    "fc100": "l2l_recipes.fc100",
 }
 
 
-def dataset_info(name):
-    """The entry of DATASETS for `name`, or a UserError naming the known datasets."""
+def rgb_pixels(image, size):
+    """A PIL image -> uint8 [3, size, size] (resized with Lanczos only if it is not that size)."""
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.LANCZOS)
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def rgb_transform(size):
+    """The transform of an RGB dataset: PIL image as read -> float [3, size, size] in [0, 1]."""
+    def transform(image):
+        return rgb_pixels(image, size).float().div_(255)
+    return transform
+
+
+def labelled(images, names):
+    """{'images', 'targets', 'classes'} for a cache: classes in order of first appearance in `names`."""
+    order = list(dict.fromkeys(names))
+    index = {n: i for i, n in enumerate(order)}
+    return {"images": images, "targets": torch.tensor([index[n] for n in names]), "classes": order}
+
+
+class ClassImages(torch.utils.data.Dataset):
+    """uint8 images [N, C, H, W] with class indices; item i -> (float image in [0, 1], class)."""
+
+    def __init__(self, images, targets, classes):
+        self.images = images
+        self.targets = targets
+        self.classes = list(classes)
+        self.labels_to_indices = {c: [] for c in range(len(self.classes))}
+        for i, c in enumerate(targets.tolist()):
+            self.labels_to_indices[c].append(i)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.images[i].float().div_(255), int(self.targets[i])
+
+
+def dataset_module(name):
+    """The module of dataset `name` (see DATASETS), or a UserError naming the known datasets."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}': known datasets are {', '.join(DATASETS)}")
-    return DATASETS[name]
+    return importlib.import_module(DATASETS[name])
 
 
 def load_split(dataset, split, root=None, download=False):
-    """The classes of `split` ('train', 'val' or 'test') of `dataset` as a torch Dataset."""
+    """The classes of `split` ('train', 'val' or 'test') of `dataset` as a torch Dataset whose
+    `labels_to_indices` maps each class index to its items."""
     if split not in SPLIT_NAMES:
         raise UserError(f"unknown split '{split}': use one of {', '.join(SPLIT_NAMES)}")
-    return dataset_info(dataset)["split"](split, root, download)
+    return dataset_module(dataset).load_split(split, data_root(root), download)
 
 
 # ----------------------------------------------------------------------------- episodes
@@ -225,6 +166,40 @@ def split_support_query(x, y, shots):
     rank[order] = torch.arange(len(y), device=y.device) - first
     support = rank < shots
     return x[support], y[support], x[~support], y[~support]
+
+
+def files_key(tag, files, base):
+    """Hash of `tag` and each file's path (relative to `base`), size and modification time."""
+    h = hashlib.sha256(tag.encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(base)} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def cached(name, key, build):
+    """`build()`'s dict of tensors, stored once as `<cache_dir>/<name>-<key>.pt`."""
+    path = cache_dir() / f"{name}-{key}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    value = build()
+    atomic_save(value, path)
+    return value
+
+
+def load_pickle(path, what, encoding="ASCII"):
+    """Unpickle a downloaded data file; an HTML page (a failed download) or junk is a UserError."""
+    import pickle
+    with open(path, "rb") as f:
+        head = f.read(1024).lstrip().lower()
+        if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head:
+            raise UserError(f"{path} is an HTML page, not a pickle: its download failed (learn2learn "
+                            f"issue #367); delete it and download it again")
+        f.seek(0)
+        try:
+            return pickle.load(f, encoding=encoding)
+        except Exception as e:
+            raise UserError(f"{path} is not a readable {what} pickle ({type(e).__name__}: {e})") from None
 
 
 def atomic_save(obj, path):

@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from tqdm import tqdm, trange
 
 from l2l_recipes import data
 from l2l_recipes.errors import UserError
@@ -89,7 +89,7 @@ def environment(device):
         "platform": platform.platform(),
         "processor": _cpu_model(),
         "hostname": platform.node(),
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "command": " ".join(["l2l-recipes"] + sys.argv[1:]),
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -112,7 +112,8 @@ class Run:
     machine-side options a recipe's train() passes on to the data loaders.
     """
 
-    def __init__(self, path, recipe_name, cfg, device, data_root=None, download=False, progress=True):
+    def __init__(self, path, recipe_name, cfg, device, data_root=None, download=False, progress=True,
+                 max_minutes=None):
         self.path = Path(path)
         self.recipe = recipe_name
         self.cfg = cfg
@@ -122,6 +123,25 @@ class Run:
         self.progress = progress
         self.started = time.time()
         self.best_val = float("-inf")
+        self.max_minutes = max_minutes  # wall-time budget for training, None for none
+        self.iterations_done = 0
+        self.stopped_early = False
+
+    def iterations(self, total):
+        """Yield iterations 1..total with a progress bar, stopping after the iteration at which
+        `validation_due` found the time budget spent (so the last iteration is validated)."""
+        for iteration in trange(1, total + 1, desc="train", disable=not self.progress):
+            yield iteration
+            self.iterations_done = iteration
+            if self.stopped_early:
+                tqdm.write(f"time budget of {self.max_minutes} minutes spent after iteration {iteration}")
+                return
+
+    def validation_due(self, iteration, interval, total):
+        """True every `interval` iterations, at the last one, and when the time budget is spent."""
+        if self.max_minutes is not None and time.time() - self.started >= 60 * self.max_minutes:
+            self.stopped_early = iteration < total
+        return iteration % interval == 0 or iteration == total or self.stopped_early
 
     @classmethod
     def create(cls, out, recipe_name, cfg, device, **options):
@@ -152,6 +172,7 @@ class Run:
             f.write(json.dumps(row) + "\n")
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in row.items()))
+        sys.stdout.flush()
 
     def save(self, name, model, iteration, optimizer=None, **extra):
         """Write checkpoint `name` (ckpt.pt or best.pt) atomically."""
@@ -188,13 +209,16 @@ class Predictor:
     Recipes subclass it and implement `predict`.
     """
 
-    def __init__(self, cfg, model, device):
+    def __init__(self, cfg, model, device, data_root=None):
         self.cfg = cfg
         self.model = model.to(device)
         self.device = device
-        info = data.dataset_info(cfg.dataset)
-        self.transform = info["transform"]
-        self.test_classes = info["classes"]("test")
+        self.data_root = data_root
+        self.transform = data.dataset_module(cfg.dataset).transform
+
+    @property
+    def test_classes(self):
+        return data.dataset_module(self.cfg.dataset).classes("test", self.data_root)
 
     def predict(self, support_x, support_y, query_x):
         """Logits [len(query_x), ways] for a task whose support labels are 0..ways-1."""
@@ -234,7 +258,7 @@ def read_checkpoint(path):
     return state
 
 
-def load(run_dir, device="auto"):
+def load(run_dir, device="auto", data_root=None):
     """The trained predictor of a run directory (best validation weights when recorded).
 
     Example:
@@ -260,7 +284,7 @@ def load(run_dir, device="auto"):
     except RuntimeError as e:
         raise UserError(f"checkpoint {ckpt} does not fit recipe {recipe.name}'s model "
                         f"({str(e).splitlines()[0]})") from None
-    return module.Predictor(cfg, model, resolve_device(device))
+    return module.Predictor(cfg, model, resolve_device(device), data_root)
 
 
 def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=True, out_name=None,
@@ -270,7 +294,7 @@ def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=Tr
     `run` writes result.json; a later `eval` writes eval-<episodes>.json, so it never replaces
     the run's recorded result. `extra` fields are added to the result.
     """
-    predictor = load(run_dir, device)
+    predictor = load(run_dir, device, data_root)
     cfg = predictor.cfg
     episodes = episodes or cfg.test_episodes
     split = data.load_split(cfg.dataset, "test", data_root)

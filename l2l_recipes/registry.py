@@ -20,11 +20,28 @@ ENTRY_POINT_GROUP = "l2l_recipes.recipes"
 
 
 @dataclass(frozen=True)
+class Published:
+    """A published accuracy (percent) and where it was published."""
+    accuracy: float
+    ci95: float | None
+    source: str
+
+    def __str__(self):
+        def num(x):  # two decimals, or one where the second is 0: 98.8, 48.7, 96.0, 1.84
+            text = f"{x:.2f}"
+            return text[:-1] if text.endswith("0") else text
+        ci = f" ± {num(self.ci95)}" if self.ci95 is not None else ""
+        return f"{num(self.accuracy)}{ci}% ({self.source})"
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     family: str  # the recipe module's short name, e.g. 'protonet'
-    module: str  # import path of the module holding Config, train and Predictor
+    module: str  # import path of the module holding Config, build_model, train and Predictor
     make_config: object
+    published: Published | None = None  # the paper's number
+    learn2learn: Published | None = None  # learn2learn's own claim, where it makes one
 
     def config(self):
         return self.make_config()
@@ -37,15 +54,20 @@ _RECIPES = {}
 _discovered = False
 
 
-def register(fn):
-    """Register the variant `fn` under its name with '_' -> '-'; duplicate names raise."""
+def register(fn=None, *, published=None, learn2learn=None):
+    """Register the variant `fn` under its name with '_' -> '-'; duplicate names raise.
+
+    Use as `@register` or `@register(published=Published(98.8, None, "Snell et al. 2017"))`.
+    """
+    if fn is None:
+        return lambda f: register(f, published=published, learn2learn=learn2learn)
     if fn.__module__ == "__main__":
         return fn  # a recipe file run as a script registers through discovery instead
     name = fn.__name__.replace("_", "-")
     if name in _RECIPES:
         raise ValueError(f"recipe '{name}' is registered twice ({_RECIPES[name].module}, {fn.__module__})")
     family = fn.__module__.rsplit(".", 1)[-1]
-    _RECIPES[name] = Recipe(name, family, fn.__module__, fn)
+    _RECIPES[name] = Recipe(name, family, fn.__module__, fn, published, learn2learn)
     return fn
 
 
@@ -61,14 +83,15 @@ def _discover():
         ep.load()
 
 
-def _natural_key(name):
+def natural_key(name):
+    """Sort key reading digit runs as numbers: 5w5s sorts before 5w10s."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def list_recipes(pattern="*"):
     """Registered names matching the fnmatch `pattern`, in natural order (5w5s before 5w10s)."""
     _discover()
-    return sorted((n for n in _RECIPES if fnmatch.fnmatchcase(n, pattern)), key=_natural_key)
+    return sorted((n for n in _RECIPES if fnmatch.fnmatchcase(n, pattern)), key=natural_key)
 
 
 def get_recipe(name):

@@ -7,7 +7,9 @@ by negative squared Euclidean distance to the prototypes. Conv4 backbone (4 x [c
 The paper trains until validation loss stops improving; we keep the weights with the best
 validation accuracy on a fixed set of validation tasks, and test those.
 
-Published (Table 1, Omniglot, 1000 test episodes): 5w1s 98.8, 5w5s 99.7, 20w1s 96.0, 20w5s 98.9.
+Published: Omniglot (Table 1, 1000 test episodes) 5w1s 98.8, 5w5s 99.7, 20w1s 96.0,
+20w5s 98.9; mini-ImageNet (Table 2, 600 test episodes; 30-way 1-shot / 20-way 5-shot
+training, 15 queries) 5w1s 49.42 ± 0.78, 5w5s 68.20 ± 0.66.
 
 Reproduce:
     l2l-recipes run protonet-omniglot-5w1s
@@ -19,13 +21,12 @@ from dataclasses import dataclass
 import learn2learn as l2l
 import torch
 import torch.nn.functional as F
-from tqdm import trange
 
 from l2l_recipes import data
 from l2l_recipes.config import check
 from l2l_recipes.harness import Predictor as _Predictor
 from l2l_recipes.harness import seed_everything
-from l2l_recipes.registry import register
+from l2l_recipes.registry import Published, register
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class Config:
 
 def build_model(cfg):
     """Conv4 embedding: 28x28 Omniglot -> 64 features (84x84 mini-ImageNet -> 1600)."""
-    channels = data.dataset_info(cfg.dataset)["channels"]
+    channels = data.dataset_module(cfg.dataset).CHANNELS
     return l2l.vision.models.CNN4Backbone(hidden_size=cfg.hidden_size, channels=channels,
                                           max_pool=True, layers=4)
 
@@ -104,7 +105,7 @@ def train(cfg, run):
     model = build_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    for iteration in trange(1, cfg.iterations + 1, desc="train", disable=not run.progress):
+    for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
         # one training episode
         model.train()
         x, y = train_tasks.sample()
@@ -123,7 +124,7 @@ def train(cfg, run):
             run.log(iteration, loss=loss.item(), accuracy=accuracy, lr=scheduler.get_last_lr()[0])
 
         # validate on the fixed tasks, keep the best weights, checkpoint
-        if iteration % cfg.val_interval == 0 or iteration == cfg.iterations:
+        if run.validation_due(iteration, cfg.val_interval, cfg.iterations):
             run.validate(iteration, Predictor(cfg, model, device), val_tasks, optimizer,
                          scheduler=scheduler.state_dict())
     return model
@@ -131,28 +132,82 @@ def train(cfg, run):
 
 # ----------------------------------------------------------------------------- variants
 
-@register
+@register(published=Published(98.8, None, "Snell et al. 2017, Table 1"))
 def protonet_omniglot_5w1s():
-    """ProtoNet, Omniglot 5-way 1-shot (Snell et al. 2017, Table 1: 98.8%)."""
+    """ProtoNet, Omniglot 5-way 1-shot."""
     return Config(ways=5, shots=1)
 
 
-@register
+@register(published=Published(99.7, None, "Snell et al. 2017, Table 1"))
 def protonet_omniglot_5w5s():
-    """ProtoNet, Omniglot 5-way 5-shot (Snell et al. 2017, Table 1: 99.7%)."""
+    """ProtoNet, Omniglot 5-way 5-shot."""
     return Config(ways=5, shots=5)
 
 
-@register
+@register(published=Published(96.0, None, "Snell et al. 2017, Table 1"))
 def protonet_omniglot_20w1s():
-    """ProtoNet, Omniglot 20-way 1-shot (Snell et al. 2017, Table 1: 96.0%)."""
+    """ProtoNet, Omniglot 20-way 1-shot."""
     return Config(ways=20, shots=1)
 
 
-@register
+@register(published=Published(98.9, None, "Snell et al. 2017, Table 1"))
 def protonet_omniglot_20w5s():
-    """ProtoNet, Omniglot 20-way 5-shot (Snell et al. 2017, Table 1: 98.9%)."""
+    """ProtoNet, Omniglot 20-way 5-shot."""
     return Config(ways=20, shots=5)
+
+
+@register(published=Published(49.42, 0.78, "Snell et al. 2017, Table 2"),
+          learn2learn=Published(49.1, None, "learn2learn 0.2.0 examples/vision/README.md"))
+def protonet_mini_imagenet_5w1s():
+    """ProtoNet, mini-ImageNet 5-way 1-shot."""
+    return Config(dataset="mini-imagenet", ways=5, shots=1, train_ways=30, train_queries=15, iterations=20000)
+
+
+@register(published=Published(68.20, 0.66, "Snell et al. 2017, Table 2"),
+          learn2learn=Published(66.5, None, "learn2learn 0.2.0 examples/vision/README.md"))
+def protonet_mini_imagenet_5w5s():
+    """ProtoNet, mini-ImageNet 5-way 5-shot."""
+    return Config(dataset="mini-imagenet", ways=5, shots=5, train_ways=20, train_queries=15, iterations=20000)
+
+
+# CIFAR-FS, FC100 and tiered-ImageNet: the mini-ImageNet settings (Snell et al.'s higher
+# training ways, 15 queries).
+@register(published=Published(55.5, 0.7, "Bertinetto et al. 2019, Table 1"))
+def protonet_cifar_fs_5w1s():
+    """ProtoNet, CIFAR-FS 5-way 1-shot."""
+    return Config(dataset="cifar-fs", ways=5, shots=1, train_ways=30, train_queries=15, iterations=20000)
+
+
+@register(published=Published(72.0, 0.6, "Bertinetto et al. 2019, Table 1"))
+def protonet_cifar_fs_5w5s():
+    """ProtoNet, CIFAR-FS 5-way 5-shot."""
+    return Config(dataset="cifar-fs", ways=5, shots=5, train_ways=20, train_queries=15, iterations=20000)
+
+
+@register
+def protonet_fc100_5w1s():
+    """ProtoNet, FC100 5-way 1-shot."""
+    return Config(dataset="fc100", ways=5, shots=1, train_ways=30, train_queries=15, iterations=20000)
+
+
+@register
+def protonet_fc100_5w5s():
+    """ProtoNet, FC100 5-way 5-shot."""
+    return Config(dataset="fc100", ways=5, shots=5, train_ways=20, train_queries=15, iterations=20000)
+
+
+@register(published=Published(46.52, 0.52, "Ren et al. 2018"))
+def protonet_tiered_imagenet_5w1s():
+    """ProtoNet, tiered-ImageNet 5-way 1-shot."""
+    return Config(dataset="tiered-imagenet", ways=5, shots=1, train_ways=30, train_queries=15,
+                  iterations=20000)
+
+
+@register(published=Published(66.15, 0.22, "Ren et al. 2018"))
+def protonet_tiered_imagenet_5w5s():
+    """ProtoNet, tiered-ImageNet 5-way 5-shot."""
+    return Config(dataset="tiered-imagenet", ways=5, shots=5, train_ways=20, train_queries=15,
+                  iterations=20000)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,14 @@ def data_root():
 
 
 @pytest.fixture(scope="session")
-def omniglot(data_root):
+def omniglot_images(data_root):
     """(character names, uint8 images [1623, 20, 28, 28]) through the real cache."""
-    from l2l_recipes import data
-    return data.load_omniglot(data_root, progress=False)
+    from l2l_recipes import omniglot
+    return omniglot.load_omniglot(data_root, progress=False)
 
 
 @pytest.fixture(scope="session")
-def splits(data_root, omniglot):
+def splits(data_root, omniglot_images):
     from l2l_recipes import data
     return {s: data.load_split("omniglot", s, data_root) for s in data.SPLIT_NAMES}
 

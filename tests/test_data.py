@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from l2l_recipes import data
+from l2l_recipes import data, omniglot
 from l2l_recipes.errors import UserError
 
 
@@ -48,25 +48,25 @@ def test_split_datasets_hold_only_their_classes(splits):
 
 # ----------------------------------------------------------------------------- images and cache
 
-def test_cache_holds_every_character_as_the_transform_sees_it(data_root, omniglot):
-    names, images = omniglot
+def test_cache_holds_every_character_as_the_transform_sees_it(data_root, omniglot_images):
+    names, images = omniglot_images
     assert len(names) == 1623 and images.shape == (1623, 20, 28, 28) and images.dtype == torch.uint8
     rng = random.Random(0)
     for i in rng.sample(range(len(names)), 5):
         png = sorted((data_root / "omniglot-py").glob(f"images_*/{names[i]}/*.png"))[3]
         with Image.open(png) as im:
-            x = data.omniglot_transform(im)
+            x = omniglot.transform(im)
         assert x.shape == (1, 28, 28)
         assert torch.equal(x, images[i, 3].float().div(255).unsqueeze(0))
     # ink is 1: the mean pixel is mostly background (0)
     assert 0.02 < images.float().div(255).mean() < 0.3
 
 
-def test_second_load_comes_from_the_cache(data_root, omniglot):
+def test_second_load_comes_from_the_cache(data_root, omniglot_images):
     started = time.time()
-    names, images = data.load_omniglot(data_root, progress=False)
+    names, images = omniglot.load_omniglot(data_root, progress=False)
     assert time.time() - started < 10
-    assert names == omniglot[0] and torch.equal(images, omniglot[1])
+    assert names == omniglot_images[0] and torch.equal(images, omniglot_images[1])
 
 
 def _tiny_omniglot(root, characters=2, value=0):
@@ -83,23 +83,23 @@ def _tiny_omniglot(root, characters=2, value=0):
 def test_cache_is_rebuilt_when_a_source_changes(tmp_path, monkeypatch):
     monkeypatch.setenv("L2L_RECIPES_CACHE", str(tmp_path / "cache"))
     _tiny_omniglot(tmp_path / "data")
-    names, images = data.load_omniglot(tmp_path / "data", progress=False)
+    names, images = omniglot.load_omniglot(tmp_path / "data", progress=False)
     assert names == ["Alpha/character01", "Alpha/character02"] and images[0].sum() > 0
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
     # redraw one file: the cache key changes and the new pixels are read
     png = tmp_path / "data/omniglot-py/images_background/Alpha/character01/0000_01.png"
     Image.fromarray(np.ones((105, 105), dtype=bool)).save(png)
-    _, rebuilt = data.load_omniglot(tmp_path / "data", progress=False)
+    _, rebuilt = omniglot.load_omniglot(tmp_path / "data", progress=False)
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
     assert rebuilt[0, 0].sum() == 0 and torch.equal(rebuilt[0, 1:], images[0, 1:])
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="Omniglot not found.*--data-root.*L2L_RECIPES_DATA.*--download"):
-        data.load_omniglot(tmp_path)
+        omniglot.load_omniglot(tmp_path)
 
 
-def test_rotation_classes_are_rotated_copies_of_their_character(splits, omniglot, data_root):
+def test_rotation_classes_are_rotated_copies_of_their_character(splits, omniglot_images, data_root):
     ds = splits["test"]
     base = ds.classes.index(next(c for c in ds.classes if c.endswith("rot000")))
     character = _character(ds.classes[base])
@@ -112,7 +112,7 @@ def test_rotation_classes_are_rotated_copies_of_their_character(splits, omniglot
     # the turn differs only by resampling rounding
     png = sorted((data_root / "omniglot-py").glob(f"images_*/{character}/*.png"))[7]
     with Image.open(png) as im:
-        pil_rotated = data.omniglot_transform(im.convert("L").rotate(90))
+        pil_rotated = omniglot.transform(im.convert("L").rotate(90))
     x90 = ds[ds.classes.index(f"{character}/rot090") * 20 + 7][0]
     x270 = ds[ds.classes.index(f"{character}/rot270") * 20 + 7][0]
     assert (pil_rotated - x90).abs().mean() < 0.01 < (pil_rotated - x270).abs().mean()
@@ -172,10 +172,10 @@ def test_training_tasks_never_see_other_splits(splits):
     assert len(seen) > 900  # tasks do range over the split
 
 
-def test_each_class_of_a_task_keeps_its_own_rotation(splits, omniglot):
+def test_each_class_of_a_task_keeps_its_own_rotation(splits, omniglot_images):
     """learn2learn's RandomClassRotation binds its angle late: every class got the last one drawn."""
     ds = splits["train"]
-    names, images = omniglot
+    names, images = omniglot_images
     tasks = data.taskset(ds, ways=20, shots=1, queries=1)
     random.seed(2)
     turns_seen = set()

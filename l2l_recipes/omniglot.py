@@ -1,0 +1,118 @@
+"""Omniglot (Lake et al. 2015) in torchvision's extracted layout, with the standard split.
+
+`<root>/omniglot-py/images_{background,evaluation}/<Alphabet>/characterNN/*.png`: 105x105
+binary PNGs, resized to 28x28 with PIL's Lanczos filter on the grayscale image, then
+inverted so that ink = 1 and background = 0. Split: Vinyals et al. (2016) as published
+with Prototypical Networks; each character's four rotations are four classes.
+"""
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from l2l_recipes import data
+from l2l_recipes.errors import UserError
+
+CHANNELS = 1
+SIZE = 28
+SETS = ("images_background", "images_evaluation")
+CACHE_VERSION = 1
+
+
+def omniglot_pixels(image):
+    """A PNG as read (PIL image) -> uint8 [28, 28] ink intensities (ink = 255)."""
+    small = image.convert("L").resize((SIZE, SIZE), Image.LANCZOS)
+    return 255 - torch.from_numpy(np.array(small, dtype=np.uint8))
+
+
+def transform(image):
+    """A PNG as read (PIL image) -> float [1, 28, 28] in [0, 1], exactly as in training."""
+    return omniglot_pixels(image).float().div_(255).unsqueeze(0)
+
+
+def omniglot_sources(root, download=False):
+    """{'<Alphabet>/characterNN': [png paths]} for all 1623 characters under `root/omniglot-py`."""
+    base = Path(root) / "omniglot-py"
+    missing = [s for s in SETS if not (base / s).is_dir()]
+    if missing and download:
+        import torchvision
+        for s in missing:
+            torchvision.datasets.Omniglot(str(root), background=(s == "images_background"), download=True)
+        missing = [s for s in SETS if not (base / s).is_dir()]
+    if missing:
+        raise UserError(
+            f"Omniglot not found: no {base / missing[0]}. Pass --data-root DIR (the folder holding "
+            f"omniglot-py/), set L2L_RECIPES_DATA, or add --download to fetch it")
+    characters = {}
+    for s in SETS:
+        for alphabet in sorted(p for p in (base / s).iterdir() if p.is_dir()):
+            for character in sorted(p for p in alphabet.iterdir() if p.is_dir()):
+                characters[f"{alphabet.name}/{character.name}"] = sorted(character.glob("*.png"))
+    return characters
+
+
+def load_omniglot(root=None, download=False, progress=True):
+    """All Omniglot characters as (names, uint8 tensor [characters, 20, 28, 28]), via the cache."""
+    root = data.data_root(root)
+    characters = omniglot_sources(root, download)
+    counts = {len(files) for files in characters.values()}
+    if counts != {20}:
+        raise UserError(f"Omniglot under {root} is incomplete: expected 20 drawings per "
+                        f"character, found {sorted(counts)}; re-extract or re-download it")
+
+    def decode():
+        names = list(characters)
+        images = torch.empty(len(names), 20, SIZE, SIZE, dtype=torch.uint8)
+        for i, name in enumerate(tqdm(names, desc="decoding Omniglot (once)", disable=not progress)):
+            for j, f in enumerate(characters[name]):
+                with Image.open(f) as im:
+                    images[i, j] = omniglot_pixels(im)
+        return {"names": names, "images": images}
+
+    files = [f for fs in characters.values() for f in fs]
+    key = data.files_key(f"omniglot v{CACHE_VERSION} {SIZE}px lanczos", files, root)
+    cache = data.cached(f"omniglot-{SIZE}px", key, decode)
+    return cache["names"], cache["images"]
+
+
+class OmniglotClasses(torch.utils.data.Dataset):
+    """The classes `<Alphabet>/characterNN/rotDDD` of one split; item i -> (image, class index).
+
+    Each character's rotations are classes of their own (Vinyals et al. 2016), so the
+    rotation belongs to the class, never drawn per task.
+    """
+
+    def __init__(self, names, images, classes):
+        index = {n: i for i, n in enumerate(names)}
+        unknown = [c for c in classes if c.rsplit("/", 1)[0] not in index]
+        if unknown:
+            raise UserError(f"split class {unknown[0]} has no images in the Omniglot data")
+        self.images = images
+        self.classes = list(classes)
+        self.per_class = images.shape[1]
+        self.character = [index[c.rsplit("/", 1)[0]] for c in self.classes]
+        self.quarter_turns = [int(c.rsplit("/rot", 1)[1]) // 90 for c in self.classes]
+        self.labels_to_indices = {c: list(range(c * self.per_class, (c + 1) * self.per_class))
+                                  for c in range(len(self.classes))}
+
+    def __len__(self):
+        return len(self.classes) * self.per_class
+
+    def __getitem__(self, i):
+        c, j = divmod(i, self.per_class)
+        # torch.rot90 turns counter-clockwise, as PIL's Image.rotate does.
+        x = torch.rot90(self.images[self.character[c], j], self.quarter_turns[c], dims=(0, 1))
+        return x.float().div_(255).unsqueeze(0), c
+
+
+def classes(split, root=None):
+    """Class names `<Alphabet>/characterNN/rotDDD` of one split of the standard split."""
+    return data.read_split("omniglot-vinyals", split)
+
+
+def load_split(split, root=None, download=False):
+    """One split of the standard Omniglot split (1028/172/423 characters x 4 rotations)."""
+    names, images = load_omniglot(root, download)
+    return OmniglotClasses(names, images, classes(split))

@@ -1,0 +1,52 @@
+"""`l2l-recipes bench`: real short runs, their records, curves, budgets and the generated table."""
+import json
+
+from conftest import cli
+
+
+def test_bench_records_seeds_budget_and_table(tmp_path, data_root):
+    results = tmp_path / "benchmarks" / "results"
+    out = cli("bench", "protonet-omniglot-5w1s", "--seeds", 2, "--episodes", 40, "--iterations", 20,
+              "--set", "train_ways=20", "--set", "val_interval=10", "--set", "val_episodes=20",
+              "--device", "cpu", "--data-root", data_root, "--runs-dir", tmp_path / "runs",
+              "--results-dir", results, "--no-progress")
+    assert out.exit_code == 0, out.output
+    (record_file,) = results.glob("*.json")
+    assert record_file.name.startswith("protonet-omniglot-5w1s-cpu-torch2.")
+    record = json.loads(record_file.read_text())
+    assert [s["seed"] for s in record["seeds"]] == [1, 2]
+    assert all(s["episodes"] == 40 and 0.4 < s["accuracy"] <= 1 and s["iterations_done"] == 20
+               for s in record["seeds"])
+    # different seeds train different models
+    assert record["seeds"][0]["accuracy"] != record["seeds"][1]["accuracy"]
+    assert record["budget"] == {"iterations": 20, "recipe_iterations": 2000, "max_minutes": None,
+                                "overrides": ["iterations=20", "train_ways=20", "val_interval=10",
+                                              "val_episodes=20"], "reduced": True}
+    assert record["published"]["accuracy"] == 98.8 and record["versions"]["learn2learn"] == "0.2.0"
+    assert record["command"] == ("l2l-recipes bench protonet-omniglot-5w1s --seeds 2 --episodes 40 "
+                                 "--iterations 20 --set train_ways=20 --set val_interval=10 "
+                                 "--set val_episodes=20 --device cpu")
+    assert (results / record["curve"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (results.parent / "README.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| `protonet-omniglot-5w1s`"))
+    assert f"{100 * record['mean_accuracy']:.2f} ± {100 * record['mean_ci95']:.2f} (2 seeds" in row
+    assert "**reduced**: 20 / 2000 it" in row and "98.8% (Snell et al. 2017, Table 1)" in row
+    assert "| `maml-omniglot-5w1s` |" in table and "not measured on this machine" in table
+    # the table is rebuilt from the records alone
+    (results.parent / "README.md").write_text("intro\n")
+    assert cli("bench-table", "--results-dir", results).exit_code == 0
+    assert (results.parent / "README.md").read_text().startswith("intro\n") and row in (
+        results.parent / "README.md").read_text()
+
+
+def test_time_budget_stops_and_is_recorded(tmp_path, data_root):
+    results = tmp_path / "results"
+    out = cli("bench", "protonet-omniglot-5w1s", "--seeds", 1, "--episodes", 10, "--max-minutes", 0.001,
+              "--set", "train_ways=10", "--set", "val_episodes=10", "--device", "cpu",
+              "--data-root", data_root, "--runs-dir", tmp_path / "runs", "--results-dir", results)
+    assert out.exit_code == 0, out.output
+    (record,) = [json.loads(p.read_text()) for p in results.glob("*.json")]
+    (seed,) = record["seeds"]
+    assert seed["stopped_by_time_budget"] and seed["iterations_done"] == 1
+    assert seed["best_val_iteration"] == 1  # the last iteration reached was validated
+    assert record["budget"]["reduced"] and record["budget"]["max_minutes"] == 0.001

@@ -1,0 +1,199 @@
+"""Reptile (Nichol, Achiam & Schulman, 2018, arXiv:1803.02999).
+
+A first-order meta-learner with its own outer update and no second-order terms: for each
+task of a meta-batch, train a copy of the network with Adam (beta1 = 0) for a few steps on
+mini-batches of the task's images, then move the initialisation towards the mean of the
+adapted weights, theta <- theta + eps * (mean(phi) - theta), eps annealed linearly from
+`outer_lr` to 0. At test the copy is trained for 50 steps on the support set and scores the
+query set as one batch (transductive batch norm, the setting of the paper's tables). Each
+task gets a fresh inner Adam.
+
+Paper settings (Appendix A, Table 3/4): Omniglot: inner Adam lr 1e-3, inner batch 10,
+5 inner steps, 10 training shots, meta-batch 5, outer step 1.0, 100K iterations (20-way:
+inner batch 20, 200K); test: 50 steps, batch 5. mini-ImageNet: Conv4 (32 filters,
+max-pooling), 8 inner steps, 15 training shots, test: 50 steps, batch 10.
+Published (Tables 1 and 2, transductive): Omniglot 5w1s 97.68 ± 0.04, 5w5s 99.48 ± 0.06,
+20w1s 89.43 ± 0.14, 20w5s 97.12 ± 0.32; mini-ImageNet 5w1s 49.97 ± 0.32, 5w5s 65.99 ± 0.58.
+
+Reproduce:
+    l2l-recipes run reptile-omniglot-5w1s --device cuda
+"""
+import copy
+import sys
+from dataclasses import dataclass
+
+import learn2learn as l2l
+import torch
+import torch.nn.functional as F
+
+from l2l_recipes import data
+from l2l_recipes.config import check
+from l2l_recipes.errors import UserError
+from l2l_recipes.harness import Predictor as _Predictor
+from l2l_recipes.harness import seed_everything
+from l2l_recipes.registry import Published, register
+
+
+@dataclass(frozen=True)
+class Config:
+    # data
+    dataset: str = "omniglot"
+    ways: int = 5
+    shots: int = 1  # support images per class at validation and test
+    queries: int = 15  # query images per class at validation and test
+    train_shots: int = 10  # images per class in a training task (all used by the inner loop)
+    # model
+    hidden_size: int = 64
+    # inner loop
+    inner_lr: float = 1e-3  # Adam, beta1 = 0
+    inner_batch_size: int = 10
+    adaptation_steps: int = 5
+    test_adaptation_steps: int = 50
+    test_batch_size: int = 5
+    # outer loop
+    meta_batch_size: int = 5
+    outer_lr: float = 1.0  # annealed linearly to 0 over `iterations`
+    iterations: int = 100000
+    # validation and test
+    val_interval: int = 1000
+    val_episodes: int = 200
+    val_seed: int = 1
+    test_episodes: int = 1000
+    test_seed: int = 0
+    # system
+    seed: int = 42
+    device: str = "auto"
+    log_interval: int = 50
+
+    def __post_init__(self):
+        check(self.ways >= 2, "ways must be at least 2")
+        check(min(self.shots, self.queries, self.train_shots, self.inner_batch_size, self.test_batch_size) >= 1,
+              "shots, queries, train_shots, inner_batch_size and test_batch_size must be at least 1")
+        check(self.adaptation_steps >= 1 and self.test_adaptation_steps >= 1,
+              "adaptation_steps and test_adaptation_steps must be at least 1")
+        check(self.inner_lr > 0 and self.outer_lr > 0, "inner_lr and outer_lr must be > 0")
+        check(self.meta_batch_size >= 1 and self.iterations >= 1 and self.val_interval >= 1
+              and self.log_interval >= 1,
+              "meta_batch_size, iterations, val_interval and log_interval must be at least 1")
+        check(self.val_episodes >= 2 and self.test_episodes >= 2, "val/test_episodes must be at least 2")
+
+
+def build_model(cfg):
+    """Omniglot: Conv4 with strided convolutions; RGB datasets: Conv4 with max-pooling."""
+    if cfg.dataset == "omniglot":
+        return l2l.vision.models.OmniglotCNN(output_size=cfg.ways, hidden_size=cfg.hidden_size)
+    dataset = data.dataset_module(cfg.dataset)
+    side = dataset.SIZE // 16  # four 2x2 max-pools
+    return l2l.vision.models.CNN4(output_size=cfg.ways, hidden_size=cfg.hidden_size, channels=dataset.CHANNELS,
+                                  max_pool=True, embedding_size=cfg.hidden_size * side * side)
+
+
+def inner_train(model, x, y, steps, batch_size, lr, generator):
+    """Train `model` in place with Adam (beta1 = 0) for `steps` mini-batches cycling through (x, y)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, 0.999))
+    order = torch.randperm(len(y), generator=generator).to(y.device)
+    for step in range(steps):
+        start = (step * batch_size) % len(y)
+        batch = order[start: start + batch_size]
+        loss = F.cross_entropy(model(x[batch]), y[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return loss
+
+
+class Predictor(_Predictor):
+    def predict(self, support_x, support_y, query_x):
+        ways = int(support_y.max()) + 1
+        if ways != self.cfg.ways:
+            raise UserError(f"this Reptile model has a {self.cfg.ways}-way head; got a {ways}-way task")
+        learner = copy.deepcopy(self.model).train()  # batch statistics: transductive, as in the paper
+        generator = torch.Generator().manual_seed(0)  # the same fine-tuning order every time
+        with torch.enable_grad():
+            inner_train(learner, support_x, support_y, self.cfg.test_adaptation_steps,
+                        self.cfg.test_batch_size, self.cfg.inner_lr, generator)
+        with torch.no_grad():
+            return learner(query_x)
+
+
+def train(cfg, run):
+    seed_everything(cfg.seed)
+    device = run.device
+    train_set = data.load_split(cfg.dataset, "train", run.data_root, run.download)
+    val_set = data.load_split(cfg.dataset, "val", run.data_root)
+    train_tasks = data.taskset(train_set, cfg.ways, cfg.train_shots, 0)
+    val_tasks = data.fixed_taskset(val_set, cfg.ways, cfg.shots, cfg.queries, cfg.val_episodes, cfg.val_seed)
+
+    model = build_model(cfg).to(device)
+    generator = torch.Generator().manual_seed(cfg.seed)  # inner mini-batch order
+    for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
+        # meta-batch: train a copy per task, average the adapted weights
+        model.train()
+        outer_lr = cfg.outer_lr * (1 - (iteration - 1) / cfg.iterations)
+        mean_weights = [torch.zeros_like(p) for p in model.parameters()]
+        meta_loss = 0.0
+        for _ in range(cfg.meta_batch_size):
+            x, y = train_tasks.sample()
+            learner = copy.deepcopy(model)
+            loss = inner_train(learner, x.to(device), y.to(device), cfg.adaptation_steps,
+                               cfg.inner_batch_size, cfg.inner_lr, generator)
+            for m, p in zip(mean_weights, learner.parameters()):
+                m += p.detach() / cfg.meta_batch_size
+            meta_loss += loss.item() / cfg.meta_batch_size
+        # Reptile's outer step: theta <- theta + eps * (mean(phi) - theta)
+        with torch.no_grad():
+            for p, m in zip(model.parameters(), mean_weights):
+                p += outer_lr * (m - p)
+
+        if iteration % cfg.log_interval == 0:
+            run.log(iteration, loss=meta_loss, outer_lr=outer_lr)
+
+        # validate on the fixed tasks, keep the best weights, checkpoint
+        if run.validation_due(iteration, cfg.val_interval, cfg.iterations):
+            run.validate(iteration, Predictor(cfg, model, device), val_tasks)
+    return model
+
+
+# ----------------------------------------------------------------------------- variants
+
+@register(published=Published(97.68, 0.04, "Nichol et al. 2018, Table 1 (transductive)"))
+def reptile_omniglot_5w1s():
+    """Reptile, Omniglot 5-way 1-shot."""
+    return Config(ways=5, shots=1)
+
+
+@register(published=Published(99.48, 0.06, "Nichol et al. 2018, Table 1 (transductive)"))
+def reptile_omniglot_5w5s():
+    """Reptile, Omniglot 5-way 5-shot."""
+    return Config(ways=5, shots=5)
+
+
+@register(published=Published(89.43, 0.14, "Nichol et al. 2018, Table 1 (transductive)"))
+def reptile_omniglot_20w1s():
+    """Reptile, Omniglot 20-way 1-shot."""
+    return Config(ways=20, shots=1, inner_batch_size=20, iterations=200000)
+
+
+@register(published=Published(97.12, 0.32, "Nichol et al. 2018, Table 1 (transductive)"))
+def reptile_omniglot_20w5s():
+    """Reptile, Omniglot 20-way 5-shot."""
+    return Config(ways=20, shots=5, inner_batch_size=20, iterations=200000)
+
+
+@register(published=Published(49.97, 0.32, "Nichol et al. 2018, Table 2 (transductive)"))
+def reptile_mini_imagenet_5w1s():
+    """Reptile, mini-ImageNet 5-way 1-shot."""
+    return Config(dataset="mini-imagenet", ways=5, shots=1, train_shots=15, hidden_size=32,
+                  adaptation_steps=8, test_batch_size=10)
+
+
+@register(published=Published(65.99, 0.58, "Nichol et al. 2018, Table 2 (transductive)"))
+def reptile_mini_imagenet_5w5s():
+    """Reptile, mini-ImageNet 5-way 5-shot."""
+    return Config(dataset="mini-imagenet", ways=5, shots=5, train_shots=15, hidden_size=32,
+                  adaptation_steps=8, test_batch_size=10)
+
+
+if __name__ == "__main__":
+    from l2l_recipes.cli import main
+    main(["run", *sys.argv[1:]])

@@ -46,6 +46,28 @@ def apply_overrides(cfg, assignments):
     return dataclasses.replace(cfg, **changes)
 
 
+# Range rules by field name, shared by every recipe's config (checked in __post_init__).
+AT_LEAST_2 = ("ways", "train_ways", "val_episodes", "test_episodes")
+AT_LEAST_1 = ("shots", "queries", "train_shots", "train_queries", "iterations", "hidden_size",
+              "meta_batch_size", "adaptation_steps", "test_adaptation_steps", "val_interval",
+              "log_interval", "inner_batch_size", "test_batch_size", "lr_step")
+POSITIVE = ("lr", "meta_lr", "fast_lr", "inner_lr", "outer_lr")
+
+
+def validate(cfg):
+    """Raise a one-line UserError for the first field of `cfg` outside its range."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in AT_LEAST_2:
+            check(value >= 2, f"{f.name}={value!r} is out of range: {f.name} must be at least 2")
+        elif f.name in AT_LEAST_1:
+            check(value >= 1, f"{f.name}={value!r} is out of range: {f.name} must be at least 1")
+        elif f.name in POSITIVE:
+            check(value > 0, f"{f.name}={value!r} is out of range: {f.name} must be > 0")
+    check(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
+          f"device={cfg.device!r} is out of range: use auto, cpu or cuda")
+
+
 def check(condition, message):
     """Raise a UserError with `message` unless `condition` (for config __post_init__ checks)."""
     if not condition:

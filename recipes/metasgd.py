@@ -22,8 +22,8 @@ import learn2learn as l2l
 import torch
 import torch.nn.functional as F
 
-from l2l_recipes import data
-from l2l_recipes.config import check
+from l2l_recipes import data, models
+from l2l_recipes.config import check, validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
 from l2l_recipes.harness import seed_everything
@@ -43,7 +43,7 @@ class Config:
     # inner loop
     adaptation_steps: int = 1
     test_adaptation_steps: int = 1
-    init_lr_low: float = 0.005  # alpha ~ U(init_lr_low, init_lr_high)
+    init_lr_low: float = 0.005  # alpha ~ U(init_lr_low, init_lr_high), both > 0
     init_lr_high: float = 0.1
     first_order: bool = False
     # outer loop
@@ -62,17 +62,8 @@ class Config:
     log_interval: int = 10
 
     def __post_init__(self):
-        check(self.ways >= 2, "ways must be at least 2")
-        check(self.shots >= 1 and self.queries >= 1 and self.train_queries >= 1,
-              "shots, queries and train_queries must be at least 1")
-        check(self.adaptation_steps >= 1 and self.test_adaptation_steps >= 1,
-              "adaptation_steps and test_adaptation_steps must be at least 1")
-        check(0 < self.init_lr_low <= self.init_lr_high and self.meta_lr > 0,
-              "need 0 < init_lr_low <= init_lr_high and meta_lr > 0")
-        check(self.meta_batch_size >= 1 and self.iterations >= 1 and self.val_interval >= 1
-              and self.log_interval >= 1,
-              "meta_batch_size, iterations, val_interval and log_interval must be at least 1")
-        check(self.val_episodes >= 2 and self.test_episodes >= 2, "val/test_episodes must be at least 2")
+        validate(self)
+        check(0 < self.init_lr_low <= self.init_lr_high, "need 0 < init_lr_low <= init_lr_high")
 
 
 class MetaSGD(l2l.algorithms.MetaSGD):
@@ -97,16 +88,8 @@ class MetaSGD(l2l.algorithms.MetaSGD):
 
 
 def build_model(cfg):
-    """Meta-SGD around the MAML Conv4; its state holds the learned rates too."""
-    if cfg.dataset == "omniglot":
-        net = l2l.vision.models.OmniglotCNN(output_size=cfg.ways, hidden_size=cfg.hidden_size)
-    else:
-        dataset = data.dataset_module(cfg.dataset)
-        side = dataset.SIZE // 16  # four 2x2 max-pools
-        net = l2l.vision.models.CNN4(output_size=cfg.ways, hidden_size=cfg.hidden_size,
-                                     channels=dataset.CHANNELS, max_pool=True,
-                                     embedding_size=cfg.hidden_size * side * side)
-    model = MetaSGD(net, first_order=cfg.first_order)
+    """Meta-SGD around MAML's Conv4 classifier; its state holds the learned rates too."""
+    model = MetaSGD(models.conv4_classifier(cfg.dataset, cfg.ways, cfg.hidden_size), first_order=cfg.first_order)
     with torch.no_grad():
         for lr in model.lrs:
             lr.uniform_(cfg.init_lr_low, cfg.init_lr_high)

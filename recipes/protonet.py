@@ -18,12 +18,11 @@ Reproduce:
 import sys
 from dataclasses import dataclass
 
-import learn2learn as l2l
 import torch
 import torch.nn.functional as F
 
-from l2l_recipes import data
-from l2l_recipes.config import check
+from l2l_recipes import data, models
+from l2l_recipes.config import check, validate
 from l2l_recipes.harness import Predictor as _Predictor
 from l2l_recipes.harness import seed_everything
 from l2l_recipes.registry import Published, register
@@ -57,21 +56,13 @@ class Config:
     log_interval: int = 50
 
     def __post_init__(self):
-        check(self.ways >= 2 and self.train_ways >= 2, "ways and train_ways must be at least 2")
-        check(self.shots >= 1 and self.queries >= 1 and self.train_queries >= 1,
-              "shots, queries and train_queries must be at least 1")
-        check(self.iterations >= 1 and self.val_interval >= 1 and self.log_interval >= 1,
-              "iterations, val_interval and log_interval must be at least 1")
-        check(self.lr > 0 and self.lr_step >= 1 and 0 < self.lr_gamma <= 1,
-              "lr must be > 0, lr_step >= 1 and 0 < lr_gamma <= 1")
-        check(self.val_episodes >= 2 and self.test_episodes >= 2, "val/test_episodes must be at least 2")
+        validate(self)
+        check(0 < self.lr_gamma <= 1, f"lr_gamma={self.lr_gamma!r} is out of range: need 0 < lr_gamma <= 1")
 
 
 def build_model(cfg):
-    """Conv4 embedding: 28x28 Omniglot -> 64 features (84x84 mini-ImageNet -> 1600)."""
-    channels = data.dataset_module(cfg.dataset).CHANNELS
-    return l2l.vision.models.CNN4Backbone(hidden_size=cfg.hidden_size, channels=channels,
-                                          max_pool=True, layers=4)
+    """Conv4 embedding: 28x28 Omniglot -> 64 features, 84x84 mini-ImageNet -> 1600."""
+    return models.conv4_embedding(cfg.dataset, cfg.hidden_size)
 
 
 def prototypes(embeddings, labels, ways):

@@ -22,12 +22,11 @@ import copy
 import sys
 from dataclasses import dataclass
 
-import learn2learn as l2l
 import torch
 import torch.nn.functional as F
 
-from l2l_recipes import data
-from l2l_recipes.config import check
+from l2l_recipes import data, models
+from l2l_recipes.config import validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
 from l2l_recipes.harness import seed_everything
@@ -66,26 +65,12 @@ class Config:
     log_interval: int = 50
 
     def __post_init__(self):
-        check(self.ways >= 2, "ways must be at least 2")
-        check(min(self.shots, self.queries, self.train_shots, self.inner_batch_size, self.test_batch_size) >= 1,
-              "shots, queries, train_shots, inner_batch_size and test_batch_size must be at least 1")
-        check(self.adaptation_steps >= 1 and self.test_adaptation_steps >= 1,
-              "adaptation_steps and test_adaptation_steps must be at least 1")
-        check(self.inner_lr > 0 and self.outer_lr > 0, "inner_lr and outer_lr must be > 0")
-        check(self.meta_batch_size >= 1 and self.iterations >= 1 and self.val_interval >= 1
-              and self.log_interval >= 1,
-              "meta_batch_size, iterations, val_interval and log_interval must be at least 1")
-        check(self.val_episodes >= 2 and self.test_episodes >= 2, "val/test_episodes must be at least 2")
+        validate(self)
 
 
 def build_model(cfg):
-    """Omniglot: Conv4 with strided convolutions; RGB datasets: Conv4 with max-pooling."""
-    if cfg.dataset == "omniglot":
-        return l2l.vision.models.OmniglotCNN(output_size=cfg.ways, hidden_size=cfg.hidden_size)
-    dataset = data.dataset_module(cfg.dataset)
-    side = dataset.SIZE // 16  # four 2x2 max-pools
-    return l2l.vision.models.CNN4(output_size=cfg.ways, hidden_size=cfg.hidden_size, channels=dataset.CHANNELS,
-                                  max_pool=True, embedding_size=cfg.hidden_size * side * side)
+    """MAML's Conv4 classifier (strided convolutions on Omniglot, max-pooling on RGB datasets)."""
+    return models.conv4_classifier(cfg.dataset, cfg.ways, cfg.hidden_size)
 
 
 def inner_train(model, x, y, steps, batch_size, lr, generator):

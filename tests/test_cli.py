@@ -106,8 +106,9 @@ def test_load_and_predict_a_hand_built_task(protonet_run, data_root, splits):
     (["--set", "queries=20"], "Error: shots + queries = 21 but each class has only 20 images"),
     (["--set", "wayz=5"], "Error: unknown config key 'wayz'; valid keys: dataset, ways, shots"),
     (["--set", "ways=five"], "Error: --set ways='five': expected int, got str"),
-    (["--set", "lr=-1"], "Error: lr must be > 0"),
-    (["--set", "ways=1"], "Error: ways and train_ways must be at least 2"),
+    (["--set", "lr=-1"], "Error: lr=-1.0 is out of range: lr must be > 0"),
+    (["--set", "ways=1"], "Error: ways=1 is out of range: ways must be at least 2"),
+    (["--set", "shots=0"], "Error: shots=0 is out of range: shots must be at least 1"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, data_root, args, message):
     result = cli("run", "protonet-omniglot-5w1s", "--data-root", data_root, "--device", "cpu",

@@ -22,3 +22,8 @@ def conv4_embedding(dataset, hidden_size):
     """Prototypical Networks' Conv4 embedding: 4 x [3x3 conv, batch norm, ReLU, 2x2 max-pool]."""
     channels = data.dataset_module(dataset).CHANNELS
     return l2l.vision.models.CNN4Backbone(hidden_size=hidden_size, channels=channels, max_pool=True, layers=4)
+
+
+def conv4_embedding_size(dataset, hidden_size):
+    """Length of conv4_embedding's output: hidden_size x (side / 16)^2 (28 -> 1, 84 -> 5, 32 -> 2)."""
+    return hidden_size * (data.dataset_module(dataset).SIZE // 16) ** 2

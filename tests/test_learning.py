@@ -34,3 +34,16 @@ def test_optimisation_based_recipes_learn(tmp_path, data_root, name, changes, fl
     result = harness.meta_test(run.path, device="cpu", data_root=data_root, progress=False)
     assert (run.path / "eval-200.json").is_file()
     assert result["accuracy"] > floor, result
+
+
+@pytest.mark.parametrize("fce", [False, True])
+def test_matching_networks_learn(tmp_path, data_root, fce):
+    recipe = registry.get_recipe("matchingnet-omniglot-5w1s")
+    cfg = dataclasses.replace(recipe.config(), fce=fce, iterations=150, val_interval=150, val_episodes=50,
+                              test_episodes=200, device="cpu")
+    run = harness.Run(tmp_path / "run", recipe.name, cfg, torch.device("cpu"), data_root=data_root,
+                      progress=False)
+    recipe.load_module().train(cfg, run)
+    result = harness.meta_test(run.path, device="cpu", data_root=data_root, progress=False)
+    # 150 five-way episodes; chance is 20%
+    assert result["accuracy"] > 0.55, result

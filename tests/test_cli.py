@@ -156,3 +156,19 @@ def test_recipe_file_runs_as_a_script():
     out = subprocess.run([sys.executable, str(repo / "recipes" / "maml.py"), "maml-omniglot-5w1", "--device", "cpu"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "did you mean maml-omniglot-5w1s" in out.stderr
+
+
+def test_corrupt_or_foreign_checkpoint_is_one_clear_line(protonet_run, tmp_path):
+    import shutil
+    run_dir = tmp_path / "copy"
+    shutil.copytree(protonet_run[0], run_dir)
+    best = run_dir / "best.pt"
+    best.write_bytes(best.read_bytes()[:1000])  # truncated
+    result = cli("eval", run_dir, "--device", "cpu")
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"Error: checkpoint {best} is corrupt or not a checkpoint")
+    torch.save({"weights": 1}, best)  # some other program's file
+    result = cli("eval", run_dir, "--device", "cpu")
+    assert result.stderr.strip() == f"Error: checkpoint {best} is not an l2l-recipes checkpoint of format 1"
+    assert (run_dir / "ckpt.pt").is_file()  # nothing else touched

@@ -57,7 +57,9 @@ def recipes_show(name):
 
 
 @cli.command("run")
-@click.argument("name")
+@click.argument("name", required=False)
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
+              help="Continue the run in this directory from its last checkpoint.")
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the datasets "
               "(default: $L2L_RECIPES_DATA, else ~/.cache/l2l-recipes/data).")
 @click.option("--download", is_flag=True, help="Download the dataset into the data root if missing.")
@@ -70,10 +72,19 @@ def recipes_show(name):
               help="Override a config field; repeatable, applied left to right.")
 @click.option("--progress/--no-progress", default=None,
               help="Show progress bars (default: when stderr is a terminal).")
-def recipes_run(name, data_root, download, device, seed, out, assignments, progress):
-    """Train recipe NAME, then meta-test it on the fixed test tasks."""
-    recipe = registry.get_recipe(name)
+def recipes_run(name, resume_dir, data_root, download, device, seed, out, assignments, progress):
+    """Train recipe NAME (or continue --resume RUN_DIR), then meta-test it on the fixed test tasks."""
     progress = sys.stderr.isatty() if progress is None else progress
+    if resume_dir:
+        if name or seed is not None or assignments:
+            raise UserError("--resume continues a run with its own recipe and config: drop NAME, --seed and --set")
+        run = harness.Run.resume(resume_dir, harness.resolve_device(device or "auto"), data_root=data_root,
+                                 download=download, progress=progress)
+        _train_and_test(run, data_root, progress)
+        return
+    if not name:
+        raise UserError("run needs a recipe NAME (see `l2l-recipes list`) or --resume RUN_DIR")
+    recipe = registry.get_recipe(name)
     cfg = recipe.config()
     flags = [f"seed={seed}"] * (seed is not None) + [f"device='{device}'"] * (device is not None)
     cfg = apply_overrides(cfg, flags + list(assignments))
@@ -82,11 +93,14 @@ def recipes_run(name, data_root, download, device, seed, out, assignments, progr
     device = harness.resolve_device(cfg.device)
     run = harness.Run.create(out, name, cfg, device, data_root=data_root, download=download,
                              progress=progress)
-    click.echo(f"run directory: {run.path}  (device {device})")
-    started = time.time()
-    recipe.load_module().train(cfg, run)
-    result = harness.meta_test(run.path, device=str(device), data_root=data_root, progress=progress,
-                               out_name="result.json", train_seconds=round(time.time() - started, 1))
+    _train_and_test(run, data_root, progress)
+
+
+def _train_and_test(run, data_root, progress):
+    click.echo(f"run directory: {run.path}  (device {run.device})")
+    registry.get_recipe(run.recipe).load_module().train(run.cfg, run)
+    result = harness.meta_test(run.path, device=str(run.device), data_root=data_root, progress=progress,
+                               out_name="result.json", train_seconds=round(time.time() - run.started, 1))
     click.echo(_result_line(result))
 
 

@@ -61,6 +61,32 @@ def keep_freed_memory():
     mallopt(m_top_pad, 1 << 28)
 
 
+def rng_state():
+    """Every random number generator a run draws from: Python's (task sampling), NumPy's, torch's."""
+    import random
+
+    import numpy as np
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                      has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    import random
+
+    import numpy as np
+    random.setstate(tuple(state["python"][:1]) + (tuple(state["python"][1]),) + tuple(state["python"][2:]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def seed_everything(seed):
     """Seed Python's `random` (learn2learn's task sampling), NumPy and torch."""
     import random
@@ -148,11 +174,46 @@ class Run:
         keep_freed_memory()
         self.iterations_done = 0
         self.stopped_early = False
+        self.resume_state = None  # the checkpoint a resumed run continues from
+        self.start_iteration = 0
+
+    @classmethod
+    def resume(cls, run_dir, device, **options):
+        """The run of `run_dir`, to continue from its ckpt.pt (its config is the checkpoint's)."""
+        run_dir = Path(run_dir)
+        state = read_checkpoint(run_dir / "ckpt.pt")
+        cfg = _config_of(state, run_dir / "ckpt.pt")
+        run = cls(run_dir, state["recipe"], cfg, device, **options)
+        run.resume_state = state
+        return run
+
+    def restore(self, model, optimizer=None, **stateful):
+        """On a resumed run, load model, optimizer, `stateful` objects (e.g. scheduler=...) and all
+        random number generator states from the checkpoint; a new run is left as it is."""
+        state = self.resume_state
+        if state is None:
+            return
+        model.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        for name, obj in stateful.items():
+            obj.load_state_dict(state[name])
+        set_rng_state(state["rng"])
+        self.best_val = state["best_val_accuracy"]
+        self.start_iteration = self.iterations_done = state["iteration"]
+        self.started = time.time() - state["elapsed_seconds"]
+        # drop metrics logged after the checkpoint: those iterations run again
+        metrics = self.path / "metrics.jsonl"
+        kept = [line for line in metrics.read_text().splitlines()
+                if json.loads(line)["iteration"] <= self.start_iteration]
+        metrics.write_text("".join(line + "\n" for line in kept))
+        tqdm.write(f"resuming {self.path} after iteration {self.start_iteration}")
 
     def iterations(self, total):
         """Yield iterations 1..total with a progress bar, stopping after the iteration at which
         `validation_due` found the time budget spent (so the last iteration is validated)."""
-        for iteration in trange(1, total + 1, desc="train", disable=not self.progress):
+        for iteration in trange(self.start_iteration + 1, total + 1, initial=self.start_iteration, total=total,
+                                desc="train", disable=not self.progress):
             yield iteration
             self.iterations_done = iteration
             if self.stopped_early:
@@ -205,6 +266,8 @@ class Run:
             "iteration": iteration,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "rng": rng_state(),
+            "elapsed_seconds": time.time() - self.started,
             **extra,
         }
         self._materialise()
@@ -280,6 +343,15 @@ def read_checkpoint(path):
     return state
 
 
+def _config_of(state, path):
+    """The recipe config stored in checkpoint `state` (read from `path`)."""
+    recipe = get_recipe(state["recipe"])
+    try:
+        return recipe.load_module().Config(**state["config"])
+    except TypeError as e:
+        raise UserError(f"checkpoint {path} does not match recipe {recipe.name}'s config ({e})") from None
+
+
 def load(run_dir, device="auto", data_root=None):
     """The trained predictor of a run directory (best validation weights when recorded).
 
@@ -296,10 +368,7 @@ def load(run_dir, device="auto", data_root=None):
     state = read_checkpoint(ckpt)
     recipe = get_recipe(state["recipe"])
     module = recipe.load_module()
-    try:
-        cfg = module.Config(**state["config"])
-    except TypeError as e:
-        raise UserError(f"checkpoint {ckpt} does not match recipe {recipe.name}'s config ({e})") from None
+    cfg = _config_of(state, ckpt)
     model = module.build_model(cfg)
     try:
         model.load_state_dict(state["model"])

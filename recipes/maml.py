@@ -117,6 +117,7 @@ def train(cfg, run):
     model = build_model(cfg).to(device)
     maml = l2l.algorithms.MAML(model, lr=cfg.fast_lr, first_order=cfg.first_order)
     optimizer = torch.optim.Adam(maml.parameters(), lr=cfg.meta_lr)
+    run.restore(model, optimizer)  # a resumed run continues here
     for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
         # meta-batch: adapt a clone per task, accumulate the mean query loss's gradient
         model.train()

@@ -114,6 +114,7 @@ def train(cfg, run):
 
     model = build_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    run.restore(model, optimizer)  # a resumed run continues here
     for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
         # one training episode: negative log-likelihood of the attention's class probabilities
         model.train()

@@ -132,6 +132,7 @@ def train(cfg, run):
 
     model = build_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)  # weights and rates
+    run.restore(model, optimizer)  # a resumed run continues here
     for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
         # meta-batch: adapt a clone per task with the learned rates, accumulate the query loss
         model.train()

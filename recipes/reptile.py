@@ -73,7 +73,7 @@ def build_model(cfg):
     return models.conv4_classifier(cfg.dataset, cfg.ways, cfg.hidden_size)
 
 
-def inner_train(model, x, y, steps, batch_size, lr, generator):
+def inner_train(model, x, y, steps, batch_size, lr, generator=None):
     """Train `model` in place with Adam (beta1 = 0) for `steps` mini-batches cycling through (x, y)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, 0.999))
     order = torch.randperm(len(y), generator=generator).to(y.device)
@@ -110,7 +110,7 @@ def train(cfg, run):
     val_tasks = data.fixed_taskset(val_set, cfg.ways, cfg.shots, cfg.queries, cfg.val_episodes, cfg.val_seed)
 
     model = build_model(cfg).to(device)
-    generator = torch.Generator().manual_seed(cfg.seed)  # inner mini-batch order
+    run.restore(model)  # a resumed run continues here
     for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
         # meta-batch: train a copy per task, average the adapted weights
         model.train()
@@ -121,7 +121,7 @@ def train(cfg, run):
             x, y = train_tasks.sample()
             learner = copy.deepcopy(model)
             loss = inner_train(learner, x.to(device), y.to(device), cfg.adaptation_steps,
-                               cfg.inner_batch_size, cfg.inner_lr, generator)
+                               cfg.inner_batch_size, cfg.inner_lr)
             for m, p in zip(mean_weights, learner.parameters()):
                 m += p.detach() / cfg.meta_batch_size
             meta_loss += loss.item() / cfg.meta_batch_size

@@ -122,6 +122,7 @@ def train(cfg, run):
     model = build_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     batches = iter(loader)
+    run.restore(model, optimizer)  # a resumed run continues here
     for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
         # one supervised mini-batch over all training classes
         model.train()

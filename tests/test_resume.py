@@ -1,0 +1,63 @@
+"""Resume: a run killed with SIGKILL and resumed ends bitwise identical to the same run uninterrupted."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from conftest import REPO, cli
+
+ARGS = ["protonet-omniglot-5w1s", "--device", "cpu", "--no-progress", "--set", "iterations=40",
+        "--set", "val_interval=10", "--set", "train_ways=10", "--set", "val_episodes=10",
+        "--set", "test_episodes=20", "--set", "log_interval=5"]
+
+
+def _rows(run_dir):
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    for row in rows:
+        row.pop("time")
+    return rows
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path, data_root):
+    assert cli("run", *ARGS, "--data-root", data_root, "--out", tmp_path / "a").exit_code == 0
+    (straight,) = (tmp_path / "a" / "protonet-omniglot-5w1s").iterdir()
+
+    env = {**os.environ, "L2L_RECIPES_DATA": str(data_root)}
+    proc = subprocess.Popen([sys.executable, "-m", "l2l_recipes.cli", "run", *ARGS, "--out", str(tmp_path / "b")],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    killed_dir = None
+    while time.time() < deadline and proc.poll() is None:
+        runs = list((tmp_path / "b" / "protonet-omniglot-5w1s").glob("*")) if (tmp_path / "b").exists() else []
+        if runs and any(r.get("iteration", 0) >= 20 and "val_accuracy" in r for r in _rows(runs[0])):
+            proc.send_signal(signal.SIGKILL)  # mid-run, after at least two checkpoints
+            killed_dir = runs[0]
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_dir is not None, "the run finished before it could be killed"
+    assert not (killed_dir / "result.json").exists()
+    at_kill = torch.load(killed_dir / "ckpt.pt", weights_only=True)["iteration"]
+    assert 10 <= at_kill < 40  # the checkpoint of iteration 20 may not be written yet
+
+    resumed = cli("run", "--resume", killed_dir, "--data-root", data_root, "--no-progress")
+    assert resumed.exit_code == 0, resumed.output + resumed.stderr
+    a = torch.load(straight / "ckpt.pt", weights_only=True)
+    b = torch.load(killed_dir / "ckpt.pt", weights_only=True)
+    assert a["iteration"] == b["iteration"] == 40
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert _rows(straight) == _rows(killed_dir)  # the same losses and validations, logged once
+    result_a = json.loads((straight / "result.json").read_text())
+    result_b = json.loads((killed_dir / "result.json").read_text())
+    assert result_a["accuracy"] == result_b["accuracy"]
+
+
+def test_resume_refuses_a_new_config(tmp_path):
+    result = cli("run", "--resume", tmp_path, "--set", "iterations=5")
+    assert result.exit_code == 1 and "--resume continues a run with its own recipe and config" in result.stderr

@@ -13,8 +13,10 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -176,6 +178,8 @@ class Run:
         self.stopped_early = False
         self.resume_state = None  # the checkpoint a resumed run continues from
         self.start_iteration = 0
+        self.tracked = None  # (model, optimizer, {name: object}) given to track()
+        self.stop_signal = None  # set by SIGINT / SIGTERM during iterations()
 
     @classmethod
     def resume(cls, run_dir, device, **options):
@@ -187,9 +191,11 @@ class Run:
         run.resume_state = state
         return run
 
-    def restore(self, model, optimizer=None, **stateful):
-        """On a resumed run, load model, optimizer, `stateful` objects (e.g. scheduler=...) and all
-        random number generator states from the checkpoint; a new run is left as it is."""
+    def track(self, model, optimizer=None, **stateful):
+        """Name what checkpoints hold: model, optimizer and `stateful` objects with state_dict()
+        (e.g. scheduler=...). On a resumed run, also load them and every random number
+        generator state from the checkpoint."""
+        self.tracked = (model, optimizer, stateful)
         state = self.resume_state
         if state is None:
             return
@@ -210,15 +216,41 @@ class Run:
         tqdm.write(f"resuming {self.path} after iteration {self.start_iteration}")
 
     def iterations(self, total):
-        """Yield iterations 1..total with a progress bar, stopping after the iteration at which
-        `validation_due` found the time budget spent (so the last iteration is validated)."""
-        for iteration in trange(self.start_iteration + 1, total + 1, initial=self.start_iteration, total=total,
-                                desc="train", disable=not self.progress):
-            yield iteration
-            self.iterations_done = iteration
-            if self.stopped_early:
-                tqdm.write(f"time budget of {self.max_minutes} minutes spent after iteration {iteration}")
-                return
+        """Yield iterations with a progress bar, from 1 (or after a resumed checkpoint) to `total`.
+
+        Stops after the iteration at which `validation_due` found the time budget spent (so
+        that iteration is validated). On SIGINT or SIGTERM the current iteration finishes, a
+        checkpoint is written and a UserError says how to resume.
+        """
+        previous = self._catch_stop_signals()
+        try:
+            for iteration in trange(self.start_iteration + 1, total + 1, initial=self.start_iteration,
+                                    total=total, desc="train", disable=not self.progress):
+                yield iteration
+                self.iterations_done = iteration
+                if self.stop_signal:
+                    self.checkpoint(iteration)
+                    raise UserError(f"stopped by {self.stop_signal} after iteration {iteration}; checkpoint "
+                                    f"saved. Resume with: l2l-recipes run --resume {self.path}")
+                if self.stopped_early:
+                    tqdm.write(f"time budget of {self.max_minutes} minutes spent after iteration {iteration}")
+                    return
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _catch_stop_signals(self):
+        def stop(signum, frame):
+            if self.stop_signal:  # a second signal: stop at once
+                raise KeyboardInterrupt
+            self.stop_signal = signal.Signals(signum).name
+            tqdm.write(f"{self.stop_signal} received: stopping after this iteration")
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
+            signal.signal(sig, stop)
+        return previous
 
     def validation_due(self, iteration, interval, total):
         """True every `interval` iterations, at the last one, and when the time budget is spent."""
@@ -248,7 +280,11 @@ class Run:
         write_json(self.path / name, obj)
 
     def log(self, iteration, **metrics):
-        """Append one metrics line and print it."""
+        """Append one metrics line and print it; a non-finite loss stops the run, naming the iteration."""
+        loss = metrics.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise UserError(f"loss is {loss} at iteration {iteration}: training diverged; the last good "
+                            f"checkpoint in {self.path} is kept (lower the learning rate)")
         self._materialise()
         row = {"iteration": iteration, "time": round(time.time() - self.started, 3), **metrics}
         with open(self.path / "metrics.jsonl", "a") as f:
@@ -257,8 +293,18 @@ class Run:
                             for k, v in row.items()))
         sys.stdout.flush()
 
+    def checkpoint(self, iteration):
+        """Write ckpt.pt with everything track() named, for resuming after `iteration`."""
+        model, optimizer, stateful = self.tracked
+        self.save("ckpt.pt", model, iteration, optimizer, best_val_accuracy=self.best_val,
+                  **{name: obj.state_dict() for name, obj in stateful.items()})
+
     def save(self, name, model, iteration, optimizer=None, **extra):
-        """Write checkpoint `name` (ckpt.pt or best.pt) atomically."""
+        """Write checkpoint `name` (ckpt.pt or best.pt) atomically; non-finite weights are refused,
+        so a diverged run never replaces its last good checkpoint."""
+        if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+            raise UserError(f"non-finite weights at iteration {iteration}: training diverged; the last good "
+                            f"checkpoint in {self.path} is kept (lower the learning rate)")
         state = {
             "format": CHECKPOINT_FORMAT,
             "recipe": self.recipe,
@@ -274,15 +320,15 @@ class Run:
         data.atomic_save(state, self.path / name)
 
 
-    def validate(self, iteration, predictor, tasks, optimizer=None, **extra):
+    def validate(self, iteration, predictor, tasks):
         """Evaluate on the fixed validation `tasks`, log, keep the best weights in best.pt and
-        write ckpt.pt (with `optimizer` and `extra` state); returns the validation accuracy."""
+        write ckpt.pt; returns the validation accuracy."""
         accuracy, ci95 = evaluate(predictor, tasks, predictor.cfg.shots, desc="val", progress=self.progress)
         self.log(iteration, val_accuracy=accuracy, val_ci95=ci95)
         if accuracy > self.best_val:
             self.best_val = accuracy
             self.save("best.pt", predictor.model, iteration, best_val_accuracy=accuracy)
-        self.save("ckpt.pt", predictor.model, iteration, optimizer, best_val_accuracy=self.best_val, **extra)
+        self.checkpoint(iteration)
         return accuracy
 
 

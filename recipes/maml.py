@@ -117,7 +117,7 @@ def train(cfg, run):
     model = build_model(cfg).to(device)
     maml = l2l.algorithms.MAML(model, lr=cfg.fast_lr, first_order=cfg.first_order)
     optimizer = torch.optim.Adam(maml.parameters(), lr=cfg.meta_lr)
-    run.restore(model, optimizer)  # a resumed run continues here
+    run.track(model, optimizer)  # checkpointed; restored by --resume
     for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
         # meta-batch: adapt a clone per task, accumulate the mean query loss's gradient
         model.train()
@@ -137,7 +137,7 @@ def train(cfg, run):
 
         # validate on the fixed tasks, keep the best weights, checkpoint
         if run.validation_due(iteration, cfg.val_interval, cfg.iterations):
-            run.validate(iteration, Predictor(cfg, model, device), val_tasks, optimizer)
+            run.validate(iteration, Predictor(cfg, model, device), val_tasks)
     return model
 
 

@@ -114,7 +114,7 @@ def train(cfg, run):
 
     model = build_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    run.restore(model, optimizer)  # a resumed run continues here
+    run.track(model, optimizer)  # checkpointed; restored by --resume
     for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
         # one training episode: negative log-likelihood of the attention's class probabilities
         model.train()
@@ -132,7 +132,7 @@ def train(cfg, run):
 
         # validate on the fixed tasks, keep the best weights, checkpoint
         if run.validation_due(iteration, cfg.val_interval, cfg.iterations):
-            run.validate(iteration, Predictor(cfg, model, device), val_tasks, optimizer)
+            run.validate(iteration, Predictor(cfg, model, device), val_tasks)
     return model
 
 

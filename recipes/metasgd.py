@@ -132,7 +132,7 @@ def train(cfg, run):
 
     model = build_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)  # weights and rates
-    run.restore(model, optimizer)  # a resumed run continues here
+    run.track(model, optimizer)  # checkpointed; restored by --resume
     for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
         # meta-batch: adapt a clone per task with the learned rates, accumulate the query loss
         model.train()
@@ -153,7 +153,7 @@ def train(cfg, run):
 
         # validate on the fixed tasks, keep the best weights, checkpoint
         if run.validation_due(iteration, cfg.val_interval, cfg.iterations):
-            run.validate(iteration, Predictor(cfg, model, device), val_tasks, optimizer)
+            run.validate(iteration, Predictor(cfg, model, device), val_tasks)
     return model
 
 

@@ -96,7 +96,7 @@ def train(cfg, run):
     model = build_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    run.restore(model, optimizer, scheduler=scheduler)  # a resumed run continues here
+    run.track(model, optimizer, scheduler=scheduler)  # checkpointed; restored by --resume
     for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
         # one training episode
         model.train()
@@ -117,8 +117,7 @@ def train(cfg, run):
 
         # validate on the fixed tasks, keep the best weights, checkpoint
         if run.validation_due(iteration, cfg.val_interval, cfg.iterations):
-            run.validate(iteration, Predictor(cfg, model, device), val_tasks, optimizer,
-                         scheduler=scheduler.state_dict())
+            run.validate(iteration, Predictor(cfg, model, device), val_tasks)
     return model
 
 

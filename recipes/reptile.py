@@ -110,7 +110,7 @@ def train(cfg, run):
     val_tasks = data.fixed_taskset(val_set, cfg.ways, cfg.shots, cfg.queries, cfg.val_episodes, cfg.val_seed)
 
     model = build_model(cfg).to(device)
-    run.restore(model)  # a resumed run continues here
+    run.track(model)  # checkpointed; restored by --resume
     for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
         # meta-batch: train a copy per task, average the adapted weights
         model.train()

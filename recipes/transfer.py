@@ -122,7 +122,7 @@ def train(cfg, run):
     model = build_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     batches = iter(loader)
-    run.restore(model, optimizer)  # a resumed run continues here
+    run.track(model, optimizer)  # checkpointed; restored by --resume
     for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
         # one supervised mini-batch over all training classes
         model.train()
@@ -143,7 +143,7 @@ def train(cfg, run):
 
         # validate on the fixed few-shot tasks, keep the best weights, checkpoint
         if run.validation_due(iteration, cfg.val_interval, cfg.iterations):
-            run.validate(iteration, Predictor(cfg, model, device), val_tasks, optimizer)
+            run.validate(iteration, Predictor(cfg, model, device), val_tasks)
     return model
 
 

@@ -61,3 +61,42 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, data_root):
 def test_resume_refuses_a_new_config(tmp_path):
     result = cli("run", "--resume", tmp_path, "--set", "iterations=5")
     assert result.exit_code == 1 and "--resume continues a run with its own recipe and config" in result.stderr
+
+
+def _start(tmp_path, data_root, *extra):
+    env = {**os.environ, "L2L_RECIPES_DATA": str(data_root)}
+    return subprocess.Popen([sys.executable, "-m", "l2l_recipes.cli", "run", *ARGS, *extra, "--out",
+                             str(tmp_path)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_sigterm_and_sigint_finish_the_step_checkpoint_and_say_how_to_resume(tmp_path, data_root):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        out = tmp_path / sig.name
+        proc = _start(out, data_root)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            runs = list(out.glob("*/*"))
+            if runs and any("loss" in r for r in _rows(runs[0])):
+                break
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
+        (run_dir,) = out.glob("*/*")
+        assert proc.returncode == 1
+        assert f"stopped by {sig.name} after iteration" in stderr
+        assert f"Resume with: l2l-recipes run --resume {run_dir}" in stderr
+        stopped_at = int(stderr.split("after iteration ")[1].split(";")[0])
+        assert torch.load(run_dir / "ckpt.pt", weights_only=True)["iteration"] == stopped_at
+        assert "Traceback" not in stderr
+
+
+def test_divergence_stops_with_the_iteration_and_keeps_the_good_checkpoint(tmp_path, data_root):
+    result = cli("run", *ARGS, "--data-root", data_root, "--out", tmp_path, "--set", "lr=1e30",
+                 "--set", "log_interval=1")
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "at iteration" in line and "training diverged" in line and "lower the learning rate" in line
+    for ckpt in tmp_path.glob("*/*/*.pt"):  # whatever was saved before is finite
+        state = torch.load(ckpt, weights_only=True)
+        assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())

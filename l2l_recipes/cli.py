@@ -168,6 +168,31 @@ def recipes_bench_table(results_dir):
     click.echo(f"table rebuilt from {count} record(s) in {results_dir}")
 
 
+@cli.group("data")
+def data_group():
+    """Dataset utilities."""
+
+
+@data_group.command("verify")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None)
+def data_verify(data_root):
+    """Check the data root's files against every SHA256SUMS manifest in it."""
+    from l2l_recipes import data
+    root = data.data_root(data_root)
+    report = data.verify(root)
+    if not report["manifests"]:
+        raise UserError(f"no SHA256SUMS manifest under {root}: nothing to verify")
+    for path in report["bad"][:20]:
+        click.echo(f"MISMATCH {path}")
+    for path in report["missing"][:20]:
+        click.echo(f"MISSING  {path}")
+    summary = (f"{report['checked']} files checked against {len(report['manifests'])} manifest(s): "
+               f"{len(report['bad'])} mismatched, {len(report['missing'])} missing")
+    if report["bad"] or report["missing"]:
+        raise UserError(summary + "; re-extract or re-download the files listed")
+    click.echo(summary)
+
+
 def _result_line(r):
     return (f"{r['recipe']}: {r['ways']}-way {r['shots']}-shot test accuracy "
             f"{100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.2f}% (95% CI, {r['episodes']} episodes)")

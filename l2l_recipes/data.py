@@ -9,6 +9,8 @@ import hashlib
 import importlib
 import os
 import random
+import warnings
+import zipfile
 from pathlib import Path
 
 import learn2learn as l2l
@@ -178,13 +180,45 @@ def files_key(tag, files, base):
 
 
 def cached(name, key, build):
-    """`build()`'s dict of tensors, stored once as `<cache_dir>/<name>-<key>.pt`."""
+    """`build()`'s dict of tensors, stored once as `<cache_dir>/<name>-<key>.pt`.
+
+    The key covers the sources, so changed sources give a new file; an unreadable
+    (truncated, corrupt) cache file is rebuilt.
+    """
     path = cache_dir() / f"{name}-{key}.pt"
     if path.is_file():
-        return torch.load(path, weights_only=True)
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception as e:  # torch raises several types for a damaged file
+            warnings.warn(f"cache {path} is unreadable ({type(e).__name__}); rebuilding it")
     value = build()
     atomic_save(value, path)
     return value
+
+
+def verify(root):
+    """Check every file listed in each SHA256SUMS under `root` (inside images.zip where the
+    file sits in that archive); returns {"checked": n, "bad": [...], "missing": [...]}."""
+    report = {"checked": 0, "bad": [], "missing": [], "manifests": []}
+    for sums in sorted(Path(root).rglob("SHA256SUMS")):
+        report["manifests"].append(str(sums))
+        base = sums.parent
+        archive = zipfile.ZipFile(base / "images.zip") if (base / "images.zip").is_file() else None
+        members = set(archive.namelist()) if archive else set()
+        for line in sums.read_text().splitlines():
+            digest, _, name = line.partition("  ")
+            if (base / name).is_file():
+                with open(base / name, "rb") as f:
+                    actual = hashlib.file_digest(f, "sha256").hexdigest()
+            elif name in members:
+                actual = hashlib.sha256(archive.read(name)).hexdigest()
+            else:
+                report["missing"].append(str(base / name))
+                continue
+            report["checked"] += 1
+            if actual != digest:
+                report["bad"].append(str(base / name))
+    return report
 
 
 def load_pickle(path, what, encoding="ASCII"):

@@ -70,16 +70,19 @@ def recipes_show(name):
               help="Parent folder of run directories.")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
               help="Override a config field; repeatable, applied left to right.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Iterations between checkpoints (0: only at validations and on a stop signal).")
 @click.option("--progress/--no-progress", default=None,
               help="Show progress bars (default: when stderr is a terminal).")
-def recipes_run(name, resume_dir, data_root, download, device, seed, out, assignments, progress):
+def recipes_run(name, resume_dir, data_root, download, device, seed, out, assignments, checkpoint_every,
+                progress):
     """Train recipe NAME (or continue --resume RUN_DIR), then meta-test it on the fixed test tasks."""
     progress = sys.stderr.isatty() if progress is None else progress
     if resume_dir:
         if name or seed is not None or assignments:
             raise UserError("--resume continues a run with its own recipe and config: drop NAME, --seed and --set")
         run = harness.Run.resume(resume_dir, harness.resolve_device(device or "auto"), data_root=data_root,
-                                 download=download, progress=progress)
+                                 download=download, progress=progress, checkpoint_every=checkpoint_every)
         _train_and_test(run, data_root, progress)
         return
     if not name:
@@ -92,7 +95,7 @@ def recipes_run(name, resume_dir, data_root, download, device, seed, out, assign
         click.echo(f"override: {text}")
     device = harness.resolve_device(cfg.device)
     run = harness.Run.create(out, name, cfg, device, data_root=data_root, download=download,
-                             progress=progress)
+                             progress=progress, checkpoint_every=checkpoint_every)
     _train_and_test(run, data_root, progress)
 
 

@@ -162,7 +162,7 @@ class Run:
     """
 
     def __init__(self, path, recipe_name, cfg, device, data_root=None, download=False, progress=True,
-                 max_minutes=None):
+                 max_minutes=None, checkpoint_every=100):
         self.path = Path(path)
         self.recipe = recipe_name
         self.cfg = cfg
@@ -173,6 +173,7 @@ class Run:
         self.started = time.time()
         self.best_val = float("-inf")
         self.max_minutes = max_minutes  # wall-time budget for training, None for none
+        self.checkpoint_every = checkpoint_every  # iterations between checkpoints (also at each validation)
         keep_freed_memory()
         self.iterations_done = 0
         self.stopped_early = False
@@ -180,6 +181,7 @@ class Run:
         self.start_iteration = 0
         self.tracked = None  # (model, optimizer, {name: object}) given to track()
         self.stop_signal = None  # set by SIGINT / SIGTERM during iterations()
+        self._checkpointed_at = None
 
     @classmethod
     def resume(cls, run_dir, device, **options):
@@ -189,6 +191,8 @@ class Run:
         cfg = _config_of(state, run_dir / "ckpt.pt")
         run = cls(run_dir, state["recipe"], cfg, device, **options)
         run.resume_state = state
+        for partial in run_dir.glob(".*.tmp*"):  # writes cut short by a crash
+            partial.unlink()
         return run
 
     def track(self, model, optimizer=None, **stateful):
@@ -199,11 +203,15 @@ class Run:
         state = self.resume_state
         if state is None:
             return
-        model.load_state_dict(state["model"])
-        if optimizer is not None:
-            optimizer.load_state_dict(state["optimizer"])
-        for name, obj in stateful.items():
-            obj.load_state_dict(state[name])
+        try:
+            model.load_state_dict(state["model"])
+            if optimizer is not None:
+                optimizer.load_state_dict(state["optimizer"])
+            for name, obj in stateful.items():
+                obj.load_state_dict(state[name])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"checkpoint {self.path / 'ckpt.pt'} does not fit recipe {self.recipe} "
+                            f"({str(e).splitlines()[0][:160]})") from None
         set_rng_state(state["rng"])
         self.best_val = state["best_val_accuracy"]
         self.start_iteration = self.iterations_done = state["iteration"]
@@ -228,8 +236,9 @@ class Run:
                                     total=total, desc="train", disable=not self.progress):
                 yield iteration
                 self.iterations_done = iteration
-                if self.stop_signal:
+                if self.stop_signal or (self.checkpoint_every and iteration % self.checkpoint_every == 0):
                     self.checkpoint(iteration)
+                if self.stop_signal:
                     raise UserError(f"stopped by {self.stop_signal} after iteration {iteration}; checkpoint "
                                     f"saved. Resume with: l2l-recipes run --resume {self.path}")
                 if self.stopped_early:
@@ -295,6 +304,9 @@ class Run:
 
     def checkpoint(self, iteration):
         """Write ckpt.pt with everything track() named, for resuming after `iteration`."""
+        if self._checkpointed_at == iteration:
+            return
+        self._checkpointed_at = iteration
         model, optimizer, stateful = self.tracked
         self.save("ckpt.pt", model, iteration, optimizer, best_val_accuracy=self.best_val,
                   **{name: obj.state_dict() for name, obj in stateful.items()})

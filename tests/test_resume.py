@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import REPO, cli
@@ -23,9 +24,28 @@ def _rows(run_dir):
     return rows
 
 
-def test_killed_run_resumes_to_identical_weights(tmp_path, data_root):
-    assert cli("run", *ARGS, "--data-root", data_root, "--out", tmp_path / "a").exit_code == 0
-    (straight,) = (tmp_path / "a" / "protonet-omniglot-5w1s").iterdir()
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_root):
+    """The reference: the same run, never interrupted."""
+    out = tmp_path_factory.mktemp("straight")
+    assert cli("run", *ARGS, "--data-root", data_root, "--out", out).exit_code == 0
+    (run_dir,) = (out / "protonet-omniglot-5w1s").iterdir()
+    return run_dir
+
+
+def _assert_same_run(straight, resumed_dir):
+    a = torch.load(straight / "ckpt.pt", weights_only=True)
+    b = torch.load(resumed_dir / "ckpt.pt", weights_only=True)
+    assert a["iteration"] == b["iteration"] == 40
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert _rows(straight) == _rows(resumed_dir)  # the same losses and validations, logged once
+    result_a = json.loads((straight / "result.json").read_text())
+    result_b = json.loads((resumed_dir / "result.json").read_text())
+    assert result_a["accuracy"] == result_b["accuracy"]
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path, data_root, straight):
 
     env = {**os.environ, "L2L_RECIPES_DATA": str(data_root)}
     proc = subprocess.Popen([sys.executable, "-m", "l2l_recipes.cli", "run", *ARGS, "--out", str(tmp_path / "b")],
@@ -47,15 +67,32 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, data_root):
 
     resumed = cli("run", "--resume", killed_dir, "--data-root", data_root, "--no-progress")
     assert resumed.exit_code == 0, resumed.output + resumed.stderr
-    a = torch.load(straight / "ckpt.pt", weights_only=True)
-    b = torch.load(killed_dir / "ckpt.pt", weights_only=True)
-    assert a["iteration"] == b["iteration"] == 40
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    assert _rows(straight) == _rows(killed_dir)  # the same losses and validations, logged once
-    result_a = json.loads((straight / "result.json").read_text())
-    result_b = json.loads((killed_dir / "result.json").read_text())
-    assert result_a["accuracy"] == result_b["accuracy"]
+    _assert_same_run(straight, killed_dir)
+
+
+def test_killed_while_writing_a_checkpoint_resumes_to_identical_weights(tmp_path, data_root, straight):
+    """SIGKILL inside a checkpoint write (before its fsync): the previous ckpt.pt stays whole."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal\n"
+        "_fsync, _calls = os.fsync, [0]\n"
+        "def fsync(fd):\n"
+        "    _calls[0] += 1\n"
+        "    if _calls[0] == 4:  # the fourth checkpoint file written: die half-way\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return _fsync(fd)\n"
+        "os.fsync = fsync\n")
+    env = {**os.environ, "L2L_RECIPES_DATA": str(data_root), "PYTHONPATH": str(hook)}
+    proc = subprocess.run([sys.executable, "-m", "l2l_recipes.cli", "run", *ARGS, "--out", str(tmp_path / "b")],
+                          cwd=REPO, env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    (run_dir,) = (tmp_path / "b" / "protonet-omniglot-5w1s").iterdir()
+    assert list(run_dir.glob(".*.tmp*"))  # the write in progress when it died
+    resumed = cli("run", "--resume", run_dir, "--data-root", data_root, "--no-progress")
+    assert resumed.exit_code == 0, resumed.output + resumed.stderr
+    _assert_same_run(straight, run_dir)
+    assert not list(run_dir.glob(".*.tmp*"))
 
 
 def test_resume_refuses_a_new_config(tmp_path):

@@ -79,6 +79,15 @@ def build_model(cfg):
     return Pretrained(cfg, len(data.dataset_module(cfg.dataset).classes("train")))
 
 
+def minibatch(dataset, iteration, batch_size, seed):
+    """Batch `iteration` (1-based) of epochs over `dataset` shuffled anew, from `seed`, each epoch."""
+    per_epoch = len(dataset) // batch_size
+    epoch, step = divmod(iteration - 1, per_epoch)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    items = [dataset[int(i)] for i in order[step * batch_size:(step + 1) * batch_size]]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
 def fit_linear_head(support, support_y, ways, cfg):
     """A fresh linear classifier on frozen support features, trained full-batch with SGD from
     zero weights (a convex problem: no random initialisation needed, so evaluation is repeatable)."""
@@ -115,22 +124,16 @@ def train(cfg, run):
     device = run.device
     train_set = data.load_split(cfg.dataset, "train", run.data_root, run.download)
     val_set = data.load_split(cfg.dataset, "val", run.data_root)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                         generator=torch.Generator().manual_seed(cfg.seed))
     val_tasks = data.fixed_taskset(val_set, cfg.ways, cfg.shots, cfg.queries, cfg.val_episodes, cfg.val_seed)
 
     model = build_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    batches = iter(loader)
     run.track(model, optimizer)  # checkpointed; restored by --resume
     for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
-        # one supervised mini-batch over all training classes
+        # one supervised mini-batch over all training classes: the iteration fixes the batch
+        # (an epoch permutation from the seed), so a resumed run reads the same batches
         model.train()
-        try:
-            x, y = next(batches)
-        except StopIteration:  # next epoch
-            batches = iter(loader)
-            x, y = next(batches)
+        x, y = minibatch(train_set, iteration, cfg.batch_size, cfg.seed)
         logits = model(x.to(device))
         loss = F.cross_entropy(logits, y.to(device))
         optimizer.zero_grad(set_to_none=True)

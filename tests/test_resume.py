@@ -137,3 +137,23 @@ def test_divergence_stops_with_the_iteration_and_keeps_the_good_checkpoint(tmp_p
     for ckpt in tmp_path.glob("*/*/*.pt"):  # whatever was saved before is finite
         state = torch.load(ckpt, weights_only=True)
         assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_an_existing_run_directory_is_never_reused(tmp_path, monkeypatch):
+    from datetime import datetime
+
+    from l2l_recipes import harness, registry
+    monkeypatch.setattr(harness, "datetime", type("Frozen", (), {"now": staticmethod(lambda: datetime(2026, 1, 2))}))
+    cfg = registry.get_recipe("protonet-omniglot-5w1s").config()
+    run = harness.Run.create(tmp_path, "protonet-omniglot-5w1s", cfg, torch.device("cpu"))
+    run.log(0, note="started")
+    with pytest.raises(harness.UserError, match="already exists"):
+        harness.Run.create(tmp_path, "protonet-omniglot-5w1s", cfg, torch.device("cpu"))
+
+
+def test_resuming_from_a_foreign_checkpoint_is_one_clear_line(tmp_path):
+    torch.save({"format": 1, "recipe": "protonet-omniglot-5w1s", "config": {"wayz": 5}}, tmp_path / "ckpt.pt")
+    result = cli("run", "--resume", tmp_path)
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"Error: checkpoint {tmp_path / 'ckpt.pt'} does not match recipe protonet-omniglot-5w1s")

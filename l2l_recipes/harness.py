@@ -230,6 +230,8 @@ class Run:
         that iteration is validated). On SIGINT or SIGTERM the current iteration finishes, a
         checkpoint is written and a UserError says how to resume.
         """
+        if self.tracked is None:
+            raise RuntimeError("a recipe must call run.track(model, optimizer, ...) before run.iterations()")
         previous = self._catch_stop_signals()
         try:
             for iteration in trange(self.start_iteration + 1, total + 1, initial=self.start_iteration,

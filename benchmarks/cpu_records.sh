@@ -13,5 +13,5 @@ bench protonet-omniglot-5w5s --seeds 1 --max-minutes 12
 bench protonet-omniglot-20w1s --seeds 1 --max-minutes 12
 bench protonet-mini-imagenet-5w1s --seeds 1 --max-minutes 10 --episodes 600 --set val_episodes=100
 bench maml-omniglot-5w1s --seeds 1 --max-minutes 8
-bench protonet-omniglot-20w5s --seeds 1 --max-minutes 8
-# still to run: maml-omniglot-20w1s, protonet-mini-imagenet-5w5s, and 3 seeds for every row
+# still to run: protonet-omniglot-20w5s, maml-omniglot-20w1s, protonet-mini-imagenet-5w5s,
+# and 3 seeds with full budgets for every row

@@ -221,8 +221,9 @@ def verify(root):
     return report
 
 
-def load_pickle(path, what, encoding="ASCII"):
-    """Unpickle a downloaded data file; an HTML page (a failed download) or junk is a UserError."""
+def load_pickle(path, what, encoding="ASCII", keys=()):
+    """Unpickle a downloaded data file; an HTML page (a failed download), junk, or a dict
+    without `keys` is a UserError naming the file."""
     import pickle
     with open(path, "rb") as f:
         head = f.read(1024).lstrip().lower()
@@ -231,9 +232,12 @@ def load_pickle(path, what, encoding="ASCII"):
                             f"issue #367); delete it and download it again")
         f.seek(0)
         try:
-            return pickle.load(f, encoding=encoding)
+            obj = pickle.load(f, encoding=encoding)
         except Exception as e:
             raise UserError(f"{path} is not a readable {what} pickle ({type(e).__name__}: {e})") from None
+    if keys and not (isinstance(obj, dict) and set(keys) <= set(obj)):
+        raise UserError(f"{path} is not a {what} pickle: expected keys {', '.join(keys)}")
+    return obj
 
 
 def atomic_save(obj, path):

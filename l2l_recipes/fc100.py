@@ -36,10 +36,7 @@ def _path(root, split, download=False):
 
 
 def _read(path):
-    obj = data.load_pickle(path, "FC100", encoding="latin1")
-    if not isinstance(obj, dict) or not {"data", "labels"} <= set(obj):
-        raise UserError(f"{path} is not an FC100 pickle: expected keys data and labels")
-    return obj
+    return data.load_pickle(path, "FC100", encoding="latin1", keys=("data", "labels"))
 
 
 def classes(split, root=None):

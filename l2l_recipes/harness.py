@@ -286,10 +286,6 @@ class Run:
         # config.json last: its presence marks the directory as complete
         write_json(self.path / "config.json", {"recipe": self.recipe, **dataclasses.asdict(self.cfg)})
 
-    def write_json(self, name, obj):
-        self._materialise()
-        write_json(self.path / name, obj)
-
     def log(self, iteration, **metrics):
         """Append one metrics line and print it; a non-finite loss stops the run, naming the iteration."""
         loss = metrics.get("loss")

@@ -65,10 +65,7 @@ def locate(root, split, download=False):
 
 def read_pickle(path):
     """learn2learn's mini-ImageNet pickle as a dict, checked."""
-    obj = data.load_pickle(path, "mini-ImageNet")
-    if not isinstance(obj, dict) or not {"image_data", "class_dict"} <= set(obj):
-        raise UserError(f"{path} is not a mini-ImageNet pickle: expected keys image_data and class_dict")
-    return obj
+    return data.load_pickle(path, "mini-ImageNet", keys=("image_data", "class_dict"))
 
 
 def _decode_csv(base, rows, progress):

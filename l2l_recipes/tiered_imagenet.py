@@ -36,9 +36,7 @@ def _paths(root, split, download=False):
 
 
 def _labels(path):
-    obj = data.load_pickle(path, "tiered-ImageNet labels", encoding="latin1")
-    if not isinstance(obj, dict) or "label_specific" not in obj:
-        raise UserError(f"{path} is not a tiered-ImageNet labels pickle: expected key label_specific")
+    obj = data.load_pickle(path, "tiered-ImageNet labels", encoding="latin1", keys=("label_specific",))
     specific = [int(x) for x in obj["label_specific"]]
     names = obj.get("label_specific_str")
     return [str(names[i]) if names is not None else str(i) for i in specific]

@@ -13,5 +13,17 @@ bench protonet-omniglot-5w5s --seeds 1 --max-minutes 12
 bench protonet-omniglot-20w1s --seeds 1 --max-minutes 12
 bench protonet-mini-imagenet-5w1s --seeds 1 --max-minutes 10 --episodes 600 --set val_episodes=100
 bench maml-omniglot-5w1s --seeds 1 --max-minutes 8
-# still to run: protonet-omniglot-20w5s, maml-omniglot-20w1s, protonet-mini-imagenet-5w5s,
-# and 3 seeds with full budgets for every row
+# 2026-11-22, session 2 (commit 962a23d, one thread each: OMP_NUM_THREADS=1, with other work on the
+# machine, so wall times are upper bounds; budgets in iterations so accuracy does not depend on load)
+export OMP_NUM_THREADS=1
+bench protonet-omniglot-20w5s --seeds 1 --iterations 1000
+bench maml-omniglot-20w1s --seeds 1 --iterations 300
+bench protonet-mini-imagenet-5w5s --seeds 1 --iterations 150 --episodes 600 --set val_episodes=100
+bench anil-omniglot-5w1s --seeds 1 --iterations 300
+bench fomaml-omniglot-5w1s --seeds 1 --iterations 300
+bench metasgd-omniglot-5w1s --seeds 1 --iterations 200
+bench reptile-omniglot-5w1s --seeds 1 --iterations 1000
+bench matchingnet-omniglot-5w1s --seeds 1 --iterations 1000
+bench transfer-omniglot-5w1s --seeds 1 --iterations 2000
+# still to run: 3 seeds with full budgets for every row; rows for mamlpp, metaoptnet, snail,
+# maml-sine, maml-rl (added in session 2)

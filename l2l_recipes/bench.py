@@ -37,15 +37,17 @@ def bench_recipe(name, seeds, episodes, assignments=(), max_minutes=None, device
         train_seconds = round(time.time() - t0, 1)
         result = harness.meta_test(run.path, device=str(dev), data_root=data_root, progress=progress,
                                    out_name="result.json", train_seconds=train_seconds)
+        metric, higher = result["metric"], result["higher_is_better"]
         metrics = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
-        curves[seed] = [(m["iteration"], m["val_accuracy"]) for m in metrics if "val_accuracy" in m]
-        best = max(curves[seed], key=lambda point: point[1])
-        runs.append({"seed": seed, "accuracy": result["accuracy"], "ci95": result["ci95"],
+        curves[seed] = [(m["iteration"], m[f"val_{metric}"]) for m in metrics if f"val_{metric}" in m]
+        best = (max if higher else min)(curves[seed], key=lambda point: point[1])
+        runs.append({"seed": seed, metric: result[metric], "ci95": result["ci95"],
                      "episodes": result["episodes"], "iterations_done": run.iterations_done,
                      "stopped_by_time_budget": run.stopped_early, "best_val_iteration": best[0],
-                     "best_val_accuracy": best[1], "train_seconds": train_seconds,
-                     "eval_seconds": result["eval_seconds"], "run_dir": str(run.path)})
-    accuracies = [r["accuracy"] for r in runs]
+                     f"best_val_{metric}": best[1], "train_seconds": train_seconds,
+                     "eval_seconds": result["eval_seconds"], "run_dir": str(run.path),
+                     **{k: v for k, v in result.items() if k.startswith("before_")}})
+    values = [r[metric] for r in runs]
     env = json.loads((Path(runs[0]["run_dir"]) / "env.json").read_text())
     stamp = datetime.now(timezone.utc)
     record = {
@@ -56,13 +58,14 @@ def bench_recipe(name, seeds, episodes, assignments=(), max_minutes=None, device
         "device": env["device"], "processor": env["processor"], "cpu_count": env["cpu_count"],
         "gpu": env.get("gpu"), "hostname": env["hostname"],
         "versions": {k: env[k] for k in ("python", "torch", "torchvision", "learn2learn")},
-        "ways": cfg.ways, "shots": cfg.shots, "queries": cfg.queries, "split": "test",
+        **{key: getattr(cfg, key) for key in ("ways", "shots", "queries") if hasattr(cfg, key)},
+        "split": "test", "metric": metric, "higher_is_better": higher,
         "budget": {"iterations": cfg.iterations, "recipe_iterations": default.iterations,
                    "max_minutes": max_minutes, "overrides": list(assignments),
                    "reduced": cfg.iterations < default.iterations or any(r["stopped_by_time_budget"] for r in runs)},
         "seeds": runs,
-        "mean_accuracy": statistics.fmean(accuracies),
-        "seed_std": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
+        f"mean_{metric}": statistics.fmean(values),
+        "seed_std": statistics.stdev(values) if len(values) > 1 else None,
         "mean_ci95": statistics.fmean(r["ci95"] for r in runs),
         "wall_seconds": round(time.time() - started, 1),
         "published": dataclasses.asdict(recipe.published) if recipe.published else None,
@@ -75,20 +78,36 @@ def bench_recipe(name, seeds, episodes, assignments=(), max_minutes=None, device
     stem = f"{name}-{device_tag}-torch{env['torch'].split('+')[0]}-{stamp:%Y%m%d-%H%M%S}"
     record["curve"] = f"{stem}.png"
     harness.write_json(results_dir / f"{stem}.json", record)
-    plot_curves(curves, results_dir / f"{stem}.png", f"{name}: validation accuracy ({record['device']})")
+    plot_curves(curves, results_dir / f"{stem}.png", f"{name}: validation {metric} ({record['device']})", metric)
     return record
 
 
-def plot_curves(curves, path, title):
-    """Validation accuracy over iterations, one line per seed."""
+def format_value(metric, value):
+    """Accuracy (a fraction) as a percentage; other metrics (MSE, return) as they are."""
+    return f"{100 * value:.2f}" if metric == "accuracy" else f"{value:.3g}"
+
+
+def summary(record):
+    """'98.19 ± 0.20 (3 seeds, sd 0.10)' (accuracy in percent) or '0.312 ± 0.02 MSE (1 seed)'."""
+    metric = record.get("metric", "accuracy")
+    n = len(record["seeds"])
+    sd = f", sd {format_value(metric, record['seed_std'])}" if record["seed_std"] is not None else ""
+    unit = "" if metric == "accuracy" else f" {metric}"
+    return (f"{format_value(metric, record[f'mean_{metric}'])} ± {format_value(metric, record['mean_ci95'])}"
+            f"{unit} ({n} seed{'s' * (n > 1)}{sd})")
+
+
+def plot_curves(curves, path, title, metric="accuracy"):
+    """Validation metric over iterations, one line per seed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for seed, points in curves.items():
-        ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", ms=3, label=f"seed {seed}")
+        scale = 100 if metric == "accuracy" else 1
+        ax.plot([p[0] for p in points], [scale * p[1] for p in points], marker="o", ms=3, label=f"seed {seed}")
     ax.set_xlabel("iteration")
-    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylabel("validation accuracy (%)" if metric == "accuracy" else f"validation {metric}")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -114,9 +133,7 @@ def table_rows(records):
     """Markdown rows: one per record (by recipe, oldest first), then one per unmeasured recipe."""
     rows = []
     for r in sorted(records, key=lambda r: (registry.natural_key(r["recipe"]), r["date"])):
-        n = len(r["seeds"])
-        sd = f", sd {100 * r['seed_std']:.2f}" if r["seed_std"] is not None else ""
-        ours = f"{100 * r['mean_accuracy']:.2f} ± {100 * r['mean_ci95']:.2f} ({n} seed{'s' * (n > 1)}{sd})"
+        ours = summary(r)
         device = r["gpu"] or f"{r['processor']} ({r['cpu_count']} cores)"
         wall = f"{r['wall_seconds'] / 60:.1f} min"
         rows.append(f"| `{r['recipe']}` | {_pct(r['published'])} | {_pct(r['learn2learn'])} | {ours} | "
@@ -136,6 +153,7 @@ def table_rows(records):
 def write_table(results_dir="benchmarks/results", readme="benchmarks/README.md"):
     """Rebuild the table between the markers of `readme` from every record in `results_dir`."""
     records = [json.loads(p.read_text()) for p in sorted(Path(results_dir).glob("*.json"))]
+    records = [r for r in records if "seeds" in r]  # accuracy records, not speed records
     header = ("| recipe | published | learn2learn's claim | ours: mean ± 95% CI (seeds) | budget | "
               "wall time | device, date, commit | command | curve |\n" + "|---" * 9 + "|")
     table = "\n".join([TABLE_START, header, *table_rows(records), TABLE_END])

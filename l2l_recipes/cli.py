@@ -123,6 +123,21 @@ def recipes_eval(run_dir, episodes, device, data_root, progress):
     click.echo(_result_line(result))
 
 
+@cli.command("export")
+@click.argument("name")
+@click.argument("dest", type=click.Path())
+@click.option("--force", is_flag=True, help="Overwrite DEST if it exists.")
+@click.option("--all-datasets", is_flag=True,
+              help="Include the loaders of every dataset the recipe's family uses (default: the variant's).")
+def recipes_export(name, dest, force, all_datasets):
+    """Write recipe NAME as one Python file, DEST or DEST/<name>.py, that needs only learn2learn,
+    torch and torchvision: its config at the top, then the package code it uses, inlined."""
+    from l2l_recipes import export
+    path = export.export_recipe(name, dest, force=force, all_datasets=all_datasets)
+    lines = len(path.read_text().splitlines())
+    click.echo(f"wrote {path} ({lines} lines); run it with: python {path} --data-root DIR [--set key=value ...]")
+
+
 @cli.command("bench")
 @click.argument("names", nargs=-1, required=True)
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
@@ -156,8 +171,7 @@ def recipes_bench(names, seeds, episodes, iterations, max_minutes, assignments, 
         record = bench.bench_recipe(name, seeds, episodes, [*budget, *assignments], max_minutes, device,
                                     data_root, runs_dir, results_dir, progress,
                                     command=f"l2l-recipes bench {name}{flags}")
-        click.echo(f"{name}: {100 * record['mean_accuracy']:.2f}% ± {100 * record['mean_ci95']:.2f}% "
-                   f"over {seeds} seed(s); record {Path(results_dir) / record['curve'][:-4]}.json")
+        click.echo(f"{name}: {bench.summary(record)}; record {Path(results_dir) / record['curve'][:-4]}.json")
     bench.write_table(results_dir, Path(results_dir).parent / "README.md")
 
 
@@ -197,8 +211,13 @@ def data_verify(data_root):
 
 
 def _result_line(r):
-    return (f"{r['recipe']}: {r['ways']}-way {r['shots']}-shot test accuracy "
-            f"{100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.2f}% (95% CI, {r['episodes']} episodes)")
+    metric = r.get("metric", "accuracy")
+    if metric == "accuracy":
+        return (f"{r['recipe']}: {r['ways']}-way {r['shots']}-shot test accuracy "
+                f"{100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.2f}% (95% CI, {r['episodes']} episodes)")
+    before = f" (before adaptation: {r[f'before_{metric}']:.4g})" if f"before_{metric}" in r else ""
+    return (f"{r['recipe']}: test {metric} {r[metric]:.4g} ± {r['ci95']:.2g} (95% CI, {r['episodes']} "
+            f"tasks){before}")
 
 
 def main(args=None):

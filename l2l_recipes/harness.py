@@ -213,7 +213,7 @@ class Run:
             raise UserError(f"checkpoint {self.path / 'ckpt.pt'} does not fit recipe {self.recipe} "
                             f"({str(e).splitlines()[0][:160]})") from None
         set_rng_state(state["rng"])
-        self.best_val = state["best_val_accuracy"]
+        self.best_val = state.get("best_val_score", state.get("best_val_accuracy"))
         self.start_iteration = self.iterations_done = state["iteration"]
         self.started = time.time() - state["elapsed_seconds"]
         # drop metrics logged after the checkpoint: those iterations run again
@@ -306,7 +306,7 @@ class Run:
             return
         self._checkpointed_at = iteration
         model, optimizer, stateful = self.tracked
-        self.save("ckpt.pt", model, iteration, optimizer, best_val_accuracy=self.best_val,
+        self.save("ckpt.pt", model, iteration, optimizer, best_val_score=self.best_val,
                   **{name: obj.state_dict() for name, obj in stateful.items()})
 
     def save(self, name, model, iteration, optimizer=None, **extra):
@@ -331,15 +331,17 @@ class Run:
 
 
     def validate(self, iteration, predictor, tasks):
-        """Evaluate on the fixed validation `tasks`, log, keep the best weights in best.pt and
-        write ckpt.pt; returns the validation accuracy."""
-        accuracy, ci95 = evaluate(predictor, tasks, predictor.cfg.shots, desc="val", progress=self.progress)
-        self.log(iteration, val_accuracy=accuracy, val_ci95=ci95)
-        if accuracy > self.best_val:
-            self.best_val = accuracy
-            self.save("best.pt", predictor.model, iteration, best_val_accuracy=accuracy)
+        """Evaluate on the fixed validation `tasks`, log `val_<metric>`, keep the best weights in
+        best.pt and write ckpt.pt; returns the validation value of the predictor's metric."""
+        result = predictor.evaluate(tasks, desc="val", progress=self.progress)
+        self.log(iteration, **{f"val_{key}": value for key, value in result.items()})
+        value = result[predictor.metric]
+        score = value if predictor.higher_is_better else -value
+        if score > self.best_val:
+            self.best_val = score
+            self.save("best.pt", predictor.model, iteration, best_val_score=score)
         self.checkpoint(iteration)
-        return accuracy
+        return value
 
 
 class Predictor:
@@ -347,15 +349,22 @@ class Predictor:
 
     Attributes: `transform` (PIL image as read from the dataset's files -> input tensor, as
     in training), `test_classes` (the test split's class names), `cfg`, `model`, `device`.
-    Recipes subclass it and implement `predict`.
+    Classification recipes subclass it and implement `predict`; recipes measured otherwise
+    (regression error, reinforcement-learning return) override `metric`, `higher_is_better`,
+    `test_tasks` and `evaluate`.
     """
+    metric = "accuracy"  # the key of evaluate()'s result that selects the best weights
+    higher_is_better = True
 
     def __init__(self, cfg, model, device, data_root=None):
         self.cfg = cfg
         self.model = model.to(device)
         self.device = device
         self.data_root = data_root
-        self.transform = data.dataset_module(cfg.dataset).transform
+
+    @property
+    def transform(self):
+        return data.dataset_module(self.cfg.dataset).transform
 
     @property
     def test_classes(self):
@@ -364,6 +373,17 @@ class Predictor:
     def predict(self, support_x, support_y, query_x):
         """Logits [len(query_x), ways] for a task whose support labels are 0..ways-1."""
         raise NotImplementedError
+
+    def test_tasks(self, episodes, seed):
+        """The fixed test tasks: `episodes` tasks of the test split, drawn with `seed`."""
+        cfg = self.cfg
+        split = data.load_split(cfg.dataset, "test", self.data_root)
+        return data.fixed_taskset(split, cfg.ways, cfg.shots, cfg.queries, episodes, seed)
+
+    def evaluate(self, tasks, desc="eval", progress=True):
+        """{metric: mean over `tasks`, "ci95": half-width of its 95% CI} (accuracy as a fraction)."""
+        accuracy, ci95 = evaluate(self, tasks, self.cfg.shots, desc=desc, progress=progress)
+        return {"accuracy": accuracy, "ci95": ci95}
 
 
 def mean_ci95(values):
@@ -399,13 +419,19 @@ def read_checkpoint(path):
     return state
 
 
+def recipe_module(name):
+    """The module holding recipe `name`'s Config, build_model and Predictor (the one registry
+    lookup of `load` and `meta_test`; `l2l-recipes export` writes a file's own in its place)."""
+    return get_recipe(name).load_module()
+
+
 def _config_of(state, path):
     """The recipe config stored in checkpoint `state` (read from `path`)."""
-    recipe = get_recipe(state["recipe"])
+    name = state["recipe"]
     try:
-        return recipe.load_module().Config(**state["config"])
+        return recipe_module(name).Config(**state["config"])
     except TypeError as e:
-        raise UserError(f"checkpoint {path} does not match recipe {recipe.name}'s config ({e})") from None
+        raise UserError(f"checkpoint {path} does not match recipe {name}'s config ({e})") from None
 
 
 def load(run_dir, device="auto", data_root=None):
@@ -422,14 +448,14 @@ def load(run_dir, device="auto", data_root=None):
     if not ckpt.is_file():
         ckpt = run_dir / "ckpt.pt"
     state = read_checkpoint(ckpt)
-    recipe = get_recipe(state["recipe"])
-    module = recipe.load_module()
+    name = state["recipe"]
+    module = recipe_module(name)
     cfg = _config_of(state, ckpt)
     model = module.build_model(cfg)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise UserError(f"checkpoint {ckpt} does not fit recipe {recipe.name}'s model "
+        raise UserError(f"checkpoint {ckpt} does not fit recipe {name}'s model "
                         f"({str(e).splitlines()[0]})") from None
     return module.Predictor(cfg, model, resolve_device(device), data_root)
 
@@ -444,14 +470,14 @@ def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=Tr
     predictor = load(run_dir, device, data_root)
     cfg = predictor.cfg
     episodes = episodes or cfg.test_episodes
-    split = data.load_split(cfg.dataset, "test", data_root)
-    tasks = data.fixed_taskset(split, cfg.ways, cfg.shots, cfg.queries, episodes, cfg.test_seed)
+    tasks = predictor.test_tasks(episodes, cfg.test_seed)
     started = time.time()
-    accuracy, ci95 = evaluate(predictor, tasks, cfg.shots, desc="test", progress=progress)
     result = {
         "recipe": json.loads((Path(run_dir) / "config.json").read_text())["recipe"],
-        "accuracy": accuracy, "ci95": ci95, "episodes": episodes,
-        "ways": cfg.ways, "shots": cfg.shots, "queries": cfg.queries,
+        "metric": predictor.metric, "higher_is_better": predictor.higher_is_better,
+        **predictor.evaluate(tasks, desc="test", progress=progress),
+        "episodes": episodes,
+        **{key: getattr(cfg, key) for key in ("ways", "shots", "queries") if hasattr(cfg, key)},
         "split": "test", "test_seed": cfg.test_seed, "seed": cfg.seed,
         "device": str(predictor.device), "eval_seconds": round(time.time() - started, 1), **extra,
     }

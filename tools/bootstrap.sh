@@ -37,11 +37,13 @@ if ! ls "$WHEELHOUSE"/learn2learn-$L2L_VERSION-cp311-*.whl >/dev/null 2>&1; then
 fi
 
 pip install -r requirements.txt
-# learn2learn's declared requirements pull in gsutil and qpth, which nothing at import
-# time needs (qpth is imported lazily by its MetaOptNet head); gym is imported by
-# `import learn2learn`, so it is installed, without its gym-notices banner.
-pip install --no-deps "gym==0.26.2" "$WHEELHOUSE"/learn2learn-$L2L_VERSION-cp311-*.whl
+# learn2learn's declared requirements pull in gsutil, which only its QuickDraw download
+# calls. gym is imported by `import learn2learn`, so it is installed, without its
+# gym-notices banner. qpth (MetaOptNet's SVM head) pins numpy<2 in its metadata but runs on
+# numpy 2, so it goes in without dependency resolution; its own import of cvxpy is in
+# requirements.txt.
+pip install --no-deps "gym==0.26.2" "qpth==0.0.18" "$WHEELHOUSE"/learn2learn-$L2L_VERSION-cp311-*.whl
 pip install --no-deps --no-build-isolation -e .
-"$bin/python" -c 'import learn2learn, l2l_recipes' 
+"$bin/python" -c 'import learn2learn, l2l_recipes, qpth.qp' 
 rm -f "$VENV"/.stamp-*
 touch "$stamp"

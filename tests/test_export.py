@@ -1,0 +1,248 @@
+"""`l2l-recipes export`: one variant of every recipe family, exported, trains and meta-tests
+with l2l_recipes and recipes made unimportable; its config is at the top; the command refuses
+to overwrite. Families come from the registry, so new ones are covered as they are added."""
+import ast
+import dataclasses
+import json
+import os
+import py_compile
+import subprocess
+import sys
+from statistics import fmean
+
+import pytest
+
+from conftest import cli
+from l2l_recipes import data, export, registry
+
+# Runs the exported file (argv[1], options after it) with the package out of reach: a
+# meta-path finder ahead of all others (the editable install's included) refuses both names,
+# and the block is checked before and after the run.
+BLOCKED_RUN = """
+import runpy
+import sys
+
+BLOCKED = ("l2l_recipes", "recipes")
+
+
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is blocked in this test")
+
+
+sys.meta_path.insert(0, Refuse())
+assert not [m for m in sys.modules if m.split(".")[0] in BLOCKED]
+for name in BLOCKED:
+    try:
+        __import__(name)
+    except ImportError:
+        pass
+    else:
+        raise SystemExit(f"the block failed: {name} was imported")
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+leaked = [m for m in sys.modules if m.split(".")[0] in BLOCKED]
+assert not leaked, leaked
+"""
+
+# A tiny budget, for the fields a family's Config has: a few iterations logged each time, one
+# validation, a short meta-test.
+TINY = {"iterations": 12, "val_interval": 12, "log_interval": 1, "val_episodes": 4, "test_episodes": 20,
+        "queries": 5, "meta_batch_size": 4, "train_ways": 10, "test_adaptation_steps": 5, "batch_size": 32,
+        "trajectories": 5, "horizon": 20}
+
+
+def one_variant_per_family():
+    """{family: variant}: the family's Omniglot 5-way 1-shot variant (its own, not a sibling's
+    such as fomaml's, where both exist), else its first."""
+    chosen = {}
+    for name in registry.list_recipes():
+        family = registry.get_recipe(name).family
+        score = (name.endswith("-omniglot-5w1s"), name.startswith(family.replace("_", "-") + "-"))
+        if family not in chosen or score > chosen[family][0]:
+            chosen[family] = (score, name)
+    return {family: name for family, (_, name) in sorted(chosen.items())}
+
+
+VARIANTS = one_variant_per_family()
+
+
+def run_blocked(path, *args, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, "-c", BLOCKED_RUN, str(path), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def imported_modules(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            yield "." * node.level + (node.module or "")
+
+
+def config_defaults(tree):
+    """The Config class of an exported file and {field: its default, as a value}."""
+    (config,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config"]
+    return config, {s.target.id: ast.literal_eval(s.value) for s in config.body
+                    if isinstance(s, ast.AnnAssign) and s.value is not None and _is_literal(s.value)}
+
+
+def _is_literal(node):
+    try:
+        ast.literal_eval(node)
+        return True
+    except ValueError:
+        return False
+
+
+def trained(metrics, result):
+    """The training loss fell (the last third of the logged values below the first third), or
+    the meta-test beats chance (accuracy) or its own score before adaptation (other metrics:
+    with 12 iterations of 4 tasks a regression loss is too noisy to fall reliably; measured for
+    maml-sine-5s, 3.63 -> 3.82, while its test MSE after adaptation beat the one before)."""
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    k = len(losses) // 3
+    if k and fmean(losses[-k:]) < fmean(losses[:k]):
+        return True
+    metric = result.get("metric", "accuracy")
+    if metric == "accuracy":
+        return result["accuracy"] - result["ci95"] > 1 / result["ways"]
+    before = result.get(f"before_{metric}")
+    if before is None:
+        return False
+    return result[metric] > before if result.get("higher_is_better", True) else result[metric] < before
+
+
+@pytest.mark.parametrize("family", sorted(VARIANTS))
+def test_exported_recipe_trains_and_tests_without_the_package(tmp_path, data_root, family):
+    name = VARIANTS[family]
+    result = cli("export", name, tmp_path)
+    assert result.exit_code == 0, result.output
+    path = tmp_path / f"{name.replace('-', '_')}.py"
+    source = path.read_text()
+    tree = ast.parse(source)
+    py_compile.compile(str(path), cfile=str(tmp_path / "compiled.pyc"), doraise=True)
+    assert not [m for m in imported_modules(tree) if m.split(".")[0] in ("l2l_recipes", "recipes", "")]
+    # plain code: no source run from strings, no import machinery
+    calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert not calls & {"exec", "eval", "compile", "__import__"}
+    assert "sys.modules" not in source and "meta_path" not in source
+    # the config comes first: the first class or function defined is Config, with the variant's values
+    config, defaults = config_defaults(tree)
+    first = next(n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)))
+    assert first is config
+    variant = dataclasses.asdict(registry.get_recipe(name).config())
+    assert defaults == {k: v for k, v in variant.items() if k in defaults}
+
+    fields = {f.name for f in dataclasses.fields(registry.get_recipe(name).config())}
+    budget = {k: v for k, v in TINY.items() if k in fields}
+    sets = [arg for k, v in budget.items() for arg in ("--set", f"{k}={v}")]
+    out = tmp_path / "runs"
+    proc = run_blocked(path, "--data-root", data_root, "--device", "cpu", "--out", out, "--no-progress", *sets,
+                       cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (out / name).iterdir()
+    assert {p.name for p in run_dir.iterdir()} >= {"config.json", "env.json", "metrics.jsonl", "ckpt.pt",
+                                                    "best.pt", "result.json"}
+    config_json = json.loads((run_dir / "config.json").read_text())
+    assert config_json["recipe"] == name and config_json["iterations"] == budget["iterations"]
+    res = json.loads((run_dir / "result.json").read_text())
+    assert res["recipe"] == name and res["split"] == "test" and res["episodes"] == budget["test_episodes"]
+    assert f"{name}: " in proc.stdout.splitlines()[-1]  # the result line, as `l2l-recipes run` prints it
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(m["iteration"] for m in metrics) == budget["iterations"]
+    assert trained(metrics, res), (metrics, res)
+
+
+def test_exported_protonet_reproduces_the_package_run(tmp_path, data_root):
+    """Same config and seed: the exported file and `l2l-recipes run` log the same losses and test
+    on the same tasks to the same accuracy (the inlined split, tasks and model are the package's)."""
+    name = "protonet-omniglot-5w1s"
+    path = export.export_recipe(name, tmp_path / "protonet.py")
+    sets = ["--set", "iterations=6", "--set", "val_interval=6", "--set", "log_interval=2", "--set",
+            "train_ways=10", "--set", "val_episodes=4", "--set", "test_episodes=20"]
+    proc = run_blocked(path, "--data-root", data_root, "--device", "cpu", "--out", tmp_path / "exported",
+                       "--no-progress", *sets, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = cli("run", name, "--data-root", data_root, "--device", "cpu", "--out", tmp_path / "package",
+                 "--no-progress", *sets)
+    assert result.exit_code == 0, result.output
+    runs = [next((tmp_path / kind / name).iterdir()) for kind in ("exported", "package")]
+    losses = [[m.get("loss") for m in map(json.loads, (r / "metrics.jsonl").read_text().splitlines())] for r in runs]
+    assert losses[0] == losses[1] and len(losses[0]) == 4  # 3 log steps and 1 validation
+    accuracies = [json.loads((r / "result.json").read_text())["accuracy"] for r in runs]
+    assert accuracies[0] == pytest.approx(accuracies[1], abs=1e-9)
+
+
+def test_the_block_makes_the_package_unimportable(tmp_path):
+    script = tmp_path / "uses_package.py"
+    script.write_text("import l2l_recipes\nprint('imported', l2l_recipes.__file__)\n")
+    plain = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True)
+    assert plain.returncode == 0 and "imported" in plain.stdout  # the editable install reaches it from anywhere
+    blocked = run_blocked(script, cwd=tmp_path)
+    assert blocked.returncode != 0 and "l2l_recipes is blocked in this test" in blocked.stderr
+
+
+@pytest.mark.parametrize("family", sorted(VARIANTS))
+def test_config_at_the_top_holds_the_variants_values(family):
+    """For the family's variant furthest from its Config's defaults, the exported Config's
+    defaults are that variant's values."""
+    def changed(name):
+        cfg = registry.get_recipe(name).config()
+        return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
+    name = max((n for n in registry.list_recipes() if registry.get_recipe(n).family == family),
+               key=lambda n: len(changed(n)))
+    cfg = registry.get_recipe(name).config()
+    _, defaults = config_defaults(ast.parse(export.export_source(name)))
+    assert {k: defaults.get(k) for k in changed(name)} == {k: getattr(cfg, k) for k in changed(name)}
+    assert defaults == {k: v for k, v in dataclasses.asdict(cfg).items() if k in defaults}
+
+
+def test_all_datasets_includes_every_loader_of_the_family(tmp_path):
+    result = cli("export", "protonet-omniglot-5w1s", tmp_path / "all.py", "--all-datasets")
+    assert result.exit_code == 0, result.output
+    source = (tmp_path / "all.py").read_text()
+    tree = ast.parse(source)
+    (table,) = [n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "DATASETS"]
+    family = {registry.get_recipe(n).config().dataset for n in registry.list_recipes("protonet-*")}
+    assert {k.value for k in table.keys} == family
+    # each dataset module's load_split, renamed apart, and the package's own under its name
+    defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert {f"{data.DATASETS[d].rsplit('.', 1)[-1]}_load_split" for d in family} | {"load_split"} <= defined
+    py_compile.compile(str(tmp_path / "all.py"), cfile=str(tmp_path / "all.pyc"), doraise=True)
+
+
+def test_export_refuses_to_overwrite_without_force(tmp_path):
+    dest = tmp_path / "mine.py"
+    dest.write_text("# my edits\n")
+    result = cli("export", "maml-omniglot-5w1s", dest)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [f"Error: {dest} exists: pass --force to overwrite it"]
+    assert dest.read_text() == "# my edits\n"
+    result = cli("export", "maml-omniglot-5w1s", dest, "--force")
+    assert result.exit_code == 0, result.output
+    assert 'RECIPE = "maml-omniglot-5w1s"' in dest.read_text()
+
+
+def test_export_into_a_directory_and_its_refusals(tmp_path):
+    result = cli("export", "anil-omniglot-5w1s", tmp_path)
+    assert result.exit_code == 0 and (tmp_path / "anil_omniglot_5w1s.py").is_file()
+    assert "python " in result.output and "anil_omniglot_5w1s.py" in result.output
+    unknown = cli("export", "protonet-omniglot-5w1", tmp_path)
+    assert unknown.exit_code == 1 and "did you mean protonet-omniglot-5w1s" in unknown.stderr
+    not_py = cli("export", "protonet-omniglot-5w1s", tmp_path / "notes.txt")
+    assert not_py.exit_code == 1 and "pass DEST as a .py path" in not_py.stderr
+    assert not (tmp_path / "notes.txt").exists()
+
+
+def test_split_patterns_expand_to_the_shipped_splits():
+    for name in ("omniglot-vinyals", "mini-imagenet-ravi"):
+        for split in data.SPLIT_NAMES:
+            names = data.read_split(name, split)
+            patterns = export.brace_patterns(names)
+            assert [n for p in patterns for n in export.expand_braces(p)] == names
+            if name == "omniglot-vinyals":  # one pattern per alphabet (Gurmukhi spans train and test)
+                assert len(patterns) == len({n.split("/")[0] for n in names})

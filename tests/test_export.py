@@ -167,9 +167,11 @@ def test_exported_protonet_reproduces_the_package_run(tmp_path, data_root):
     proc = run_blocked(path, "--data-root", data_root, "--device", "cpu", "--out", tmp_path / "exported",
                        "--no-progress", *sets, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = cli("run", name, "--data-root", data_root, "--device", "cpu", "--out", tmp_path / "package",
-                 "--no-progress", *sets)
-    assert result.exit_code == 0, result.output
+    # the package in a fresh process too: this process's torch state (threads) may differ after other tests
+    package = subprocess.run([sys.executable, "-m", "l2l_recipes.cli", "run", name, "--data-root", str(data_root),
+                              "--device", "cpu", "--out", str(tmp_path / "package"), "--no-progress", *sets],
+                             cwd=tmp_path, capture_output=True, text=True)
+    assert package.returncode == 0, package.stderr[-3000:]
     runs = [next((tmp_path / kind / name).iterdir()) for kind in ("exported", "package")]
     losses = [[m.get("loss") for m in map(json.loads, (r / "metrics.jsonl").read_text().splitlines())] for r in runs]
     assert losses[0] == losses[1] and len(losses[0]) == 4  # 3 log steps and 1 validation

@@ -159,6 +159,13 @@ def fixed_taskset(dataset, ways, shots, queries, num_tasks, seed):
     return tasks
 
 
+def draw(tasks):
+    """The description of the task `tasks.sample()` would return, drawn with the same random
+    numbers, without loading its images (load it with `tasks.get_task(description)`)."""
+    random.randint(0, len(tasks) - 1)  # Taskset.sample() picks an index first
+    return tasks.sample_task_description()
+
+
 def split_support_query(x, y, shots):
     """Per class, the first `shots` samples are the support set and the rest the query set."""
     order = torch.argsort(y, stable=True)

@@ -40,8 +40,9 @@ def _read(path):
 
 
 def classes(split, root=None):
-    """The CIFAR-100 labels (as strings) of one split, in order of first appearance."""
-    return list(dict.fromkeys(str(label) for label in _read(_path(data.data_root(root), split))["labels"]))
+    """The CIFAR-100 labels (as strings) of one split, in order of first appearance (from the cache)."""
+    root = data.data_root(root)
+    return load_split(split, root).classes
 
 
 def load_split(split, root, download=False):

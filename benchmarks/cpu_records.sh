@@ -25,5 +25,12 @@ bench metasgd-omniglot-5w1s --seeds 1 --iterations 200
 bench reptile-omniglot-5w1s --seeds 1 --iterations 1000
 bench matchingnet-omniglot-5w1s --seeds 1 --iterations 1000
 bench transfer-omniglot-5w1s --seeds 1 --iterations 2000
-# still to run: 3 seeds with full budgets for every row; rows for mamlpp, metaoptnet, snail,
-# maml-sine, maml-rl (added in session 2)
+# 2026-12-01, session 3 (commit 7682ca0; one thread each, nice 10, beside other work): the
+# families added in session 2, three seeds each, iteration budgets
+bench maml-sine-5s --seeds 3 --iterations 2000
+bench snail-omniglot-5w1s --seeds 3 --iterations 300
+bench metaoptnet-ridge-omniglot-5w1s --seeds 3 --iterations 100
+bench mamlpp-omniglot-5w1s --seeds 3 --iterations 150
+bench metaoptnet-svm-omniglot-5w1s --seeds 3 --iterations 100
+bench maml-rl-particles2d --seeds 3 --iterations 60 --episodes 100
+# still to run: 3 seeds with larger budgets for the rows of session 1 and 2 (one seed each)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from l2l_recipes import harness, registry
+from l2l_recipes import distributed, harness, registry
 from l2l_recipes.config import apply_overrides
 from l2l_recipes.errors import UserError
 
@@ -72,39 +72,60 @@ def recipes_show(name):
               help="Override a config field; repeatable, applied left to right.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=100, show_default=True,
               help="Iterations between checkpoints (0: only at validations and on a stop signal).")
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Budget: stop training after this wall time (the last iteration is validated; "
+                   "the best validation weights are tested).")
 @click.option("--progress/--no-progress", default=None,
               help="Show progress bars (default: when stderr is a terminal).")
 def recipes_run(name, resume_dir, data_root, download, device, seed, out, assignments, checkpoint_every,
-                progress):
-    """Train recipe NAME (or continue --resume RUN_DIR), then meta-test it on the fixed test tasks."""
+                max_minutes, progress):
+    """Train recipe NAME (or continue --resume RUN_DIR), then meta-test it on the fixed test tasks.
+
+    Under torchrun (`torchrun --nproc_per_node=N -m l2l_recipes.cli run ...`) the meta-batch and
+    the evaluations are split over the N processes; rank 0 writes the run directory.
+    """
     progress = sys.stderr.isatty() if progress is None else progress
     if resume_dir:
         if name or seed is not None or assignments:
             raise UserError("--resume continues a run with its own recipe and config: drop NAME, --seed and --set")
-        run = harness.Run.resume(resume_dir, harness.resolve_device(device or "auto"), data_root=data_root,
-                                 download=download, progress=progress, checkpoint_every=checkpoint_every)
+        device = harness.resolve_device(device or "auto")
+    else:
+        if not name:
+            raise UserError("run needs a recipe NAME (see `l2l-recipes list`) or --resume RUN_DIR")
+        recipe = registry.get_recipe(name)
+        flags = [f"seed={seed}"] * (seed is not None) + [f"device='{device}'"] * (device is not None)
+        cfg = apply_overrides(recipe.config(), flags + list(assignments))
+        device = harness.resolve_device(cfg.device)
+    device = distributed.init(device)  # joins torchrun's processes, if launched by torchrun
+    try:
+        progress = progress and distributed.is_main()
+        options = dict(data_root=data_root, download=download, progress=progress, checkpoint_every=checkpoint_every,
+                       max_minutes=max_minutes)
+        if resume_dir:
+            run = harness.Run.resume(resume_dir, device, **options)
+        else:
+            distributed.check_split(cfg)  # on every process, before anything waits for the others
+            if distributed.is_main():
+                for text in assignments:
+                    click.echo(f"override: {text}")
+            run = harness.Run.create(out, name, cfg, device, **options)
         _train_and_test(run, data_root, progress)
-        return
-    if not name:
-        raise UserError("run needs a recipe NAME (see `l2l-recipes list`) or --resume RUN_DIR")
-    recipe = registry.get_recipe(name)
-    cfg = recipe.config()
-    flags = [f"seed={seed}"] * (seed is not None) + [f"device='{device}'"] * (device is not None)
-    cfg = apply_overrides(cfg, flags + list(assignments))
-    for text in assignments:
-        click.echo(f"override: {text}")
-    device = harness.resolve_device(cfg.device)
-    run = harness.Run.create(out, name, cfg, device, data_root=data_root, download=download,
-                             progress=progress, checkpoint_every=checkpoint_every)
-    _train_and_test(run, data_root, progress)
+    finally:
+        distributed.close()
 
 
 def _train_and_test(run, data_root, progress):
-    click.echo(f"run directory: {run.path}  (device {run.device})")
+    if distributed.is_main():
+        world = distributed.world_size()
+        processes = f", {world} processes ({distributed.backend()})" if world > 1 else ""
+        click.echo(f"run directory: {run.path}  (device {run.device}{processes})")
     registry.get_recipe(run.recipe).load_module().train(run.cfg, run)
+    # every process tests its share of the tasks on best.pt, which rank 0 reads and sends
     result = harness.meta_test(run.path, device=str(run.device), data_root=data_root, progress=progress,
-                               out_name="result.json", train_seconds=round(time.time() - run.started, 1))
-    click.echo(_result_line(result))
+                               out_name="result.json", train_seconds=round(time.time() - run.started, 1),
+                               iterations_done=run.iterations_done, max_minutes=run.max_minutes)
+    if distributed.is_main():
+        click.echo(_result_line(result))
 
 
 @cli.command("eval")
@@ -183,6 +204,22 @@ def recipes_bench_table(results_dir):
     from l2l_recipes import bench
     count = bench.write_table(results_dir, Path(results_dir).parent / "README.md")
     click.echo(f"table rebuilt from {count} record(s) in {results_dir}")
+
+
+@cli.command("speed")
+@click.option("--iterations", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Timed iterations per loop (the median is reported).")
+@click.option("--tiny", is_flag=True, help="A tiny configuration that only checks the script runs.")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None)
+@click.option("--out", type=click.Path(file_okay=False), default="benchmarks/speed", show_default=True,
+              help="Folder for the record (JSON).")
+def recipes_speed(iterations, tiny, data_root, out):
+    """Time learn2learn's plain MAML and ProtoNet loops against the fast path, side by side (CPU)."""
+    from l2l_recipes import speed
+    settings = speed.TINY if tiny else speed.Settings(iterations=iterations)
+    record = speed.measure(settings, data_root, progress=click.echo)
+    click.echo(speed.report(record))
+    click.echo(f"record: {speed.write_record(record, out)}")
 
 
 @cli.group("data")

@@ -131,12 +131,11 @@ def maml_meta_batch(model, tasks, fast_lr, steps, first_order, scale):
     """learn2learn's MAML meta-batch in one pass: adapt a copy of `model` to each task of `tasks`
     (a list of (support_x, support_y, query_x, query_y), all of one shape) with `steps` SGD steps
     of `fast_lr`, and accumulate the gradient of `scale` x (sum of the query losses) into the
-    parameters' .grad. Returns the tasks' mean query loss and accuracy (floats)."""
+    parameters' .grad. Returns the sums over the tasks of their query losses and accuracies."""
     structure = conv4_layers(model)
     params = parameters_in_order(structure)
     sx, sy, qx, qy = (torch.stack(part) for part in zip(*tasks))
-    count = len(tasks)
-    weights = [p.unsqueeze(0).expand(count, *p.shape) for p in params]
+    weights = [p.unsqueeze(0).expand(len(tasks), *p.shape) for p in params]
     for _ in range(steps):
         support_loss = _loss_sum(grouped_forward(structure, weights, sx), sy)
         grads = torch.autograd.grad(support_loss, weights, create_graph=not first_order)
@@ -144,5 +143,5 @@ def maml_meta_batch(model, tasks, fast_lr, steps, first_order, scale):
     logits = grouped_forward(structure, weights, qx)
     query_loss = _loss_sum(logits, qy)
     (scale * query_loss).backward()
-    accuracy = (logits.argmax(-1) == qy).float().mean()
-    return query_loss.item() / count, accuracy.item()
+    accuracies = (logits.argmax(-1) == qy).float().mean(1)
+    return query_loss.item(), accuracies.sum().item()

@@ -7,6 +7,10 @@ A run directory `runs/<recipe>/<YYYYmmdd-HHMMSS>-s<seed>/` holds:
     ckpt.pt        latest checkpoint: model, optimizer, iteration, best validation, config
     best.pt        weights with the best validation accuracy (what gets tested)
     result.json    the final meta-test: accuracy and ci95 as fractions, episodes, ways, shots, split
+
+Under torchrun (see l2l_recipes.distributed) rank 0 alone writes the directory and shows
+progress; evaluation is split over the processes and gathered, and every decision taken
+from it (the best weights, stopping) is the same on every process.
 """
 import dataclasses
 import json
@@ -24,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm, trange
 
-from l2l_recipes import data
+from l2l_recipes import data, distributed
 from l2l_recipes.errors import UserError
 from l2l_recipes.registry import get_recipe
 
@@ -133,6 +137,8 @@ def environment(device):
         "learn2learn": learn2learn.__version__,
         "git_commit": _git_commit(),
         "device": str(device),
+        "world_size": distributed.world_size(),
+        "backend": distributed.backend(),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
@@ -158,7 +164,8 @@ class Run:
 
     The directory appears at the first log line or checkpoint, so a run that fails while
     loading its data leaves nothing behind. `data_root`, `download` and `progress` are the
-    machine-side options a recipe's train() passes on to the data loaders.
+    machine-side options a recipe's train() passes on to the data loaders. Under torchrun,
+    every process holds a Run with the same path; only rank 0 writes and shows progress.
     """
 
     def __init__(self, path, recipe_name, cfg, device, data_root=None, download=False, progress=True,
@@ -169,7 +176,7 @@ class Run:
         self.device = device
         self.data_root = data_root
         self.download = download
-        self.progress = progress
+        self.progress = progress and distributed.is_main()
         self.started = time.time()
         self.best_val = float("-inf")
         self.max_minutes = max_minutes  # wall-time budget for training, None for none
@@ -187,12 +194,20 @@ class Run:
     def resume(cls, run_dir, device, **options):
         """The run of `run_dir`, to continue from its ckpt.pt (its config is the checkpoint's)."""
         run_dir = Path(run_dir)
-        state = read_checkpoint(run_dir / "ckpt.pt")
+        state = distributed.on_main(read_checkpoint, run_dir / "ckpt.pt")  # nodes need no shared disk
+        trained, world = state.get("world_size", 1), distributed.world_size()
+        if trained != world:
+            how = (f"torchrun --nproc_per_node={trained} -m l2l_recipes.cli run --resume {run_dir} (or "
+                   f"--nnodes x --nproc_per_node = {trained})" if trained > 1
+                   else f"l2l-recipes run --resume {run_dir}, without torchrun")
+            raise UserError(f"run {run_dir} was trained with {trained} process(es), not {world}: resume it "
+                            f"with as many, e.g. {how}")
         cfg = _config_of(state, run_dir / "ckpt.pt")
         run = cls(run_dir, state["recipe"], cfg, device, **options)
         run.resume_state = state
-        for partial in run_dir.glob(".*.tmp*"):  # writes cut short by a crash
-            partial.unlink()
+        if distributed.is_main():
+            for partial in run_dir.glob(".*.tmp*"):  # writes cut short by a crash
+                partial.unlink()
         return run
 
     def track(self, model, optimizer=None, **stateful):
@@ -212,10 +227,12 @@ class Run:
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(f"checkpoint {self.path / 'ckpt.pt'} does not fit recipe {self.recipe} "
                             f"({str(e).splitlines()[0][:160]})") from None
-        set_rng_state(state["rng"])
+        set_rng_state(state.get("rng_by_rank", [state["rng"]])[distributed.rank()])
         self.best_val = state.get("best_val_score", state.get("best_val_accuracy"))
         self.start_iteration = self.iterations_done = state["iteration"]
         self.started = time.time() - state["elapsed_seconds"]
+        if not distributed.is_main():
+            return
         # drop metrics logged after the checkpoint: those iterations run again
         metrics = self.path / "metrics.jsonl"
         kept = [line for line in metrics.read_text().splitlines()
@@ -228,7 +245,8 @@ class Run:
 
         Stops after the iteration at which `validation_due` found the time budget spent (so
         that iteration is validated). On SIGINT or SIGTERM the current iteration finishes, a
-        checkpoint is written and a UserError says how to resume.
+        checkpoint is written and a UserError says how to resume (under torchrun: on every
+        process, after the iteration in which any of them got the signal).
         """
         if self.tracked is None:
             raise RuntimeError("a recipe must call run.track(model, optimizer, ...) before run.iterations()")
@@ -238,13 +256,16 @@ class Run:
                                     total=total, desc="train", disable=not self.progress):
                 yield iteration
                 self.iterations_done = iteration
-                if self.stop_signal or (self.checkpoint_every and iteration % self.checkpoint_every == 0):
+                stop = distributed.any_rank(self.stop_signal)
+                if stop or (self.checkpoint_every and iteration % self.checkpoint_every == 0):
                     self.checkpoint(iteration)
-                if self.stop_signal:
-                    raise UserError(f"stopped by {self.stop_signal} after iteration {iteration}; checkpoint "
-                                    f"saved. Resume with: l2l-recipes run --resume {self.path}")
+                if stop:
+                    raise UserError(f"stopped by {self.stop_signal or 'a signal to another process'} after "
+                                    f"iteration {iteration}; checkpoint saved. Resume with: "
+                                    f"{self._resume_command()}")
                 if self.stopped_early:
-                    tqdm.write(f"time budget of {self.max_minutes} minutes spent after iteration {iteration}")
+                    if distributed.is_main():
+                        tqdm.write(f"time budget of {self.max_minutes} minutes spent after iteration {iteration}")
                     return
         finally:
             for sig, handler in previous.items():
@@ -255,7 +276,8 @@ class Run:
             if self.stop_signal:  # a second signal: stop at once
                 raise KeyboardInterrupt
             self.stop_signal = signal.Signals(signum).name
-            tqdm.write(f"{self.stop_signal} received: stopping after this iteration")
+            if distributed.is_main():
+                tqdm.write(f"{self.stop_signal} received: stopping after this iteration")
         if threading.current_thread() is not threading.main_thread():
             return {}
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -263,23 +285,32 @@ class Run:
             signal.signal(sig, stop)
         return previous
 
+    def _resume_command(self):
+        world = distributed.world_size()
+        launcher = f"torchrun --nproc_per_node={world} -m l2l_recipes.cli" if world > 1 else "l2l-recipes"
+        return f"{launcher} run --resume {self.path}"
+
     def validation_due(self, iteration, interval, total):
-        """True every `interval` iterations, at the last one, and when the time budget is spent."""
-        if self.max_minutes is not None and time.time() - self.started >= 60 * self.max_minutes:
+        """True every `interval` iterations, at the last one, and when the time budget is spent
+        (on any process: all must validate together)."""
+        if self.max_minutes is not None and distributed.any_rank(time.time() - self.started >= 60 * self.max_minutes):
             self.stopped_early = iteration < total
         return iteration % interval == 0 or iteration == total or self.stopped_early
 
     @classmethod
     def create(cls, out, recipe_name, cfg, device, **options):
-        """A new run under `out/<recipe>/<time>-s<seed>`; an existing directory is never reused."""
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = Path(out) / recipe_name / f"{stamp}-s{cfg.seed}"
-        if path.exists():
-            raise UserError(f"run directory {path} already exists: wait a second or pass another --out")
-        return cls(path, recipe_name, cfg, device, **options)
+        """A new run under `out/<recipe>/<time>-s<seed>`; an existing directory is never reused.
+        Under torchrun, rank 0's path (its clock) is every process's."""
+        def new_path():
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            path = Path(out) / recipe_name / f"{stamp}-s{cfg.seed}"
+            if path.exists():
+                raise UserError(f"run directory {path} already exists: wait a second or pass another --out")
+            return path
+        return cls(distributed.on_main(new_path), recipe_name, cfg, device, **options)
 
     def _materialise(self):
-        if (self.path / "config.json").exists():
+        if not distributed.is_main() or (self.path / "config.json").exists():
             return
         self.path.mkdir(parents=True, exist_ok=True)
         write_json(self.path / "env.json", environment(self.device))
@@ -287,11 +318,14 @@ class Run:
         write_json(self.path / "config.json", {"recipe": self.recipe, **dataclasses.asdict(self.cfg)})
 
     def log(self, iteration, **metrics):
-        """Append one metrics line and print it; a non-finite loss stops the run, naming the iteration."""
+        """Append one metrics line and print it (rank 0); a non-finite loss stops the run, naming
+        the iteration (on every process: recipes log the loss of the whole meta-batch)."""
         loss = metrics.get("loss")
         if loss is not None and not math.isfinite(loss):
             raise UserError(f"loss is {loss} at iteration {iteration}: training diverged; the last good "
                             f"checkpoint in {self.path} is kept (lower the learning rate)")
+        if not distributed.is_main():
+            return
         self._materialise()
         row = {"iteration": iteration, "time": round(time.time() - self.started, 3), **metrics}
         with open(self.path / "metrics.jsonl", "a") as f:
@@ -301,17 +335,30 @@ class Run:
         sys.stdout.flush()
 
     def checkpoint(self, iteration):
-        """Write ckpt.pt with everything track() named, for resuming after `iteration`."""
+        """Write ckpt.pt with everything track() named, for resuming after `iteration`.
+
+        Under torchrun (a collective call): average the batch norm statistics, check that every
+        process holds the same weights, and record every process's random number generators.
+        """
         if self._checkpointed_at == iteration:
             return
         self._checkpointed_at = iteration
         model, optimizer, stateful = self.tracked
+        per_rank = {}
+        if distributed.world_size() > 1:
+            distributed.average_buffers(model)
+            weights = sum(float(t.double().sum()) for t in model.state_dict().values()).hex()
+            gathered = distributed.gather([(weights, rng_state())])
+            if len({w for w, _ in gathered}) > 1:
+                raise RuntimeError(f"the processes' weights differ at iteration {iteration}: a recipe "
+                                   f"updates them without distributed.all_reduce_gradients")
+            per_rank = {"rng_by_rank": [rng for _, rng in gathered]}
         self.save("ckpt.pt", model, iteration, optimizer, best_val_score=self.best_val,
-                  **{name: obj.state_dict() for name, obj in stateful.items()})
+                  **{name: obj.state_dict() for name, obj in stateful.items()}, **per_rank)
 
     def save(self, name, model, iteration, optimizer=None, **extra):
-        """Write checkpoint `name` (ckpt.pt or best.pt) atomically; non-finite weights are refused,
-        so a diverged run never replaces its last good checkpoint."""
+        """Write checkpoint `name` (ckpt.pt or best.pt) atomically (rank 0); non-finite weights are
+        refused, so a diverged run never replaces its last good checkpoint."""
         if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
             raise UserError(f"non-finite weights at iteration {iteration}: training diverged; the last good "
                             f"checkpoint in {self.path} is kept (lower the learning rate)")
@@ -324,15 +371,19 @@ class Run:
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "rng": rng_state(),
             "elapsed_seconds": time.time() - self.started,
+            "world_size": distributed.world_size(),
             **extra,
         }
+        if not distributed.is_main():
+            return
         self._materialise()
         data.atomic_save(state, self.path / name)
 
-
     def validate(self, iteration, predictor, tasks):
         """Evaluate on the fixed validation `tasks`, log `val_<metric>`, keep the best weights in
-        best.pt and write ckpt.pt; returns the validation value of the predictor's metric."""
+        best.pt and write ckpt.pt; returns the validation value of the predictor's metric (the
+        same on every process: the evaluation is gathered)."""
+        distributed.average_buffers(predictor.model)
         result = predictor.evaluate(tasks, desc="val", progress=self.progress)
         self.log(iteration, **{f"val_{key}": value for key, value in result.items()})
         value = result[predictor.metric]
@@ -395,13 +446,16 @@ def mean_ci95(values):
 
 
 def evaluate(predictor, tasks, shots, desc="eval", progress=True):
-    """Mean query accuracy over `tasks` (a finite Taskset) and its 95% CI, as fractions."""
+    """Mean query accuracy over `tasks` (a finite Taskset) and its 95% CI, as fractions.
+    Under torchrun each process scores its tasks `mine(i)`; the accuracies are gathered."""
+    my_tasks = [i for i in range(len(tasks)) if distributed.mine(i)]
     accuracies = []
-    for x, y in tqdm(tasks, total=len(tasks), desc=desc, leave=False, disable=not progress):
+    for i in tqdm(my_tasks, desc=desc, leave=False, disable=not progress):
+        x, y = tasks[i]
         sx, sy, qx, qy = data.split_support_query(x.to(predictor.device), y.to(predictor.device), shots)
         logits = predictor.predict(sx, sy, qx)
         accuracies.append((logits.argmax(dim=1) == qy).float().mean().item())
-    return mean_ci95(accuracies)
+    return mean_ci95(distributed.gather(accuracies))
 
 
 def read_checkpoint(path):
@@ -441,6 +495,11 @@ def load(run_dir, device="auto", data_root=None):
         predictor = l2l_recipes.load("runs/protonet-omniglot-5w1s/20261122-101500-s42")
         logits = predictor.predict(support_x, support_y, query_x)
     """
+    return _load(run_dir, device, data_root)[1]
+
+
+def _read_run(run_dir):
+    """(the recipe config.json names, the checkpoint's path, its state): best.pt when recorded."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.json)")
@@ -448,6 +507,13 @@ def load(run_dir, device="auto", data_root=None):
     if not ckpt.is_file():
         ckpt = run_dir / "ckpt.pt"
     state = read_checkpoint(ckpt)
+    return json.loads((run_dir / "config.json").read_text())["recipe"], ckpt, state
+
+
+def _load(run_dir, device, data_root):
+    """(the recipe config.json names, the run's predictor); under torchrun rank 0 reads the
+    files and sends them to every process (nodes need no shared disk)."""
+    recipe, ckpt, state = distributed.on_main(_read_run, run_dir)
     name = state["recipe"]
     module = recipe_module(name)
     cfg = _config_of(state, ckpt)
@@ -457,7 +523,7 @@ def load(run_dir, device="auto", data_root=None):
     except RuntimeError as e:
         raise UserError(f"checkpoint {ckpt} does not fit recipe {name}'s model "
                         f"({str(e).splitlines()[0]})") from None
-    return module.Predictor(cfg, model, resolve_device(device), data_root)
+    return recipe, module.Predictor(cfg, model, resolve_device(device), data_root)
 
 
 def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=True, out_name=None,
@@ -465,15 +531,16 @@ def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=Tr
     """Meta-test a run's model on its fixed test tasks; writes the result to `out_name` and returns it.
 
     `run` writes result.json; a later `eval` writes eval-<episodes>.json, so it never replaces
-    the run's recorded result. `extra` fields are added to the result.
+    the run's recorded result. `extra` fields are added to the result. Under torchrun every
+    process evaluates its share of the tasks and returns the gathered result; rank 0 writes it.
     """
-    predictor = load(run_dir, device, data_root)
+    recipe, predictor = _load(run_dir, device, data_root)
     cfg = predictor.cfg
     episodes = episodes or cfg.test_episodes
     tasks = predictor.test_tasks(episodes, cfg.test_seed)
     started = time.time()
     result = {
-        "recipe": json.loads((Path(run_dir) / "config.json").read_text())["recipe"],
+        "recipe": recipe,
         "metric": predictor.metric, "higher_is_better": predictor.higher_is_better,
         **predictor.evaluate(tasks, desc="test", progress=progress),
         "episodes": episodes,
@@ -481,5 +548,6 @@ def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=Tr
         "split": "test", "test_seed": cfg.test_seed, "seed": cfg.seed,
         "device": str(predictor.device), "eval_seconds": round(time.time() - started, 1), **extra,
     }
-    write_json(Path(run_dir) / (out_name or f"eval-{episodes}.json"), result)
+    if distributed.is_main():
+        write_json(Path(run_dir) / (out_name or f"eval-{episodes}.json"), result)
     return result

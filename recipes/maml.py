@@ -20,6 +20,10 @@ budget is ~13 hours on a 2-core CPU; pass `--set iterations=N` for a shorter run
 First-order MAML (`fomaml-*`), Table 1: Omniglot 98.3 ± 0.5, 99.2 ± 0.2, 89.4 ± 0.5,
 97.9 ± 0.1; mini-ImageNet 48.07 ± 1.75, 63.15 ± 0.91.
 
+The meta-batch runs on `l2l_recipes.fast` by default (all tasks adapted at once as one
+grouped network, same meta-gradient: tests/test_fast.py); `--set engine=reference` runs
+learn2learn's loop, a `MAML.clone()` per task.
+
 Reproduce:
     l2l-recipes run maml-omniglot-5w1s --device cuda
     l2l-recipes run fomaml-mini-imagenet-5w5s --device cuda
@@ -32,8 +36,8 @@ import learn2learn as l2l
 import torch
 import torch.nn.functional as F
 
-from l2l_recipes import data, models
-from l2l_recipes.config import validate
+from l2l_recipes import data, distributed, fast, models
+from l2l_recipes.config import check, validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
 from l2l_recipes.harness import seed_everything
@@ -66,12 +70,14 @@ class Config:
     test_episodes: int = 1000
     test_seed: int = 0
     # system
+    engine: str = "fast"  # fast: l2l_recipes.fast (same meta-gradient); reference: learn2learn's loop
     seed: int = 42
     device: str = "auto"
     log_interval: int = 10
 
     def __post_init__(self):
         validate(self)
+        check(self.engine in ("fast", "reference"), f"engine={self.engine!r} is out of range: use fast or reference")
 
 
 def build_model(cfg):
@@ -118,21 +124,32 @@ def train(cfg, run):
     maml = l2l.algorithms.MAML(model, lr=cfg.fast_lr, first_order=cfg.first_order)
     optimizer = torch.optim.Adam(maml.parameters(), lr=cfg.meta_lr)
     run.track(model, optimizer)  # checkpointed; restored by --resume
+    # engine=fast builds the same tasks from the split's images held on the device
+    loader = fast.DeviceEpisodes(train_tasks, train_set, device) if cfg.engine == "fast" else train_tasks
     for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
-        # meta-batch: adapt a clone per task, accumulate the mean query loss's gradient
+        # meta-batch: every process draws the same tasks (one process: what sample() gives)
+        # and adapts to its share of them (under torchrun; else to all)
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        meta_loss = meta_acc = 0.0
-        for _ in range(cfg.meta_batch_size):
-            x, y = train_tasks.sample()
-            sx, sy, qx, qy = data.split_support_query(x.to(device), y.to(device), cfg.shots)
-            loss, acc = fast_adapt(maml.clone(), sx, sy, qx, qy, cfg.adaptation_steps)
-            (loss / cfg.meta_batch_size).backward()
-            meta_loss += loss.item() / cfg.meta_batch_size
-            meta_acc += acc.item() / cfg.meta_batch_size
+        tasks = [data.draw(train_tasks) for _ in range(cfg.meta_batch_size)]
+        batch = [data.split_support_query(*(t.to(device) for t in loader.get_task(task)), cfg.shots)
+                 for i, task in enumerate(tasks) if distributed.mine(i)]
+        if cfg.engine == "fast":  # all tasks at once, one grouped network (l2l_recipes.fast)
+            meta_loss, meta_acc = fast.maml_meta_batch(model, batch, cfg.fast_lr, cfg.adaptation_steps,
+                                                       cfg.first_order, 1 / cfg.meta_batch_size)
+            meta_loss, meta_acc = meta_loss / cfg.meta_batch_size, meta_acc / cfg.meta_batch_size
+        else:  # learn2learn's loop: a clone per task
+            meta_loss = meta_acc = 0.0
+            for sx, sy, qx, qy in batch:
+                loss, acc = fast_adapt(maml.clone(), sx, sy, qx, qy, cfg.adaptation_steps)
+                (loss / cfg.meta_batch_size).backward()  # the global meta-batch's mean
+                meta_loss += loss.item() / cfg.meta_batch_size
+                meta_acc += acc.item() / cfg.meta_batch_size
+        distributed.all_reduce_gradients(maml.parameters())  # sum of the processes' shares
         optimizer.step()
 
         if iteration % cfg.log_interval == 0:
+            meta_loss, meta_acc = distributed.all_reduce_floats([meta_loss, meta_acc])
             run.log(iteration, loss=meta_loss, accuracy=meta_acc)
 
         # validate on the fixed tasks, keep the best weights, checkpoint

@@ -33,6 +33,7 @@ from learn2learn.gym.envs.particles import Particles2DEnv
 from torch import nn
 from tqdm import tqdm
 
+from l2l_recipes import distributed
 from l2l_recipes.config import check, validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
@@ -163,7 +164,9 @@ class Predictor(_Predictor):
         return fixed_goals(episodes, seed)
 
     def evaluate(self, tasks, desc="eval", progress=True):
-        """Average return per goal before adaptation and after test_adaptation_steps steps."""
+        """Average return per goal before adaptation and after test_adaptation_steps steps.
+        Not split under torchrun: one noise generator runs through the goals in order, so every
+        process evaluates them all (the same result everywhere)."""
         cfg = self.cfg
         envs = [Particles2DEnv() for _ in range(cfg.trajectories)]
         generator = torch.Generator().manual_seed(0)  # the same action noise for every evaluation
@@ -195,10 +198,15 @@ def train(cfg, run):
     for iteration in run.iterations(cfg.iterations):
         # meta-batch: per goal, adapt on trajectories of the current policy, then the
         # policy-gradient loss of trajectories from the adapted policy is the meta-loss
+        # (under torchrun each process trains its share of the goals; the rollouts draw
+        # from the same torch generator, so the goals differ from one process's but are
+        # distinct across processes)
         optimizer.zero_grad(set_to_none=True)
         before = after = 0.0
-        for _ in range(cfg.meta_batch_size):
+        for i in range(cfg.meta_batch_size):
             goal = (torch.rand(2) - 0.5).numpy()  # the environment's own task distribution
+            if not distributed.mine(i):
+                continue
             learner = maml.clone()
             batch = rollout(learner, envs, goal, cfg.horizon, device)
             before += average_return(batch) / cfg.meta_batch_size
@@ -207,9 +215,11 @@ def train(cfg, run):
                 batch = rollout(learner, envs, goal, cfg.horizon, device)
             after += average_return(batch) / cfg.meta_batch_size
             (policy_gradient_loss(learner, batch, cfg.gamma) / cfg.meta_batch_size).backward()
+        distributed.all_reduce_gradients(maml.parameters())  # sum of the processes' shares
         optimizer.step()
 
         if iteration % cfg.log_interval == 0:
+            before, after = distributed.all_reduce_floats([before, after])
             run.log(iteration, return_before=before, return_after=after)
 
         # validate on the fixed goals (highest return after adaptation is kept), checkpoint

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from l2l_recipes import data, models
+from l2l_recipes import data, distributed, models
 from l2l_recipes.config import validate
 from l2l_recipes.harness import Predictor as _Predictor
 from l2l_recipes.harness import seed_everything
@@ -41,7 +41,8 @@ class Config:
     fce: bool = False  # full context embeddings
     fce_steps: int = 5  # attention-LSTM steps over the support set for each query
     # optimisation
-    iterations: int = 20000  # training episodes
+    iterations: int = 20000  # Adam steps (of meta_batch_size training episodes each)
+    meta_batch_size: int = 1  # episodes per Adam step, losses averaged (the paper: 1)
     lr: float = 1e-3  # Adam
     # validation and test
     val_interval: int = 500
@@ -116,19 +117,29 @@ def train(cfg, run):
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     run.track(model, optimizer)  # checkpointed; restored by --resume
     for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
-        # one training episode: negative log-likelihood of the attention's class probabilities
+        # meta-batch of training episodes (one by default): every process draws the same
+        # episodes and trains its share of them (all of them in one process); the loss is the
+        # negative log-likelihood of the attention's class probabilities
         model.train()
-        x, y = train_tasks.sample()
-        sx, sy, qx, qy = data.split_support_query(x.to(device), y.to(device), cfg.shots)
-        log_probs = model(sx, sy, qx, cfg.ways)
-        loss = F.nll_loss(log_probs, qy)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        episodes = [data.draw(train_tasks) for _ in range(cfg.meta_batch_size)]
+        meta_loss = meta_acc = 0.0
+        for i, episode in enumerate(episodes):
+            if not distributed.mine(i):
+                continue
+            x, y = train_tasks.get_task(episode)
+            sx, sy, qx, qy = data.split_support_query(x.to(device), y.to(device), cfg.shots)
+            log_probs = model(sx, sy, qx, cfg.ways)
+            loss = F.nll_loss(log_probs, qy)
+            (loss / cfg.meta_batch_size).backward()
+            meta_loss += loss.item() / cfg.meta_batch_size
+            meta_acc += (log_probs.argmax(1) == qy).float().mean().item() / cfg.meta_batch_size
+        distributed.all_reduce_gradients(model.parameters())  # sum of the processes' shares
         optimizer.step()
 
         if iteration % cfg.log_interval == 0:
-            accuracy = (log_probs.argmax(1) == qy).float().mean().item()
-            run.log(iteration, loss=loss.item(), accuracy=accuracy)
+            meta_loss, meta_acc = distributed.all_reduce_floats([meta_loss, meta_acc])
+            run.log(iteration, loss=meta_loss, accuracy=meta_acc)
 
         # validate on the fixed tasks, keep the best weights, checkpoint
         if run.validation_due(iteration, cfg.val_interval, cfg.iterations):

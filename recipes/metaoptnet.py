@@ -56,7 +56,7 @@ import learn2learn as l2l
 import torch
 import torch.nn.functional as F
 
-from l2l_recipes import data, models
+from l2l_recipes import data, distributed, models
 from l2l_recipes.config import check, validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
@@ -256,12 +256,16 @@ def train(cfg, run):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
     run.track(model, optimizer, scheduler=scheduler)  # checkpointed; restored by --resume
     for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
-        # meta-batch: one forward per episode (support and query together), gradients accumulated
+        # meta-batch: every process draws the same episodes and trains its share of them (all
+        # of them in one process); one forward per episode (support and query together)
         model.train()
         optimizer.zero_grad(set_to_none=True)
+        episodes = [data.draw(train_tasks) for _ in range(cfg.meta_batch_size)]
         meta_loss = meta_acc = 0.0
-        for _ in range(cfg.meta_batch_size):
-            x, y = train_tasks.sample()
+        for i, episode in enumerate(episodes):
+            if not distributed.mine(i):
+                continue
+            x, y = train_tasks.get_task(episode)
             sx, sy, qx, qy = data.split_support_query(x.to(device), y.to(device), cfg.train_shots)
             embeddings = model(torch.cat([sx, qx]))
             support, query = embeddings[: len(sx)], embeddings[len(sx):]
@@ -270,11 +274,13 @@ def train(cfg, run):
             (loss / cfg.meta_batch_size).backward()
             meta_loss += loss.item() / cfg.meta_batch_size
             meta_acc += (logits.argmax(1) == qy).float().mean().item() / cfg.meta_batch_size
+        distributed.all_reduce_gradients(model.parameters())  # sum of the processes' shares
         lr = scheduler.get_last_lr()[0]  # this step's
         optimizer.step()
         scheduler.step()  # the schedule counts SGD steps: lr_factors[i] from step lr_milestones[i] + 1 on
 
         if iteration % cfg.log_interval == 0:
+            meta_loss, meta_acc = distributed.all_reduce_floats([meta_loss, meta_acc])
             run.log(iteration, loss=meta_loss, accuracy=meta_acc, lr=lr, scale=model.scale.item())
 
         # validate on the fixed tasks, keep the best weights, checkpoint

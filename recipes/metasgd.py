@@ -22,7 +22,7 @@ import learn2learn as l2l
 import torch
 import torch.nn.functional as F
 
-from l2l_recipes import data, models
+from l2l_recipes import data, distributed, models
 from l2l_recipes.config import check, validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
@@ -134,20 +134,26 @@ def train(cfg, run):
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)  # weights and rates
     run.track(model, optimizer)  # checkpointed; restored by --resume
     for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
-        # meta-batch: adapt a clone per task with the learned rates, accumulate the query loss
+        # meta-batch: every process draws the same tasks and adapts a clone with the learned
+        # rates to its share of them (all of them in one process), accumulating the query loss
         model.train()
         optimizer.zero_grad(set_to_none=True)
+        tasks = [data.draw(train_tasks) for _ in range(cfg.meta_batch_size)]
         meta_loss = meta_acc = 0.0
-        for _ in range(cfg.meta_batch_size):
-            x, y = train_tasks.sample()
+        for i, task in enumerate(tasks):
+            if not distributed.mine(i):
+                continue
+            x, y = train_tasks.get_task(task)
             sx, sy, qx, qy = data.split_support_query(x.to(device), y.to(device), cfg.shots)
             loss, acc = fast_adapt(model.clone(), sx, sy, qx, qy, cfg.adaptation_steps)
             (loss / cfg.meta_batch_size).backward()
             meta_loss += loss.item() / cfg.meta_batch_size
             meta_acc += acc.item() / cfg.meta_batch_size
+        distributed.all_reduce_gradients(model.parameters())  # sum of the processes' shares
         optimizer.step()
 
         if iteration % cfg.log_interval == 0:
+            meta_loss, meta_acc = distributed.all_reduce_floats([meta_loss, meta_acc])
             mean_rate = torch.cat([lr.flatten() for lr in model.lrs]).mean().item()
             run.log(iteration, loss=meta_loss, accuracy=meta_acc, mean_inner_lr=mean_rate)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from l2l_recipes import data, models
+from l2l_recipes import data, distributed, models
 from l2l_recipes.config import validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
@@ -112,25 +112,31 @@ def train(cfg, run):
     model = build_model(cfg).to(device)
     run.track(model)  # checkpointed; restored by --resume
     for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
-        # meta-batch: train a copy per task, average the adapted weights
+        # meta-batch: every process draws the same tasks and trains a copy per task of its
+        # share (all of them in one process); the adapted weights are averaged
         model.train()
         outer_lr = cfg.outer_lr * (1 - (iteration - 1) / cfg.iterations)
+        tasks = [data.draw(train_tasks) for _ in range(cfg.meta_batch_size)]
         mean_weights = [torch.zeros_like(p) for p in model.parameters()]
         meta_loss = 0.0
-        for _ in range(cfg.meta_batch_size):
-            x, y = train_tasks.sample()
+        for i, task in enumerate(tasks):
+            if not distributed.mine(i):
+                continue
+            x, y = train_tasks.get_task(task)
             learner = copy.deepcopy(model)
             loss = inner_train(learner, x.to(device), y.to(device), cfg.adaptation_steps,
                                cfg.inner_batch_size, cfg.inner_lr)
             for m, p in zip(mean_weights, learner.parameters()):
                 m += p.detach() / cfg.meta_batch_size
             meta_loss += loss.item() / cfg.meta_batch_size
+        distributed.all_reduce(mean_weights)  # sum of the processes' shares: the mean over all tasks
         # Reptile's outer step: theta <- theta + eps * (mean(phi) - theta)
         with torch.no_grad():
             for p, m in zip(model.parameters(), mean_weights):
                 p += outer_lr * (m - p)
 
         if iteration % cfg.log_interval == 0:
+            (meta_loss,) = distributed.all_reduce_floats([meta_loss])
             run.log(iteration, loss=meta_loss, outer_lr=outer_lr)
 
         # validate on the fixed tasks, keep the best weights, checkpoint

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2l_recipes import data, models
+from l2l_recipes import data, distributed, models
 from l2l_recipes.config import check, validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
@@ -247,13 +247,19 @@ class Predictor(_Predictor):
 
 
 def sample_episodes(tasks, cfg, device):
-    """A meta-batch of episodes stacked: support [B, S, ...] in random order, labels, queries, labels."""
+    """A meta-batch of episodes stacked: support [B, S, ...] in random order, labels, queries, labels.
+
+    Under torchrun, this process's share of it: every process draws the whole meta-batch (the
+    same random numbers) and loads the episodes `distributed.mine(i)`.
+    """
     episodes = []
-    for _ in range(cfg.meta_batch_size):
-        x, y = tasks.sample()
-        sx, sy, qx, qy = data.split_support_query(x, y, cfg.shots)
-        order = torch.randperm(len(sy))  # the paper's random order of support examples
-        episodes.append((sx[order], sy[order], qx, qy))
+    for i in range(cfg.meta_batch_size):
+        episode = data.draw(tasks)
+        order = torch.randperm(cfg.ways * cfg.shots)  # the paper's random order of support examples
+        if distributed.mine(i):
+            x, y = tasks.get_task(episode)
+            sx, sy, qx, qy = data.split_support_query(x, y, cfg.shots)
+            episodes.append((sx[order], sy[order], qx, qy))
     return [torch.stack(parts).to(device) for parts in zip(*episodes)]
 
 
@@ -269,18 +275,22 @@ def train(cfg, run):
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr, fused=True)  # 3x faster step on CPU
     run.track(model, optimizer)  # checkpointed; restored by --resume
     for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
-        # a meta-batch of episodes, every query the end of its own sequence; one forward pass
+        # a meta-batch of episodes (this process's share under torchrun), every query the end
+        # of its own sequence; one forward pass (batch norm statistics over the share)
         model.train()
         sx, sy, qx, qy = sample_episodes(train_tasks, cfg, device)
         logits = model(sx, sy, qx)
+        share = len(qy) / cfg.meta_batch_size  # 1.0 in one process
         loss = F.cross_entropy(logits.flatten(0, 1), qy.flatten())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * share).backward()  # summed over processes: the whole meta-batch's mean
+        distributed.all_reduce_gradients(model.parameters())
         optimizer.step()
 
         if iteration % cfg.log_interval == 0:
             accuracy = (logits.argmax(-1) == qy).float().mean().item()
-            run.log(iteration, loss=loss.item(), accuracy=accuracy)
+            loss_sum, accuracy = distributed.all_reduce_floats([loss.item() * share, accuracy * share])
+            run.log(iteration, loss=loss_sum, accuracy=accuracy)
 
         # validate on the fixed tasks, keep the best weights, checkpoint
         if run.validation_due(iteration, cfg.val_interval, cfg.iterations):

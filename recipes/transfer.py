@@ -10,6 +10,8 @@ rule on cosine similarity (`head='centroid'`).
 Published (Table 3, Conv-4, Baseline, 600 test episodes): mini-ImageNet 5w1s 42.11 ± 0.71,
 5w5s 62.53 ± 0.69, after 400 epochs of pre-training in mini-batches of 16 (960K steps; our
 default budget is 100K). Omniglot recipes use the same settings (no published number).
+Under torchrun each process trains on its share of every mini-batch (its own batch norm
+statistics, as DistributedDataParallel without SyncBatchNorm), gradients summed.
 
 Reproduce:
     l2l-recipes run transfer-mini-imagenet-5w5s --device cuda
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from l2l_recipes import data, models
+from l2l_recipes import data, distributed, models
 from l2l_recipes.config import check, validate
 from l2l_recipes.harness import Predictor as _Predictor
 from l2l_recipes.harness import seed_everything
@@ -134,15 +136,20 @@ def train(cfg, run):
         # (an epoch permutation from the seed), so a resumed run reads the same batches
         model.train()
         x, y = minibatch(train_set, iteration, cfg.batch_size, cfg.seed)
-        logits = model(x.to(device))
-        loss = F.cross_entropy(logits, y.to(device))
+        share = slice(distributed.rank(), None, distributed.world_size())  # all of it in one process
+        x, y = x[share].to(device), y[share].to(device)
+        weight = len(y) / cfg.batch_size  # 1.0 in one process
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * weight).backward()  # summed over processes: the whole mini-batch's mean
+        distributed.all_reduce_gradients(model.parameters())
         optimizer.step()
 
         if iteration % cfg.log_interval == 0:
-            accuracy = (logits.argmax(1) == y.to(device)).float().mean().item()
-            run.log(iteration, loss=loss.item(), accuracy=accuracy)
+            accuracy = (logits.argmax(1) == y).float().mean().item()
+            loss_sum, accuracy = distributed.all_reduce_floats([loss.item() * weight, accuracy * weight])
+            run.log(iteration, loss=loss_sum, accuracy=accuracy)
 
         # validate on the fixed few-shot tasks, keep the best weights, checkpoint
         if run.validation_due(iteration, cfg.val_interval, cfg.iterations):

@@ -172,3 +172,17 @@ def test_corrupt_or_foreign_checkpoint_is_one_clear_line(protonet_run, tmp_path)
     result = cli("eval", run_dir, "--device", "cpu")
     assert result.stderr.strip() == f"Error: checkpoint {best} is not an l2l-recipes checkpoint of format 1"
     assert (run_dir / "ckpt.pt").is_file()  # nothing else touched
+
+
+def test_run_time_budget(tmp_path, data_root):
+    """--max-minutes stops training once the budget is spent, validates that iteration, tests the
+    best validation weights and records the budget in result.json."""
+    result = cli("run", "protonet-omniglot-5w1s", "--data-root", data_root, "--device", "cpu", "--out", tmp_path,
+                 "--no-progress", "--max-minutes", 0.001, "--set", "train_ways=10", "--set", "val_episodes=10",
+                 "--set", "test_episodes=20")
+    assert result.exit_code == 0, result.output
+    assert "time budget of 0.001 minutes spent after iteration 1" in result.output
+    (run_dir,) = (tmp_path / "protonet-omniglot-5w1s").iterdir()
+    record = json.loads((run_dir / "result.json").read_text())
+    assert record["iterations_done"] == 1 and record["max_minutes"] == 0.001 and record["episodes"] == 20
+    assert (run_dir / "best.pt").is_file()

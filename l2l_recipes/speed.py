@@ -1,0 +1,226 @@
+"""Side-by-side throughput of learn2learn's plain loops and this project's fast path.
+
+Measures, on the same tasks and weights:
+  * MAML Omniglot (Conv4 / OmniglotCNN, second order, meta-batch 32, one inner step):
+    learn2learn's loop (Taskset.sample() per task, a MAML clone per task) against
+    DeviceEpisodes + fast.maml_meta_batch; the meta-gradient difference between them.
+  * ProtoNet Omniglot training episodes (60-way 5-shot 5-query): learn2learn's Taskset and a
+    Conv4 step against DeviceEpisodes (the recipe's default), and with channels-last
+    convolutions as well (an option: faster, but rounded more coarsely by oneDNN).
+The reference loops run first in a process with glibc's default malloc (as a learn2learn user
+runs them), then again after `harness.keep_freed_memory()` (which our runs use), then the fast
+path. GFLOP/s = FLOPs of one iteration (torch's FlopCounterMode) / time, next to the
+machine's float32 matmul rate.
+"""
+import json
+import platform
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import learn2learn as l2l
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from l2l_recipes import data, fast, harness, models, registry
+
+
+@dataclass(frozen=True)
+class Settings:
+    maml_ways: int = 5
+    maml_shots: int = 1
+    maml_queries: int = 1
+    meta_batch_size: int = 32
+    fast_lr: float = 0.4
+    proto_ways: int = 60
+    proto_shots: int = 5
+    proto_queries: int = 5
+    hidden_size: int = 64
+    iterations: int = 10  # timed iterations per loop (after one warm-up)
+    seed: int = 0
+
+
+TINY = Settings(meta_batch_size=2, proto_ways=5, proto_shots=1, proto_queries=2, hidden_size=8, iterations=1)
+
+
+def matmul_gflops(size=2048, repeats=10):
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def timed(step, iterations):
+    """Median seconds of `step()` over `iterations` calls, after one warm-up call."""
+    step()
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def flops(step):
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+# ----------------------------------------------------------------------------- MAML
+
+def maml_reference_step(model, maml, tasks, s):
+    """learn2learn's loop: sample each task, adapt a clone, back-propagate query loss / meta-batch."""
+    model.zero_grad()
+    for _ in range(s.meta_batch_size):
+        x, y = tasks.sample()
+        sx, sy, qx, qy = data.split_support_query(x, y, s.maml_shots)
+        learner = maml.clone()
+        learner.adapt(F.cross_entropy(learner(sx), sy))
+        (F.cross_entropy(learner(qx), qy) / s.meta_batch_size).backward()
+
+
+def maml_fast_step(model, episodes, s):
+    model.zero_grad()
+    batch = [data.split_support_query(*episodes.sample(), s.maml_shots) for _ in range(s.meta_batch_size)]
+    fast.maml_meta_batch(model, batch, s.fast_lr, 1, False, 1 / s.meta_batch_size)
+
+
+def meta_gradients(model, step, seed):
+    random.seed(seed)
+    step()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+# ----------------------------------------------------------------------------- ProtoNet
+
+def proto_step(model, optimizer, x, y, s):
+    sx, sy, qx, qy = data.split_support_query(x, y, s.proto_shots)
+    optimizer.zero_grad(set_to_none=True)
+    embeddings = model(torch.cat([sx, qx]))
+    protonet = registry.get_recipe("protonet-omniglot-5w1s").load_module()
+    loss = F.cross_entropy(protonet.proto_logits(embeddings[: len(sx)], sy, embeddings[len(sx):], s.proto_ways), qy)
+    loss.backward()
+    optimizer.step()
+
+
+def measure(settings=Settings(), data_root=None, progress=print):
+    """Run every loop; returns the record (dict)."""
+    s = settings
+    started = time.time()
+    device = torch.device("cpu")
+    train = data.load_split("omniglot", "train", data_root)
+    maml_tasks = data.taskset(train, s.maml_ways, s.maml_shots, s.maml_queries)
+    proto_tasks = data.taskset(train, s.proto_ways, s.proto_shots, s.proto_queries)
+    torch.manual_seed(s.seed)
+    model = models.conv4_classifier("omniglot", s.maml_ways, s.hidden_size)
+    maml = l2l.algorithms.MAML(model, lr=s.fast_lr)
+    embedder = models.conv4_embedding("omniglot", s.hidden_size)
+    adam = torch.optim.Adam(embedder.parameters(), 1e-3)
+    record = {"settings": asdict(s), "matmul_gflops": round(matmul_gflops(), 1)}
+
+    def reference_loops(label):
+        maml_seconds = timed(lambda: maml_reference_step(model, maml, maml_tasks, s), s.iterations)
+        sampling = timed(lambda: [maml_tasks.sample() for _ in range(s.meta_batch_size)], s.iterations)
+        proto_seconds = timed(lambda: proto_step(embedder, adam, *proto_tasks.sample(), s), s.iterations)
+        proto_sampling = timed(proto_tasks.sample, s.iterations)
+        progress(f"{label}: MAML {1000 * maml_seconds:.0f} ms/it (sampling {1000 * sampling:.0f} ms), "
+                 f"ProtoNet {1000 * proto_seconds:.0f} ms/episode (sampling {1000 * proto_sampling:.0f} ms)")
+        return {"maml_seconds": maml_seconds, "maml_sampling_seconds": sampling,
+                "proto_seconds": proto_seconds, "proto_sampling_seconds": proto_sampling}
+
+    record["reference_default_malloc"] = reference_loops("learn2learn loops, default malloc")
+    harness.keep_freed_memory()
+    record["reference"] = reference_loops("learn2learn loops, keep_freed_memory")
+
+    maml_episodes = fast.DeviceEpisodes(maml_tasks, train, device)
+    proto_episodes = fast.DeviceEpisodes(proto_tasks, train, device)
+    cl_embedder = models.conv4_embedding("omniglot", s.hidden_size).to(memory_format=torch.channels_last)
+    cl_embedder.load_state_dict(embedder.state_dict())
+    cl_adam = torch.optim.Adam(cl_embedder.parameters(), 1e-3)
+
+    def channels_last_proto():
+        x, y = proto_episodes.sample()
+        proto_step(cl_embedder, cl_adam, x.contiguous(memory_format=torch.channels_last), y, s)
+
+    maml_seconds = timed(lambda: maml_fast_step(model, maml_episodes, s), s.iterations)
+    proto_seconds = timed(lambda: proto_step(embedder, adam, *proto_episodes.sample(), s), s.iterations)
+    cl_seconds = timed(channels_last_proto, s.iterations)
+    record["fast"] = {"maml_seconds": maml_seconds, "proto_seconds": proto_seconds}
+    record["proto_channels_last_seconds"] = cl_seconds
+    progress(f"fast path: MAML {1000 * maml_seconds:.0f} ms/it, ProtoNet {1000 * proto_seconds:.0f} ms/episode "
+             f"({1000 * cl_seconds:.0f} ms with channels_last)")
+
+    # same tasks, same weights: meta-gradients of both MAML loops
+    reference_grads = meta_gradients(model, lambda: maml_reference_step(model, maml, maml_tasks, s), s.seed)
+    fast_grads = meta_gradients(model, lambda: maml_fast_step(model, maml_episodes, s), s.seed)
+    record["maml_max_abs_grad_difference"] = max((a - b).abs().max().item()
+                                                 for a, b in zip(reference_grads, fast_grads))
+
+    # FLOPs of one iteration, counted on the reference loops (the same arithmetic, done faster)
+    maml_flops = flops(lambda: maml_reference_step(model, maml, maml_tasks, s))
+    proto_flops = flops(lambda: proto_step(embedder, adam, *proto_tasks.sample(), s))
+    record["maml_gflop_per_iteration"] = maml_flops / 1e9
+    record["proto_gflop_per_episode"] = proto_flops / 1e9
+    for loop in ("reference_default_malloc", "reference", "fast"):
+        r = record[loop]
+        r["maml_gflops"] = maml_flops / r["maml_seconds"] / 1e9
+        r["proto_gflops"] = proto_flops / r["proto_seconds"] / 1e9
+    record["maml_speedup"] = record["reference_default_malloc"]["maml_seconds"] / maml_seconds
+    record["proto_speedup"] = record["reference_default_malloc"]["proto_seconds"] / proto_seconds
+    record["proto_channels_last_speedup"] = record["reference_default_malloc"]["proto_seconds"] / cl_seconds
+    record["maml_speedup_vs_tuned_malloc"] = record["reference"]["maml_seconds"] / maml_seconds
+    record["proto_speedup_vs_tuned_malloc"] = record["reference"]["proto_seconds"] / proto_seconds
+    record["environment"] = {**harness.environment(device), "date": datetime.now().isoformat(timespec="seconds"),
+                             "load_average": list(_load_average())}
+    record["wall_seconds"] = round(time.time() - started, 1)
+    return record
+
+
+def _load_average():
+    try:
+        import os
+        return os.getloadavg()
+    except OSError:
+        return ()
+
+
+def report(record):
+    """The record as a short table."""
+    s = record["settings"]
+    rows = [("", "MAML ms/it", "GFLOP/s", "ProtoNet ms/ep", "GFLOP/s")]
+    for label, key in (("learn2learn loop", "reference_default_malloc"),
+                       ("learn2learn loop + keep_freed_memory", "reference"), ("fast path", "fast")):
+        r = record[key]
+        rows.append((label, f"{1000 * r['maml_seconds']:.0f}", f"{r['maml_gflops']:.1f}",
+                     f"{1000 * r['proto_seconds']:.0f}", f"{r['proto_gflops']:.1f}"))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"MAML Omniglot {s['maml_ways']}w{s['maml_shots']}s, meta-batch {s['meta_batch_size']}, second order; "
+             f"ProtoNet {s['proto_ways']}w{s['proto_shots']}s{s['proto_queries']}q episodes; "
+             f"{record['environment']['torch_threads']} threads"]
+    lines += [f"{r[0]:<{width}}  {r[1]:>10}  {r[2]:>7}  {r[3]:>14}  {r[4]:>7}" for r in rows]
+    lines.append(f"speed-up over the learn2learn loop: MAML {record['maml_speedup']:.2f}x, "
+                 f"ProtoNet {record['proto_speedup']:.2f}x (over the loop with keep_freed_memory: "
+                 f"{record['maml_speedup_vs_tuned_malloc']:.2f}x, {record['proto_speedup_vs_tuned_malloc']:.2f}x)")
+    lines.append(f"ProtoNet with channels_last=True (an option, coarser rounding): "
+                 f"{1000 * record['proto_channels_last_seconds']:.0f} ms/episode, "
+                 f"{record['proto_channels_last_speedup']:.2f}x")
+    lines.append(f"MAML meta-gradient, same tasks and weights: max |fast - learn2learn| = "
+                 f"{record['maml_max_abs_grad_difference']:.2e}")
+    lines.append(f"float32 matmul 2048x2048: {record['matmul_gflops']:.0f} GFLOP/s")
+    return "\n".join(lines)
+
+
+def write_record(record, folder):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = folder / f"speed-{platform.node() or 'host'}-torch{torch.__version__.split('+')[0]}-{stamp}.json"
+    harness.write_json(path, record)
+    return path

@@ -1,0 +1,23 @@
+"""The speed benchmark runs end to end in a tiny configuration (timings belong to the benchmark)."""
+import json
+
+from click.testing import CliRunner
+
+from l2l_recipes import cli, speed
+
+
+def test_speed_benchmark_tiny(tmp_path):
+    result = CliRunner().invoke(cli.cli, ["speed", "--tiny", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "speed-up over the learn2learn loop" in result.output
+    assert "GFLOP/s" in result.output and "matmul" in result.output
+    (path,) = tmp_path.glob("speed-*.json")
+    record = json.loads(path.read_text())
+    assert record["settings"] == speed.TINY.__dict__
+    for loop in ("reference_default_malloc", "reference", "fast"):
+        assert record[loop]["maml_seconds"] > 0 and record[loop]["proto_seconds"] > 0
+        assert record[loop]["maml_gflops"] > 0
+    assert record["maml_gflop_per_iteration"] > 0 and record["proto_gflop_per_episode"] > 0
+    # the two MAML loops computed the same meta-gradient on the same tasks
+    assert record["maml_max_abs_grad_difference"] <= 1e-5
+    assert record["environment"]["git_commit"] is not None

@@ -82,9 +82,16 @@ def bench_recipe(name, seeds, episodes, assignments=(), max_minutes=None, device
     return record
 
 
+def display(metric):
+    """(scale, axis label) for showing `metric`: accuracy (a fraction) in percent, others
+    (MSE, return) as they are. The table, the curves and the CLI's result line use it."""
+    return (100, "accuracy (%)") if metric == "accuracy" else (1, metric)
+
+
 def format_value(metric, value):
-    """Accuracy (a fraction) as a percentage; other metrics (MSE, return) as they are."""
-    return f"{100 * value:.2f}" if metric == "accuracy" else f"{value:.3g}"
+    """`value` of `metric` as the table and the CLI print it ('98.19', '0.312')."""
+    scale, _ = display(metric)
+    return f"{scale * value:.2f}" if scale != 1 else f"{value:.3g}"
 
 
 def summary(record):
@@ -103,11 +110,11 @@ def plot_curves(curves, path, title, metric="accuracy"):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.6))
+    scale, label = display(metric)
     for seed, points in curves.items():
-        scale = 100 if metric == "accuracy" else 1
         ax.plot([p[0] for p in points], [scale * p[1] for p in points], marker="o", ms=3, label=f"seed {seed}")
     ax.set_xlabel("iteration")
-    ax.set_ylabel("validation accuracy (%)" if metric == "accuracy" else f"validation {metric}")
+    ax.set_ylabel(f"validation {label}")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

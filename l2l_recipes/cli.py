@@ -248,13 +248,14 @@ def data_verify(data_root):
 
 
 def _result_line(r):
+    from l2l_recipes.bench import format_value
     metric = r.get("metric", "accuracy")
+    value, ci95 = format_value(metric, r[metric]), format_value(metric, r["ci95"])
     if metric == "accuracy":
-        return (f"{r['recipe']}: {r['ways']}-way {r['shots']}-shot test accuracy "
-                f"{100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.2f}% (95% CI, {r['episodes']} episodes)")
-    before = f" (before adaptation: {r[f'before_{metric}']:.4g})" if f"before_{metric}" in r else ""
-    return (f"{r['recipe']}: test {metric} {r[metric]:.4g} ± {r['ci95']:.2g} (95% CI, {r['episodes']} "
-            f"tasks){before}")
+        return (f"{r['recipe']}: {r['ways']}-way {r['shots']}-shot test accuracy {value}% ± {ci95}% "
+                f"(95% CI, {r['episodes']} episodes)")
+    before = f" (before adaptation: {format_value(metric, r[f'before_{metric}'])})" if f"before_{metric}" in r else ""
+    return f"{r['recipe']}: test {metric} {value} ± {ci95} (95% CI, {r['episodes']} tasks){before}"
 
 
 def main(args=None):

@@ -197,12 +197,14 @@ def fit_svm(support, support_y, ways, c, iterations):
     dtype = torch.float64 if support.dtype == torch.float64 else torch.float32
     classifier = l2l.nn.SVClassifier(C_reg=c, max_iters=iterations)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    if dtype != previous:  # float64 embeddings (gradient checks); training never gets here
+        torch.set_default_dtype(dtype)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             classifier.fit_(support.to(dtype), support_y, ways)
     finally:
-        torch.set_default_dtype(previous)
+        if dtype != previous:
+            torch.set_default_dtype(previous)
     return classifier
 
 

@@ -18,6 +18,8 @@ def test_speed_benchmark_tiny(tmp_path):
         assert record[loop]["maml_seconds"] > 0 and record[loop]["proto_seconds"] > 0
         assert record[loop]["maml_gflops"] > 0
     assert record["maml_gflop_per_iteration"] > 0 and record["proto_gflop_per_episode"] > 0
-    # the two MAML loops computed the same meta-gradient on the same tasks
-    assert record["maml_max_abs_grad_difference"] <= 1e-5
+    # the two MAML loops computed the same meta-gradient on the same tasks (conv biases before batch
+    # norm have an exact meta-gradient of 0, where both loops return rounding noise)
+    assert record["maml_max_abs_grad_difference_without_conv_biases"] <= 1e-5
+    assert set(record["maml_grad_difference_by_parameter"]) >= {"classifier.weight", "base.0.conv.bias"}
     assert record["environment"]["git_commit"] is not None

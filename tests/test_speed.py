@@ -14,7 +14,7 @@ def test_speed_benchmark_tiny(tmp_path):
     (path,) = tmp_path.glob("speed-*.json")
     record = json.loads(path.read_text())
     assert record["settings"] == speed.TINY.__dict__
-    for loop in ("reference_default_malloc", "reference", "fast"):
+    for loop in ("reference_png", "reference_default_malloc", "reference", "fast"):
         assert record[loop]["maml_seconds"] > 0 and record[loop]["proto_seconds"] > 0
         assert record[loop]["maml_gflops"] > 0
     assert record["maml_gflop_per_iteration"] > 0 and record["proto_gflop_per_episode"] > 0

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from l2l_recipes import distributed, harness, registry
+from l2l_recipes.bench import format_value
 from l2l_recipes.config import apply_overrides
 from l2l_recipes.errors import UserError
 
@@ -248,7 +249,6 @@ def data_verify(data_root):
 
 
 def _result_line(r):
-    from l2l_recipes.bench import format_value
     metric = r.get("metric", "accuracy")
     value, ci95 = format_value(metric, r[metric]), format_value(metric, r["ci95"])
     if metric == "accuracy":

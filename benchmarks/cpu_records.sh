@@ -33,4 +33,7 @@ bench metaoptnet-ridge-omniglot-5w1s --seeds 3 --iterations 100
 bench mamlpp-omniglot-5w1s --seeds 3 --iterations 150
 bench metaoptnet-svm-omniglot-5w1s --seeds 3 --iterations 100
 bench maml-rl-particles2d --seeds 3 --iterations 60 --episodes 100
-# still to run: 3 seeds with larger budgets for the rows of session 1 and 2 (one seed each)
+# 2026-12-01, session 3 (commit 6151afc, fast path, 2 threads, nothing else running): make run's budget
+unset OMP_NUM_THREADS
+bench protonet-omniglot-5w1s --seeds 3 --max-minutes 8
+# still to run: 3 seeds with larger budgets for the other rows of sessions 1 and 2 (one seed each)

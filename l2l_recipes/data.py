@@ -101,6 +101,10 @@ class ClassImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return self.images[i].float().div_(255), int(self.targets[i])
 
+    def all_images(self):
+        """Every item's image as one uint8 tensor [items, C, H, W], in item order."""
+        return self.images
+
 
 def dataset_module(name):
     """The module of dataset `name` (see DATASETS), or a UserError naming the known datasets."""

@@ -10,29 +10,18 @@ copy of the weights is group t of grouped convolutions, batch norm is computed p
 and channel, and the head is a batched matrix product. The inner-loop gradients, the
 adapted weights and the second-order meta-gradient are those of learn2learn's
 `MAML.clone()` loop over the tasks, up to float rounding (tests/test_fast.py compares them).
-Batch norm is written out from primitive operations: its double backward through
-`F.batch_norm` is slower, and the meta-gradient is the same.
+The grouped convolution and batch norm + ReLU carry their own second derivatives
+(`ConvBackward`, `BatchNormReLUBackward`): PyTorch's double backward of a grouped convolution
+loops over the groups (here, the tasks) one convolution at a time, and autograd's derivatives
+of batch norm written from primitive operations make several times the passes over the
+activations that the closed forms need.
 """
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from l2l_recipes import data
 from l2l_recipes.errors import UserError
-
-
-def split_images(dataset):
-    """All images of a split's dataset as uint8 [N, C, H, W], item i as `dataset[i]` gives it."""
-    if hasattr(dataset, "quarter_turns"):  # Omniglot: characters x drawings, rotation per class
-        characters = torch.tensor(dataset.character)
-        turns = torch.tensor(dataset.quarter_turns)
-        images = dataset.images[characters]  # [classes, drawings, H, W]
-        for q in (1, 2, 3):
-            images[turns == q] = torch.rot90(images[turns == q], q, dims=(2, 3))
-        return images.reshape(-1, 1, *images.shape[2:])
-    if hasattr(dataset, "images") and dataset.images.dtype == torch.uint8:
-        return dataset.images
-    raise UserError(f"engine=fast cannot index {type(dataset).__name__} on the device: "
-                    f"use --set engine=reference")
 
 
 class DeviceEpisodes:
@@ -44,7 +33,10 @@ class DeviceEpisodes:
 
     def __init__(self, tasks, dataset, device):
         self.tasks = tasks
-        self.images = split_images(dataset).to(device)
+        if not hasattr(dataset, "all_images"):
+            raise UserError(f"engine=fast cannot index {type(dataset).__name__} on the device: "
+                            f"use --set engine=reference")
+        self.images = dataset.all_images().to(device)  # uint8 [items, C, H, W], item i = dataset[i]
         self.device = device
         self.class_of = tasks.dataset.indices_to_labels
 
@@ -82,12 +74,120 @@ def conv4_layers(model):
     return layers, tail, model.classifier
 
 
-def _batch_norm(h, weight, bias, eps):
-    """Training-mode batch norm of [n, groups * C, H, W] per channel, from primitive ops."""
-    mean = h.mean((0, 2, 3), keepdim=True)
-    centred = h - mean
-    var = (centred * centred).mean((0, 2, 3), keepdim=True)
-    return centred * (torch.rsqrt(var + eps) * weight.reshape(1, -1, 1, 1)) + bias.reshape(1, -1, 1, 1)
+class GroupedConv(torch.autograd.Function):
+    """`F.conv2d(x, w, b, stride, padding, groups=groups)`, twice differentiable by `ConvBackward`."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, stride, padding, groups):
+        ctx.save_for_backward(x, w)
+        ctx.conv = (tuple(stride), tuple(padding), groups)
+        return F.conv2d(x, w, b, stride, padding, 1, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w = ctx.saved_tensors
+        return *ConvBackward.apply(grad_out, x, w, ctx.conv, ctx.needs_input_grad[0]), None, None, None
+
+
+class ConvBackward(torch.autograd.Function):
+    """(grad x, grad w, grad b) of a convolution from its output gradient, in one native call;
+    its own derivative uses native grouped convolutions only."""
+
+    @staticmethod
+    def forward(ctx, grad_out, x, w, conv, input_grad):
+        stride, padding, groups = conv
+        ctx.save_for_backward(grad_out, x, w)
+        ctx.conv = conv
+        return torch.ops.aten.convolution_backward(grad_out, x, w, [w.shape[0]], stride, padding, (1, 1), False,
+                                                   (0, 0), groups, (input_grad, True, True))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gg_x, gg_w, gg_b):
+        grad_out, x, w = ctx.saved_tensors
+        stride, padding, groups = ctx.conv
+        d_out = d_x = d_w = None
+        if ctx.needs_input_grad[0]:  # the backward is linear in grad_out
+            d_out = F.conv2d(x, gg_w, gg_b, stride, padding, 1, groups)
+            if gg_x is not None:
+                d_out = d_out + F.conv2d(gg_x, w, None, stride, padding, 1, groups)
+        if ctx.needs_input_grad[1]:  # x enters through grad w (x correlated with grad_out)
+            d_x = torch.ops.aten.convolution_backward(grad_out, x, gg_w, None, stride, padding, (1, 1), False,
+                                                      (0, 0), groups, (True, False, False))[0]
+        if ctx.needs_input_grad[2] and gg_x is not None:  # w enters through grad x (grad_out convolved with w^T)
+            d_w = torch.ops.aten.convolution_backward(grad_out, gg_x, w, None, stride, padding, (1, 1), False,
+                                                      (0, 0), groups, (False, True, False))[1]
+        return d_out, d_x, d_w, None, None
+
+
+_DIMS = (0, 2, 3)  # batch norm statistics: per channel of [n, C, H, W]
+
+
+def _channel(v):
+    return v.reshape(1, -1, 1, 1)
+
+
+def _batch_norm_relu_backward(grad_y, x, w, mean, inv_std, y, eps):
+    """(grad x, grad w, grad b, gradient before the ReLU) of BatchNormReLU, by PyTorch's kernels."""
+    g = torch.ops.aten.threshold_backward(grad_y, y, 0)
+    return *torch.ops.aten.native_batch_norm_backward(g, x, w, None, None, mean, inv_std, True, eps,
+                                                      (True, True, True)), g
+
+
+class BatchNormReLU(torch.autograd.Function):
+    """relu(training-mode batch norm of x [n, C, H, W] per channel, scaled by w, shifted by b).
+    PyTorch's batch norm kernels (they accumulate in double: float32 meta-gradients summed
+    from primitive operations were up to 1e-3 off at some weights); the derivative of the
+    backward, needed for second-order MAML, is `BatchNormReLUBackward`."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, eps):
+        z, mean, inv_std = torch.ops.aten.native_batch_norm(x, w, b, None, None, True, 0.0, eps)
+        y = z.relu_()
+        ctx.save_for_backward(x, w, mean, inv_std, y)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        if torch.is_grad_enabled():  # create_graph: this gradient will be differentiated
+            return *BatchNormReLUBackward.apply(grad_y, *ctx.saved_tensors, ctx.eps), None
+        return *_batch_norm_relu_backward(grad_y, *ctx.saved_tensors, ctx.eps)[:3], None
+
+
+class BatchNormReLUBackward(torch.autograd.Function):
+    """(grad x, grad w, grad b) of BatchNormReLU from grad y, with its derivative in closed form.
+    mean, inv_std (functions of x) and y (for the ReLU mask) are passed in, not differentiated."""
+
+    @staticmethod
+    def forward(ctx, grad_y, x, w, mean, inv_std, y, eps):
+        grad_x, grad_w, grad_b, g = _batch_norm_relu_backward(grad_y, x, w, mean, inv_std, y, eps)
+        inv_std = _channel(inv_std)
+        x_hat = (x - _channel(mean)) * inv_std
+        # g without its components along x_hat and 1 (grad_x / scale); the mean is taken out last, so
+        # that it sums to 0 as closely as float allows (the first layer sums it over a constant background)
+        g_centred = g - x_hat * _channel(grad_w / (x.numel() // x.shape[1]))
+        g_centred -= g_centred.mean(_DIMS, keepdim=True)
+        ctx.save_for_backward(g, g_centred, w, x_hat, inv_std, y, _channel(grad_w))
+        return grad_x, grad_w, grad_b
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, a, alpha, beta):
+        """Derivatives of <a, grad_x> + <alpha, grad_w> + <beta, grad_b> w.r.t. grad_y, x and w."""
+        g, g_centred, w, x_hat, inv_std, y, grad_w = ctx.saved_tensors
+        n = x_hat.numel() // x_hat.shape[1]
+        w, alpha, beta = _channel(w), _channel(alpha), _channel(beta)
+        scale = w * inv_std
+        mean_a_x = (a * x_hat).mean(_DIMS, keepdim=True)
+        a_centred = a - x_hat * mean_a_x
+        a_centred -= a_centred.mean(_DIMS, keepdim=True)
+        d_g = a_centred * scale + x_hat * alpha + beta
+        k = (a_centred * g).sum(_DIMS, keepdim=True)  # = <a, grad_x> / scale
+        # d/dx through x_hat and inv_std: a combination of the centred vectors (little float32 rounding)
+        d_x = g_centred * (alpha - scale * mean_a_x) - a_centred * (scale * grad_w / n) - x_hat * (scale * k / n)
+        return (torch.ops.aten.threshold_backward(d_g, y, 0), d_x * inv_std, (inv_std * k).flatten(),
+                None, None, None, None)
 
 
 def grouped_forward(structure, weights, x):
@@ -100,9 +200,8 @@ def grouped_forward(structure, weights, x):
     for conv, norm, pool in layers:
         cw, cb, bw, bb = weights[i:i + 4]
         i += 4
-        h = F.conv2d(h, cw.reshape(-1, *cw.shape[2:]), cb.reshape(-1), stride=conv.stride, padding=conv.padding,
-                     groups=tasks)
-        h = F.relu(_batch_norm(h, bw, bb, norm.eps))
+        h = GroupedConv.apply(h, cw.reshape(-1, *cw.shape[2:]), cb.reshape(-1), conv.stride, conv.padding, tasks)
+        h = BatchNormReLU.apply(h, bw.reshape(-1), bb.reshape(-1), norm.eps)
         if pool is not None:
             h = F.max_pool2d(h, pool.kernel_size, pool.stride, pool.padding)
     if tail == "mean":

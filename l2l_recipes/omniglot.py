@@ -106,6 +106,14 @@ class OmniglotClasses(torch.utils.data.Dataset):
         x = torch.rot90(self.images[self.character[c], j], self.quarter_turns[c], dims=(0, 1))
         return x.float().div_(255).unsqueeze(0), c
 
+    def all_images(self):
+        """Every item's image as one uint8 tensor [items, 1, H, W], in item order (rotations applied)."""
+        turns = torch.tensor(self.quarter_turns)
+        images = self.images[torch.tensor(self.character)]  # [classes, drawings, H, W]
+        for q in (1, 2, 3):
+            images[turns == q] = torch.rot90(images[turns == q], q, dims=(2, 3))
+        return images.reshape(-1, 1, *images.shape[2:])
+
 
 def classes(split, root=None):
     """Class names `<Alphabet>/characterNN/rotDDD` of one split of the standard split."""

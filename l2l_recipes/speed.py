@@ -10,8 +10,8 @@ Measures, on the same tasks and weights:
 The reference loops run first as learn2learn's examples run them: images decoded from their
 PNG files per sample (FullOmniglot's data path with get_tasksets' transform), glibc's default
 malloc; then on this project's uint8 image cache, with the default malloc and after
-`harness.keep_freed_memory()` (which our runs use); then the fast path. GFLOP/s = FLOPs of one iteration (torch's FlopCounterMode) / time, next to the
-machine's float32 matmul rate.
+`harness.keep_freed_memory()` (which our runs use); then the fast path. GFLOP/s = FLOPs of
+one iteration (torch's FlopCounterMode) / time, next to the machine's float32 matmul rate.
 """
 import json
 import platform
@@ -129,12 +129,12 @@ def meta_gradients(model, step, seed):
 
 # ----------------------------------------------------------------------------- ProtoNet
 
-def proto_step(model, optimizer, x, y, s):
+def proto_step(model, optimizer, proto_logits, x, y, s):
+    """One ProtoNet training episode; proto_logits is the recipe's (distances to the class means)."""
     sx, sy, qx, qy = data.split_support_query(x, y, s.proto_shots)
     optimizer.zero_grad(set_to_none=True)
     embeddings = model(torch.cat([sx, qx]))
-    protonet = registry.get_recipe("protonet-omniglot-5w1s").load_module()
-    loss = F.cross_entropy(protonet.proto_logits(embeddings[: len(sx)], sy, embeddings[len(sx):], s.proto_ways), qy)
+    loss = F.cross_entropy(proto_logits(embeddings[: len(sx)], sy, embeddings[len(sx):], s.proto_ways), qy)
     loss.backward()
     optimizer.step()
 
@@ -152,12 +152,13 @@ def measure(settings=Settings(), data_root=None, progress=print):
     maml = l2l.algorithms.MAML(model, lr=s.fast_lr)
     embedder = models.conv4_embedding("omniglot", s.hidden_size)
     adam = torch.optim.Adam(embedder.parameters(), 1e-3)
+    proto_logits = registry.get_recipe("protonet-omniglot-5w1s").load_module().proto_logits
     record = {"settings": asdict(s), "matmul_gflops": round(matmul_gflops(), 1)}
 
     def reference_loops(label, maml_tasks, proto_tasks):
         maml_seconds = timed(lambda: maml_reference_step(model, maml, maml_tasks, s), s.iterations)
         sampling = timed(lambda: [maml_tasks.sample() for _ in range(s.meta_batch_size)], s.iterations)
-        proto_seconds = timed(lambda: proto_step(embedder, adam, *proto_tasks.sample(), s), s.iterations)
+        proto_seconds = timed(lambda: proto_step(embedder, adam, proto_logits, *proto_tasks.sample(), s), s.iterations)
         proto_sampling = timed(proto_tasks.sample, s.iterations)
         progress(f"{label}: MAML {1000 * maml_seconds:.0f} ms/it (sampling {1000 * sampling:.0f} ms), "
                  f"ProtoNet {1000 * proto_seconds:.0f} ms/episode (sampling {1000 * proto_sampling:.0f} ms)")
@@ -183,10 +184,10 @@ def measure(settings=Settings(), data_root=None, progress=print):
 
     def channels_last_proto():
         x, y = proto_episodes.sample()
-        proto_step(cl_embedder, cl_adam, x.contiguous(memory_format=torch.channels_last), y, s)
+        proto_step(cl_embedder, cl_adam, proto_logits, x.contiguous(memory_format=torch.channels_last), y, s)
 
     maml_seconds = timed(lambda: maml_fast_step(model, maml_episodes, s), s.iterations)
-    proto_seconds = timed(lambda: proto_step(embedder, adam, *proto_episodes.sample(), s), s.iterations)
+    proto_seconds = timed(lambda: proto_step(embedder, adam, proto_logits, *proto_episodes.sample(), s), s.iterations)
     cl_seconds = timed(channels_last_proto, s.iterations)
     record["fast"] = {"maml_seconds": maml_seconds, "proto_seconds": proto_seconds}
     record["proto_channels_last_seconds"] = cl_seconds
@@ -206,7 +207,7 @@ def measure(settings=Settings(), data_root=None, progress=print):
 
     # FLOPs of one iteration, counted on the reference loops (the same arithmetic, done faster)
     maml_flops = flops(lambda: maml_reference_step(model, maml, maml_tasks, s))
-    proto_flops = flops(lambda: proto_step(embedder, adam, *proto_tasks.sample(), s))
+    proto_flops = flops(lambda: proto_step(embedder, adam, proto_logits, *proto_tasks.sample(), s))
     record["maml_gflop_per_iteration"] = maml_flops / 1e9
     record["proto_gflop_per_episode"] = proto_flops / 1e9
     for loop in ("reference_png", "reference_default_malloc", "reference", "fast"):

@@ -36,7 +36,7 @@ def test_device_episodes_equal_learn2learn_tasks(omniglot_train):
 
 def test_device_episodes_cover_rotated_classes(omniglot_train):
     """Every rotation of a character gives its own images, as the dataset's items do."""
-    images = fast.split_images(omniglot_train)
+    images = omniglot_train.all_images()
     for i in (0, 20 * 1 + 3, 20 * 2 + 5, 20 * 3 + 19, len(omniglot_train) - 1):
         x, _ = omniglot_train[i]
         assert torch.equal(images[i].float().div_(255), x)
@@ -53,6 +53,57 @@ def test_device_episodes_rgb():
     random.seed(3)
     for (ex, ey), (gx, gy) in zip(expected, [episodes.sample() for _ in range(5)]):
         assert torch.equal(ex, gx) and torch.equal(ey, gy)
+
+
+def _second_derivatives(f, inputs):
+    """Derivatives w.r.t. `inputs` of a fixed random projection of the gradient of a fixed random
+    projection of f(*inputs): exercises the backward and its own derivative (as MAML does)."""
+    g = torch.Generator().manual_seed(3)
+    out = f(*inputs)
+    grads = torch.autograd.grad((out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum(), inputs,
+                                create_graph=True)
+    total = sum((gi * torch.randn(gi.shape, generator=g, dtype=gi.dtype)).sum() for gi in grads)
+    return torch.autograd.grad(total, inputs, allow_unused=True, materialize_grads=True)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_grouped_conv_second_derivatives_equal_pytorch(stride, input_grad):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4 * 2, 9, 9, generator=g, dtype=torch.float64).requires_grad_(input_grad)
+    w = torch.randn(4 * 3, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(12, generator=g, dtype=torch.float64, requires_grad=True)
+    inputs = (x, w, b) if input_grad else (w, b)
+
+    def ours(*args):
+        return fast.GroupedConv.apply(*(args if input_grad else (x, *args)), (stride, stride), (1, 1), 4)
+
+    def pytorch(*args):
+        return F.conv2d(*(args if input_grad else (x, *args)), stride=stride, padding=1, groups=4)
+
+    for got, expected in zip(_second_derivatives(ours, inputs), _second_derivatives(pytorch, inputs)):
+        assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_batch_norm_relu_derivatives():
+    """Against autograd through batch norm written from primitive ops, and numerically."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(4, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    b = (0.3 * torch.randn(4, generator=g, dtype=torch.float64)).requires_grad_()
+
+    def primitive(x, w, b):
+        centred = x - x.mean((0, 2, 3), keepdim=True)
+        inv_std = torch.rsqrt((centred * centred).mean((0, 2, 3), keepdim=True) + 1e-5)
+        return F.relu(centred * inv_std * w.reshape(1, -1, 1, 1) + b.reshape(1, -1, 1, 1))
+
+    def ours(x, w, b):
+        return fast.BatchNormReLU.apply(x, w, b, 1e-5)
+
+    assert torch.allclose(ours(x, w, b), primitive(x, w, b), rtol=1e-12, atol=1e-12)
+    for got, expected in zip(_second_derivatives(ours, (x, w, b)), _second_derivatives(primitive, (x, w, b))):
+        assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradgradcheck(ours, (x, w, b))
 
 
 def _random_tasks(count, ways, shots, queries, shape, seed):

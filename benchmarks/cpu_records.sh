@@ -36,4 +36,11 @@ bench maml-rl-particles2d --seeds 3 --iterations 60 --episodes 100
 # 2026-12-01, session 3 (commit 6151afc, fast path, 2 threads, nothing else running): make run's budget
 unset OMP_NUM_THREADS
 bench protonet-omniglot-5w1s --seeds 3 --max-minutes 8
-# still to run: 3 seeds with larger budgets for the other rows of sessions 1 and 2 (one seed each)
+# 2026-12-01, session 4 (commit 2e52f68, fast path; one thread each, nice 10, beside other work,
+# paused while speed was measured, so wall times are upper bounds): three seeds for the rows
+export OMP_NUM_THREADS=1
+bench maml-omniglot-5w1s --seeds 3 --iterations 600
+bench protonet-omniglot-5w5s --seeds 3 --iterations 500
+bench protonet-omniglot-20w1s --seeds 3 --iterations 500
+# still one seed each: ProtoNet Omniglot 20w5s, MAML 20w1s, ProtoNet mini-ImageNet, ANIL, FOMAML,
+# Meta-SGD, Reptile, Matching Nets, transfer

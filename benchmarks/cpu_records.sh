@@ -42,5 +42,8 @@ export OMP_NUM_THREADS=1
 bench maml-omniglot-5w1s --seeds 3 --iterations 600
 bench protonet-omniglot-5w5s --seeds 3 --iterations 500
 bench protonet-omniglot-20w1s --seeds 3 --iterations 500
-# still one seed each: ProtoNet Omniglot 20w5s, MAML 20w1s, ProtoNet mini-ImageNet, ANIL, FOMAML,
-# Meta-SGD, Reptile, Matching Nets, transfer
+# commit 1e3a894, 2 threads, nothing else running
+unset OMP_NUM_THREADS
+bench maml-omniglot-20w1s --seeds 3 --iterations 300
+# still one seed each: ProtoNet Omniglot 20w5s, ProtoNet mini-ImageNet, ANIL, FOMAML, Meta-SGD,
+# Reptile, Matching Nets, transfer

@@ -120,18 +120,20 @@ class ConvBackward(torch.autograd.Function):
         return d_out, d_x, d_w, None, None
 
 
-_DIMS = (0, 2, 3)  # batch norm statistics: per channel of [n, C, H, W]
-
-
 def _channel(v):
     return v.reshape(1, -1, 1, 1)
 
 
-def _batch_norm_relu_backward(grad_y, x, w, mean, inv_std, y, eps):
-    """(grad x, grad w, grad b, gradient before the ReLU) of BatchNormReLU, by PyTorch's kernels."""
-    g = torch.ops.aten.threshold_backward(grad_y, y, 0)
-    return *torch.ops.aten.native_batch_norm_backward(g, x, w, None, None, mean, inv_std, True, eps,
-                                                      (True, True, True)), g
+def _batch_norm_backward(grad, x, w, mean, inv_std, eps, mask=(True, True, True)):
+    """PyTorch's batch norm backward kernel (it accumulates in double): for w=None (a scale of 1),
+    grad - mean(grad) - x_hat * mean(grad * x_hat), times inv_std; sum(grad * x_hat); sum(grad)."""
+    return torch.ops.aten.native_batch_norm_backward(grad, x, w, None, None, mean, inv_std, True, eps, mask)
+
+
+def _channel_dot(u, v):
+    """Per channel, the sum over [n, H, W] of u * v, in one pass of the same kernel."""
+    ones = torch.ones(u.shape[1], dtype=u.dtype, device=u.device)
+    return _batch_norm_backward(u, v, None, torch.zeros_like(ones), ones, 0.0, (False, True, False))[1]
 
 
 class BatchNormReLU(torch.autograd.Function):
@@ -152,42 +154,41 @@ class BatchNormReLU(torch.autograd.Function):
     def backward(ctx, grad_y):
         if torch.is_grad_enabled():  # create_graph: this gradient will be differentiated
             return *BatchNormReLUBackward.apply(grad_y, *ctx.saved_tensors, ctx.eps), None
-        return *_batch_norm_relu_backward(grad_y, *ctx.saved_tensors, ctx.eps)[:3], None
+        x, w, mean, inv_std, y = ctx.saved_tensors
+        g = torch.ops.aten.threshold_backward(grad_y, y, 0)
+        return *_batch_norm_backward(g, x, w, mean, inv_std, ctx.eps), None
 
 
 class BatchNormReLUBackward(torch.autograd.Function):
-    """(grad x, grad w, grad b) of BatchNormReLU from grad y, with its derivative in closed form.
-    mean, inv_std (functions of x) and y (for the ReLU mask) are passed in, not differentiated."""
+    """(grad x, grad w, grad b) of BatchNormReLU from grad y, with its derivative in closed form,
+    written with batch norm's own backward kernel where it fits (fewer passes over the
+    activations). mean, inv_std (functions of x) and y (the ReLU mask) are not differentiated."""
 
     @staticmethod
     def forward(ctx, grad_y, x, w, mean, inv_std, y, eps):
-        grad_x, grad_w, grad_b, g = _batch_norm_relu_backward(grad_y, x, w, mean, inv_std, y, eps)
-        inv_std = _channel(inv_std)
-        x_hat = (x - _channel(mean)) * inv_std
-        # g without its components along x_hat and 1 (grad_x / scale); the mean is taken out last, so
-        # that it sums to 0 as closely as float allows (the first layer sums it over a constant background)
-        g_centred = g - x_hat * _channel(grad_w / (x.numel() // x.shape[1]))
-        g_centred -= g_centred.mean(_DIMS, keepdim=True)
-        ctx.save_for_backward(g, g_centred, w, x_hat, inv_std, y, _channel(grad_w))
-        return grad_x, grad_w, grad_b
+        g = torch.ops.aten.threshold_backward(grad_y, y, 0)
+        g_centred, grad_w, grad_b = _batch_norm_backward(g, x, None, mean, inv_std, eps)  # inv_std * P(g)
+        ctx.save_for_backward(g_centred, x, w, mean, inv_std, y, grad_w)
+        ctx.eps = eps
+        return g_centred * _channel(w), grad_w, grad_b
 
     @staticmethod
     @once_differentiable
     def backward(ctx, a, alpha, beta):
-        """Derivatives of <a, grad_x> + <alpha, grad_w> + <beta, grad_b> w.r.t. grad_y, x and w."""
-        g, g_centred, w, x_hat, inv_std, y, grad_w = ctx.saved_tensors
-        n = x_hat.numel() // x_hat.shape[1]
-        w, alpha, beta = _channel(w), _channel(alpha), _channel(beta)
+        """Derivatives of <a, grad_x> + <alpha, grad_w> + <beta, grad_b> w.r.t. grad_y, x and w.
+        With P the projection removing the components along 1 and x_hat, grad_x = w inv_std P(g)."""
+        g_centred, x, w, mean, inv_std, y, grad_w = ctx.saved_tensors
+        n = x.numel() // x.shape[1]
+        a_centred, sum_a_x, _ = _batch_norm_backward(a, x, w, mean, inv_std, ctx.eps)  # w inv_std P(a)
+        k = _channel_dot(a, g_centred)  # = <P(a), g> inv_std = d/dw
+        x_hat = (x - _channel(mean)).mul_(_channel(inv_std))
+        # d/dx through x_hat and inv_std: a combination of the centred vectors
         scale = w * inv_std
-        mean_a_x = (a * x_hat).mean(_DIMS, keepdim=True)
-        a_centred = a - x_hat * mean_a_x
-        a_centred -= a_centred.mean(_DIMS, keepdim=True)
-        d_g = a_centred * scale + x_hat * alpha + beta
-        k = (a_centred * g).sum(_DIMS, keepdim=True)  # = <a, grad_x> / scale
-        # d/dx through x_hat and inv_std: a combination of the centred vectors (little float32 rounding)
-        d_x = g_centred * (alpha - scale * mean_a_x) - a_centred * (scale * grad_w / n) - x_hat * (scale * k / n)
-        return (torch.ops.aten.threshold_backward(d_g, y, 0), d_x * inv_std, (inv_std * k).flatten(),
-                None, None, None, None)
+        d_x = g_centred * _channel(alpha - scale * sum_a_x / n)
+        d_x.addcmul_(a_centred, _channel(-inv_std * grad_w / n))
+        d_x.addcmul_(x_hat, _channel(-scale * k / n))
+        d_g = a_centred.add_(_channel(beta)).addcmul_(x_hat, _channel(alpha))
+        return torch.ops.aten.threshold_backward(d_g, y, 0), d_x, k, None, None, None, None
 
 
 def grouped_forward(structure, weights, x):

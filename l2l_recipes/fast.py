@@ -1,4 +1,5 @@
-"""The fast path: episodes gathered on the device, and MAML's meta-batch as one network.
+"""The fast path: episodes gathered on the device, ProtoNet's embedding with fewer passes over
+its activations, and MAML's meta-batch as one network.
 
 `DeviceEpisodes` keeps a split's images as one uint8 tensor on the training device and
 builds each task by indexing it, from the same learn2learn task description (and so the
@@ -54,6 +55,23 @@ class DeviceEpisodes:
 
     def sample(self):
         return self.get_task(data.draw(self.tasks))
+
+
+# ----------------------------------------------------------------------------- ProtoNet embedding
+
+def conv4_embed(backbone, x):
+    """`backbone(x)` for learn2learn's Conv4 backbones (conv, batch norm, ReLU, max-pool per
+    block), with each ReLU applied after the max-pool instead of before. The two commute
+    exactly, in float as well, and so do their gradients (ties in a window go to the same
+    first element; where the maximum is not positive both give 0): the same embeddings,
+    gradients and batch norm statistics, with the ReLU and its backward on a quarter of the
+    largest activations (ProtoNet's training step is bound by passes over those on a CPU)."""
+    h = x
+    for block in backbone:
+        if not isinstance(block.max_pool, (torch.nn.MaxPool2d, torch.nn.Identity)):
+            raise UserError(f"engine=fast cannot reorder {type(block.max_pool).__name__}: use --set engine=reference")
+        h = block.relu(block.max_pool(block.normalize(block.conv(h))))
+    return h.reshape(h.size(0), -1)
 
 
 # ----------------------------------------------------------------------------- MAML meta-batch

@@ -3,16 +3,18 @@
 Measures, on the same tasks and weights:
   * MAML Omniglot (Conv4 / OmniglotCNN, second order, meta-batch 32, one inner step):
     learn2learn's loop (Taskset.sample() per task, a MAML clone per task) against
-    DeviceEpisodes + fast.maml_meta_batch; the meta-gradient difference between them.
+    DeviceEpisodes + fast.maml_meta_batch; the meta-gradient difference between them, and
+    each one's difference from the float64 meta-gradient.
   * ProtoNet Omniglot training episodes (60-way 5-shot 5-query): learn2learn's Taskset and a
-    Conv4 step against DeviceEpisodes (the recipe's default), and with channels-last
-    convolutions as well (an option: faster, but rounded more coarsely by oneDNN).
+    Conv4 step against DeviceEpisodes + fast.conv4_embed (the recipe's default), and with
+    channels-last convolutions as well (an option: faster, but rounded more coarsely by oneDNN).
 The reference loops run first as learn2learn's examples run them: images decoded from their
 PNG files per sample (FullOmniglot's data path with get_tasksets' transform), glibc's default
 malloc; then on this project's uint8 image cache, with the default malloc and after
 `harness.keep_freed_memory()` (which our runs use); then the fast path. GFLOP/s = FLOPs of
 one iteration (torch's FlopCounterMode) / time, next to the machine's float32 matmul rate.
 """
+import copy
 import json
 import platform
 import random
@@ -127,13 +129,28 @@ def meta_gradients(model, step, seed):
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+class Float64Tasks:
+    """A Taskset's tasks in float64: the exact meta-gradient, up to ~1e-15, to judge both loops by."""
+
+    def __init__(self, tasks):
+        self.tasks = tasks
+
+    def sample(self):
+        x, y = self.tasks.sample()
+        return x.double(), y
+
+
+def max_differences(grads, other):
+    return {name: (grads[name].double() - other[name].double()).abs().max().item() for name in grads}
+
+
 # ----------------------------------------------------------------------------- ProtoNet
 
-def proto_step(model, optimizer, proto_logits, x, y, s):
+def proto_step(embed, optimizer, proto_logits, x, y, s):
     """One ProtoNet training episode; proto_logits is the recipe's (distances to the class means)."""
     sx, sy, qx, qy = data.split_support_query(x, y, s.proto_shots)
     optimizer.zero_grad(set_to_none=True)
-    embeddings = model(torch.cat([sx, qx]))
+    embeddings = embed(torch.cat([sx, qx]))
     loss = F.cross_entropy(proto_logits(embeddings[: len(sx)], sy, embeddings[len(sx):], s.proto_ways), qy)
     loss.backward()
     optimizer.step()
@@ -182,12 +199,17 @@ def measure(settings=Settings(), data_root=None, progress=print):
     cl_embedder.load_state_dict(embedder.state_dict())
     cl_adam = torch.optim.Adam(cl_embedder.parameters(), 1e-3)
 
+    def fast_embed(x):
+        return fast.conv4_embed(embedder, x)
+
     def channels_last_proto():
         x, y = proto_episodes.sample()
-        proto_step(cl_embedder, cl_adam, proto_logits, x.contiguous(memory_format=torch.channels_last), y, s)
+        proto_step(lambda x: fast.conv4_embed(cl_embedder, x), cl_adam, proto_logits,
+                   x.contiguous(memory_format=torch.channels_last), y, s)
 
     maml_seconds = timed(lambda: maml_fast_step(model, maml_episodes, s), s.iterations)
-    proto_seconds = timed(lambda: proto_step(embedder, adam, proto_logits, *proto_episodes.sample(), s), s.iterations)
+    proto_seconds = timed(lambda: proto_step(fast_embed, adam, proto_logits, *proto_episodes.sample(), s),
+                          s.iterations)
     cl_seconds = timed(channels_last_proto, s.iterations)
     record["fast"] = {"maml_seconds": maml_seconds, "proto_seconds": proto_seconds}
     record["proto_channels_last_seconds"] = cl_seconds
@@ -197,13 +219,34 @@ def measure(settings=Settings(), data_root=None, progress=print):
     # same tasks, same weights: meta-gradients of both MAML loops
     reference_grads = meta_gradients(model, lambda: maml_reference_step(model, maml, maml_tasks, s), s.seed)
     fast_grads = meta_gradients(model, lambda: maml_fast_step(model, maml_episodes, s), s.seed)
-    differences = {name: (reference_grads[name] - fast_grads[name]).abs().max().item() for name in fast_grads}
+    differences = max_differences(fast_grads, reference_grads)
     record["maml_grad_difference_by_parameter"] = differences
     record["maml_max_abs_grad_difference"] = max(differences.values())
     # a convolution's bias before batch norm has an exact meta-gradient of 0: both loops return
     # float32 rounding noise there, learn2learn's ~1e-5
     record["maml_max_abs_grad_difference_without_conv_biases"] = max(
         d for name, d in differences.items() if not name.endswith("conv.bias"))
+    # ... so both are also measured against the float64 meta-gradient of the same tasks and weights
+    model64 = copy.deepcopy(model).double()
+    exact = meta_gradients(model64, lambda: maml_reference_step(
+        model64, l2l.algorithms.MAML(model64, lr=s.fast_lr), Float64Tasks(maml_tasks), s), s.seed)
+    record["maml_fast_error_by_parameter"] = max_differences(fast_grads, exact)
+    record["maml_reference_error_by_parameter"] = max_differences(reference_grads, exact)
+    record["maml_fast_max_abs_error"] = max(record["maml_fast_error_by_parameter"].values())
+    record["maml_reference_max_abs_error"] = max(record["maml_reference_error_by_parameter"].values())
+
+    # ProtoNet: gradient of one episode, the same for both (the fast path's numbers are bitwise equal)
+    def proto_gradient(embed, tasks):
+        random.seed(s.seed)
+        embedder.zero_grad()
+        x, y = tasks.sample()
+        sx, sy, qx, qy = data.split_support_query(x, y, s.proto_shots)
+        embeddings = embed(torch.cat([sx, qx]))
+        F.cross_entropy(proto_logits(embeddings[: len(sx)], sy, embeddings[len(sx):], s.proto_ways), qy).backward()
+        return {name: p.grad.clone() for name, p in embedder.named_parameters()}
+
+    record["proto_max_abs_grad_difference"] = max(max_differences(
+        proto_gradient(fast_embed, proto_episodes), proto_gradient(embedder, proto_tasks)).values())
 
     # FLOPs of one iteration, counted on the reference loops (the same arithmetic, done faster)
     maml_flops = flops(lambda: maml_reference_step(model, maml, maml_tasks, s))
@@ -262,7 +305,11 @@ def report(record):
     lines.append(f"MAML meta-gradient, same tasks and weights: max |fast - learn2learn| = "
                  f"{record['maml_max_abs_grad_difference']:.2e}; without the conv biases before batch norm "
                  f"(exact gradient 0, rounding noise in both loops): "
-                 f"{record['maml_max_abs_grad_difference_without_conv_biases']:.2e}")
+                 f"{record['maml_max_abs_grad_difference_without_conv_biases']:.2e}; max |loop - float64 "
+                 f"meta-gradient|: fast path {record['maml_fast_max_abs_error']:.2e}, learn2learn's loop "
+                 f"{record['maml_reference_max_abs_error']:.2e}")
+    lines.append(f"ProtoNet gradient of one episode, fast path against learn2learn's loop: max difference "
+                 f"{record['proto_max_abs_grad_difference']:.2e}")
     lines.append(f"float32 matmul 2048x2048: {record['matmul_gflops']:.0f} GFLOP/s")
     return "\n".join(lines)
 

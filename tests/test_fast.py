@@ -55,6 +55,31 @@ def test_device_episodes_rgb():
         assert torch.equal(ex, gx) and torch.equal(ey, gy)
 
 
+@pytest.mark.parametrize("dataset", ["omniglot", "mini-imagenet"])
+def test_conv4_embed_equals_the_module_bit_for_bit(omniglot_train, dataset):
+    """ReLU after max-pool: the same embeddings, gradients and batch norm statistics, bit for bit,
+    on real Omniglot images (a constant background: many ties in the pooling windows)."""
+    torch.manual_seed(0)
+    module = models.conv4_embedding(dataset, 16)
+    reordered = models.conv4_embedding(dataset, 16)
+    reordered.load_state_dict(module.state_dict())
+    if dataset == "omniglot":
+        x = torch.stack([omniglot_train[i][0] for i in range(0, 2000, 20)])
+    else:
+        x = torch.rand(12, 3, 84, 84)
+    for train in (True, False):
+        module.train(train), reordered.train(train)
+        module.zero_grad(), reordered.zero_grad()
+        expected, got = module(x), fast.conv4_embed(reordered, x)
+        assert torch.equal(expected, got)
+        (expected * expected.detach().cos()).sum().backward()
+        (got * got.detach().cos()).sum().backward()
+        for (name, p), q in zip(module.named_parameters(), reordered.parameters()):
+            assert torch.equal(p.grad, q.grad), name
+        for a, b in zip(module.buffers(), reordered.buffers()):
+            assert torch.equal(a, b)
+
+
 def _second_derivatives(f, inputs):
     """Derivatives w.r.t. `inputs` of a fixed random projection of the gradient of a fixed random
     projection of f(*inputs): exercises the backward and its own derivative (as MAML does)."""

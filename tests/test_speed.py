@@ -22,4 +22,10 @@ def test_speed_benchmark_tiny(tmp_path):
     # norm have an exact meta-gradient of 0, where both loops return rounding noise)
     assert record["maml_max_abs_grad_difference_without_conv_biases"] <= 1e-5
     assert set(record["maml_grad_difference_by_parameter"]) >= {"classifier.weight", "base.0.conv.bias"}
+    # judged by the float64 meta-gradient: the fast path within the 1e-5, and no worse than
+    # learn2learn's own float32 loop by more than rounding
+    assert record["maml_fast_max_abs_error"] <= 1e-5
+    assert record["maml_fast_max_abs_error"] <= record["maml_reference_max_abs_error"] + 1e-6
+    # ProtoNet's fast path reorders ReLU and max-pool: the same gradient, bit for bit
+    assert record["proto_max_abs_grad_difference"] == 0
     assert record["environment"]["git_commit"] is not None

@@ -214,7 +214,7 @@ def grouped_forward(structure, weights, x):
     on its own images x [tasks, n, C, H, W]."""
     layers, tail, _ = structure
     tasks, n = x.shape[:2]
-    h = x.transpose(0, 1).reshape(n, -1, *x.shape[3:])  # task t's images are channel group t
+    h = x.transpose(0, 1).reshape(n, -1, *x.shape[3:]).contiguous()  # task t's images are channel group t
     i = 0
     for conv, norm, pool in layers:
         cw, cb, bw, bb = weights[i:i + 4]

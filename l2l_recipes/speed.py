@@ -8,14 +8,16 @@ Measures, on the same tasks and weights:
   * ProtoNet Omniglot training episodes (60-way 5-shot 5-query): learn2learn's Taskset and a
     Conv4 step against DeviceEpisodes + fast.conv4_embed (the recipe's default), and with
     channels-last convolutions as well (an option: faster, but rounded more coarsely by oneDNN).
-The reference loops run first as learn2learn's examples run them: images decoded from their
-PNG files per sample (FullOmniglot's data path with get_tasksets' transform), glibc's default
-malloc; then on this project's uint8 image cache, with the default malloc and after
-`harness.keep_freed_memory()` (which our runs use); then the fast path. GFLOP/s = FLOPs of
-one iteration (torch's FlopCounterMode) / time, next to the machine's float32 matmul rate.
+The reference loops run as learn2learn's examples run them (images decoded from their PNG
+files per sample: FullOmniglot's data path with get_tasksets' transform; glibc's default
+malloc), on this project's uint8 image cache with the default malloc, and on the cache after
+`harness.keep_freed_memory()` (which our runs use); the fast path runs as our runs do. Each
+loop has a process of its own and they are timed in turns (`interleaved_seconds`). GFLOP/s =
+FLOPs of one iteration (torch's FlopCounterMode) / time, next to the float32 matmul rate.
 """
 import copy
 import json
+import multiprocessing
 import platform
 import random
 import statistics
@@ -87,17 +89,6 @@ def matmul_gflops(size=2048, repeats=10):
     return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def timed(step, iterations):
-    """Median seconds of `step()` over `iterations` calls, after one warm-up call."""
-    step()
-    times = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def flops(step):
     with FlopCounterMode(display=False) as counter:
         step()
@@ -156,10 +147,139 @@ def proto_step(embed, optimizer, proto_logits, x, y, s):
     optimizer.step()
 
 
+LOOPS = {
+    "reference_png": "learn2learn loops, PNG per image, default malloc",
+    "reference_default_malloc": "learn2learn loops, uint8 cache, default malloc",
+    "reference": "learn2learn loops, uint8 cache, keep_freed_memory",
+    "fast": "fast path",
+}
+
+
+class Loop:
+    """One of LOOPS: its MAML and ProtoNet steps (and the reference loops' sampling alone) on the
+    same tasks and initial weights as every other loop; built in a process of its own."""
+
+    def __init__(self, name, s, data_root):
+        if name in ("reference", "fast"):
+            harness.keep_freed_memory()
+        train = data.load_split("omniglot", "train", data_root)
+        images = PngOmniglot(train, data_root) if name == "reference_png" else train
+        maml_tasks = data.taskset(images, s.maml_ways, s.maml_shots, s.maml_queries)
+        proto_tasks = data.taskset(images, s.proto_ways, s.proto_shots, s.proto_queries)
+        random.seed(s.seed)
+        torch.manual_seed(s.seed)
+        model = models.conv4_classifier("omniglot", s.maml_ways, s.hidden_size)
+        embedder = models.conv4_embedding("omniglot", s.hidden_size)
+        adam = torch.optim.Adam(embedder.parameters(), 1e-3)
+        proto_logits = registry.get_recipe("protonet-omniglot-5w1s").load_module().proto_logits
+        if name != "fast":
+            maml = l2l.algorithms.MAML(model, lr=s.fast_lr)
+            self.steps = {
+                "maml": lambda: maml_reference_step(model, maml, maml_tasks, s),
+                "maml_sampling": lambda: [maml_tasks.sample() for _ in range(s.meta_batch_size)],
+                "proto": lambda: proto_step(embedder, adam, proto_logits, *proto_tasks.sample(), s),
+                "proto_sampling": proto_tasks.sample}
+            return
+        device = torch.device("cpu")
+        maml_episodes = fast.DeviceEpisodes(maml_tasks, train, device)
+        proto_episodes = fast.DeviceEpisodes(proto_tasks, train, device)
+        cl_embedder = models.conv4_embedding("omniglot", s.hidden_size).to(memory_format=torch.channels_last)
+        cl_embedder.load_state_dict(embedder.state_dict())
+        cl_adam = torch.optim.Adam(cl_embedder.parameters(), 1e-3)
+
+        def channels_last_proto():
+            x, y = proto_episodes.sample()
+            proto_step(lambda x: fast.conv4_embed(cl_embedder, x), cl_adam, proto_logits,
+                       x.contiguous(memory_format=torch.channels_last), y, s)
+
+        self.steps = {
+            "maml": lambda: maml_fast_step(model, maml_episodes, s),
+            "proto": lambda: proto_step(lambda x: fast.conv4_embed(embedder, x), adam, proto_logits,
+                                        *proto_episodes.sample(), s),
+            "proto_channels_last": channels_last_proto}
+
+    def seconds(self, step, count):
+        """Seconds of each of `count` calls of a step, after one more call that warms the caches up
+        (the loops take turns, and each evicts the others' data from the CPU caches)."""
+        self.steps[step]()
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            self.steps[step]()
+            times.append(time.perf_counter() - start)
+        return times
+
+
+def _serve(connection, name, s, data_root):
+    """A loop's process: times the (step, count) it is sent, until it is sent None."""
+    loop = Loop(name, s, data_root)
+    connection.send(list(loop.steps))
+    for step, count in iter(connection.recv, None):
+        connection.send(loop.seconds(step, count))
+
+
+TURN = 3  # timed calls of a step per turn
+
+
+def interleaved_seconds(s, data_root):
+    """Median seconds of every step of every loop over `s.iterations` timed calls. Each loop runs
+    in its own process (its own allocator settings), and they take turns, `TURN` timed calls of
+    every step at a time, so that all loops see the same machine (whose speed drifts by up to
+    +-20% over minutes here, more than some of the differences measured)."""
+    context = multiprocessing.get_context("spawn")
+    workers = {}
+    try:
+        for name in LOOPS:
+            connection, child = context.Pipe()
+            process = context.Process(target=_serve, args=(child, name, s, data_root), daemon=True)
+            process.start()
+            workers[name] = (process, connection)
+        steps = {name: _receive(name, connection) for name, (_, connection) in workers.items()}
+        times = {name: {step: [] for step in steps[name]} for name in workers}
+        for done in range(0, s.iterations, TURN):
+            for name, (_, connection) in workers.items():
+                for step in steps[name]:
+                    connection.send((step, min(TURN, s.iterations - done)))
+                    times[name][step] += _receive(name, connection)
+    finally:
+        for process, connection in workers.values():
+            if process.is_alive():
+                connection.send(None)
+            process.join(timeout=60)
+    return {name: {step: statistics.median(t) for step, t in by_step.items()} for name, by_step in times.items()}
+
+
+def _receive(name, connection):
+    try:
+        return connection.recv()
+    except EOFError:
+        raise RuntimeError(f"the process timing {LOOPS[name]} failed (its traceback is above)") from None
+
+
 def measure(settings=Settings(), data_root=None, progress=print):
     """Run every loop; returns the record (dict)."""
     s = settings
     started = time.time()
+    record = {"settings": asdict(s), "matmul_gflops": round(matmul_gflops(), 1),
+              "timing": f"one process per loop, taking turns of {TURN} timed calls of each step "
+                        f"(after an untimed one); medians"}
+    seconds = interleaved_seconds(s, data_root)
+    for name, label in LOOPS.items():
+        t = seconds[name]
+        if name == "fast":
+            record["fast"] = {"maml_seconds": t["maml"], "proto_seconds": t["proto"]}
+            record["proto_channels_last_seconds"] = t["proto_channels_last"]
+            progress(f"{label}: MAML {1000 * t['maml']:.0f} ms/it, ProtoNet {1000 * t['proto']:.0f} ms/episode "
+                     f"({1000 * t['proto_channels_last']:.0f} ms with channels_last)")
+        else:
+            record[name] = {"maml_seconds": t["maml"], "maml_sampling_seconds": t["maml_sampling"],
+                            "proto_seconds": t["proto"], "proto_sampling_seconds": t["proto_sampling"]}
+            progress(f"{label}: MAML {1000 * t['maml']:.0f} ms/it (sampling {1000 * t['maml_sampling']:.0f} ms), "
+                     f"ProtoNet {1000 * t['proto']:.0f} ms/episode (sampling {1000 * t['proto_sampling']:.0f} ms)")
+    maml_seconds, proto_seconds = record["fast"]["maml_seconds"], record["fast"]["proto_seconds"]
+    cl_seconds = record["proto_channels_last_seconds"]
+
+    # the same tasks and weights in this process, for the gradients and the FLOP counts
     device = torch.device("cpu")
     train = data.load_split("omniglot", "train", data_root)
     maml_tasks = data.taskset(train, s.maml_ways, s.maml_shots, s.maml_queries)
@@ -170,51 +290,11 @@ def measure(settings=Settings(), data_root=None, progress=print):
     embedder = models.conv4_embedding("omniglot", s.hidden_size)
     adam = torch.optim.Adam(embedder.parameters(), 1e-3)
     proto_logits = registry.get_recipe("protonet-omniglot-5w1s").load_module().proto_logits
-    record = {"settings": asdict(s), "matmul_gflops": round(matmul_gflops(), 1)}
-
-    def reference_loops(label, maml_tasks, proto_tasks):
-        maml_seconds = timed(lambda: maml_reference_step(model, maml, maml_tasks, s), s.iterations)
-        sampling = timed(lambda: [maml_tasks.sample() for _ in range(s.meta_batch_size)], s.iterations)
-        proto_seconds = timed(lambda: proto_step(embedder, adam, proto_logits, *proto_tasks.sample(), s), s.iterations)
-        proto_sampling = timed(proto_tasks.sample, s.iterations)
-        progress(f"{label}: MAML {1000 * maml_seconds:.0f} ms/it (sampling {1000 * sampling:.0f} ms), "
-                 f"ProtoNet {1000 * proto_seconds:.0f} ms/episode (sampling {1000 * proto_sampling:.0f} ms)")
-        return {"maml_seconds": maml_seconds, "maml_sampling_seconds": sampling,
-                "proto_seconds": proto_seconds, "proto_sampling_seconds": proto_sampling}
-
-    png = PngOmniglot(train, data_root)
-    record["reference_png"] = reference_loops(
-        "learn2learn loops, PNG per image, default malloc",
-        data.taskset(png, s.maml_ways, s.maml_shots, s.maml_queries),
-        data.taskset(png, s.proto_ways, s.proto_shots, s.proto_queries))
-    record["reference_default_malloc"] = reference_loops("learn2learn loops, uint8 cache, default malloc",
-                                                         maml_tasks, proto_tasks)
-    harness.keep_freed_memory()
-    record["reference"] = reference_loops("learn2learn loops, uint8 cache, keep_freed_memory", maml_tasks,
-                                          proto_tasks)
-
     maml_episodes = fast.DeviceEpisodes(maml_tasks, train, device)
     proto_episodes = fast.DeviceEpisodes(proto_tasks, train, device)
-    cl_embedder = models.conv4_embedding("omniglot", s.hidden_size).to(memory_format=torch.channels_last)
-    cl_embedder.load_state_dict(embedder.state_dict())
-    cl_adam = torch.optim.Adam(cl_embedder.parameters(), 1e-3)
 
     def fast_embed(x):
         return fast.conv4_embed(embedder, x)
-
-    def channels_last_proto():
-        x, y = proto_episodes.sample()
-        proto_step(lambda x: fast.conv4_embed(cl_embedder, x), cl_adam, proto_logits,
-                   x.contiguous(memory_format=torch.channels_last), y, s)
-
-    maml_seconds = timed(lambda: maml_fast_step(model, maml_episodes, s), s.iterations)
-    proto_seconds = timed(lambda: proto_step(fast_embed, adam, proto_logits, *proto_episodes.sample(), s),
-                          s.iterations)
-    cl_seconds = timed(channels_last_proto, s.iterations)
-    record["fast"] = {"maml_seconds": maml_seconds, "proto_seconds": proto_seconds}
-    record["proto_channels_last_seconds"] = cl_seconds
-    progress(f"fast path: MAML {1000 * maml_seconds:.0f} ms/it, ProtoNet {1000 * proto_seconds:.0f} ms/episode "
-             f"({1000 * cl_seconds:.0f} ms with channels_last)")
 
     # same tasks, same weights: meta-gradients of both MAML loops
     reference_grads = meta_gradients(model, lambda: maml_reference_step(model, maml, maml_tasks, s), s.seed)

@@ -65,12 +65,14 @@ def conv4_embed(backbone, x):
     exactly, in float as well, and so do their gradients (ties in a window go to the same
     first element; where the maximum is not positive both give 0): the same embeddings,
     gradients and batch norm statistics, with the ReLU and its backward on a quarter of the
-    largest activations (ProtoNet's training step is bound by passes over those on a CPU)."""
+    largest activations (ProtoNet's training step is bound by passes over those on a CPU).
+    Blocks without max-pooling run as they are."""
     h = x
     for block in backbone:
-        if not isinstance(block.max_pool, (torch.nn.MaxPool2d, torch.nn.Identity)):
-            raise UserError(f"engine=fast cannot reorder {type(block.max_pool).__name__}: use --set engine=reference")
-        h = block.relu(block.max_pool(block.normalize(block.conv(h))))
+        if isinstance(block.max_pool, torch.nn.MaxPool2d):
+            h = block.relu(block.max_pool(block.normalize(block.conv(h))))
+        else:
+            h = block(h)
     return h.reshape(h.size(0), -1)
 
 

@@ -14,10 +14,10 @@ training, 15 queries) 5w1s 49.42 ± 0.78, 5w5s 68.20 ± 0.66.
 Training episodes are gathered on the device by default (`l2l_recipes.fast`: the episodes
 learn2learn's Taskset draws, without its per-image loading) and embedded with each ReLU after
 its max-pool (`fast.conv4_embed`: the same numbers, fewer passes over the activations);
-`--set engine=reference` runs learn2learn's Taskset and the module's own forward. Options for speed that change rounding: `--set channels_last=True`
-(oneDNN's channels-last convolutions: faster on CPU, but measured here to round embeddings
-to ~2e-4 relative instead of ~1e-6) and `--set amp=bf16` or `fp16` (mixed precision, meant
-for GPUs; not measured on one yet).
+`--set engine=reference` runs learn2learn's Taskset and the module's own forward. Options for
+speed that change rounding: `--set channels_last=True` (oneDNN's channels-last convolutions:
+faster on CPU, but measured here to round embeddings to ~2e-4 relative instead of ~1e-6) and
+`--set amp=bf16` or `fp16` (mixed precision, meant for GPUs; not measured on one yet).
 
 Reproduce:
     l2l-recipes run protonet-omniglot-5w1s

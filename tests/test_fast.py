@@ -55,13 +55,15 @@ def test_device_episodes_rgb():
         assert torch.equal(ex, gx) and torch.equal(ey, gy)
 
 
-@pytest.mark.parametrize("dataset", ["omniglot", "mini-imagenet"])
-def test_conv4_embed_equals_the_module_bit_for_bit(omniglot_train, dataset):
+@pytest.mark.parametrize("dataset,max_pool", [("omniglot", True), ("mini-imagenet", True), ("omniglot", False)])
+def test_conv4_embed_equals_the_module_bit_for_bit(omniglot_train, dataset, max_pool):
     """ReLU after max-pool: the same embeddings, gradients and batch norm statistics, bit for bit,
-    on real Omniglot images (a constant background: many ties in the pooling windows)."""
+    on real Omniglot images (a constant background: many ties in the pooling windows); blocks
+    without max-pooling (strided convolutions) run unchanged."""
     torch.manual_seed(0)
-    module = models.conv4_embedding(dataset, 16)
-    reordered = models.conv4_embedding(dataset, 16)
+    channels = 1 if dataset == "omniglot" else 3
+    module = l2l.vision.models.CNN4Backbone(hidden_size=16, channels=channels, max_pool=max_pool, layers=4)
+    reordered = l2l.vision.models.CNN4Backbone(hidden_size=16, channels=channels, max_pool=max_pool, layers=4)
     reordered.load_state_dict(module.state_dict())
     if dataset == "omniglot":
         x = torch.stack([omniglot_train[i][0] for i in range(0, 2000, 20)])

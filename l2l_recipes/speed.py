@@ -7,7 +7,8 @@ Measures, on the same tasks and weights:
     each one's difference from the float64 meta-gradient.
   * ProtoNet Omniglot training episodes (60-way 5-shot 5-query): learn2learn's Taskset and a
     Conv4 step against DeviceEpisodes + fast.conv4_embed (the recipe's default), and with
-    channels-last convolutions as well (an option: faster, but rounded more coarsely by oneDNN).
+    channels-last tensors as well (an option: faster, but PyTorch's channels-last batch norm
+    computes the batch statistics less precisely).
 The reference loops run as learn2learn's examples run them (images decoded from their PNG
 files per sample: FullOmniglot's data path with get_tasksets' transform; glibc's default
 malloc), on this project's uint8 image cache with the default malloc, and on the cache after

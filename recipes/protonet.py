@@ -15,8 +15,9 @@ Training episodes are gathered on the device by default (`l2l_recipes.fast`: the
 learn2learn's Taskset draws, without its per-image loading) and embedded with each ReLU after
 its max-pool (`fast.conv4_embed`: the same numbers, fewer passes over the activations);
 `--set engine=reference` runs learn2learn's Taskset and the module's own forward. Options for
-speed that change rounding: `--set channels_last=True` (oneDNN's channels-last convolutions:
-faster on CPU, but measured here to round embeddings to ~2e-4 relative instead of ~1e-6) and
+speed that change rounding: `--set channels_last=True` (channels-last tensors: faster on CPU,
+but PyTorch's channels-last batch norm kernel computes the batch statistics less precisely:
+embeddings ~7e-4 relative off the float64 values instead of ~6e-7, measured here) and
 `--set amp=bf16` or `fp16` (mixed precision, meant for GPUs; not measured on one yet).
 
 Reproduce:
@@ -61,7 +62,7 @@ class Config:
     test_seed: int = 0  # the fixed test tasks
     # system
     engine: str = "fast"  # fast: episodes built on the device, fast.conv4_embed (same numbers); reference: learn2learn
-    channels_last: bool = False  # faster convolutions, but oneDNN rounds them ~100x coarser (measured on CPU)
+    channels_last: bool = False  # faster on CPU, but channels-last batch norm rounds ~1000x coarser (measured)
     amp: str = "off"  # off | bf16 | fp16: mixed precision for the training forward (for GPUs; unmeasured)
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda

@@ -171,14 +171,20 @@ def draw(tasks):
 
 
 def split_support_query(x, y, shots):
-    """Per class, the first `shots` samples are the support set and the rest the query set."""
-    order = torch.argsort(y, stable=True)
-    y_sorted = y[order]
+    """Per class, the first `shots` samples are the support set and the rest the query set.
+    y is one task's labels [n], or those of several tasks of one shape [tasks, n] (x [tasks, n,
+    ...]), each split on its own; the parts keep the leading task dimension."""
+    order = torch.argsort(y, dim=-1, stable=True)
+    y_sorted = y.gather(-1, order)
     first = torch.searchsorted(y_sorted, y_sorted)  # first position of each sample's class
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(y), device=y.device) - first
+    position = torch.arange(y.shape[-1], device=y.device).expand_as(y)
+    rank = torch.empty_like(order).scatter_(-1, order, position - first)
     support = rank < shots
-    return x[support], y[support], x[~support], y[~support]
+
+    def part(t, mask):
+        return t[mask].view(*y.shape[:-1], -1, *t.shape[y.dim():])
+
+    return part(x, support), part(y, support), part(x, ~support), part(y, ~support)
 
 
 def files_key(tag, files, base):

@@ -29,7 +29,8 @@ class DeviceEpisodes:
     """The tasks of a learn2learn Taskset made by `data.taskset`, built on `device`.
 
     `get_task(description)` and `sample()` return what the Taskset's own would, as float
-    images on `device` (bitwise equal: the same uint8 pixels divided by 255).
+    images on `device` (bitwise equal: the same uint8 pixels divided by 255); `get_tasks`
+    builds several tasks of one shape at once, stacked.
     """
 
     def __init__(self, tasks, dataset, device):
@@ -42,16 +43,23 @@ class DeviceEpisodes:
         self.class_of = tasks.dataset.indices_to_labels
 
     def get_task(self, description):
+        x, y = self.get_tasks([description])
+        return x[0], y[0]
+
+    def get_tasks(self, descriptions):
+        """Several tasks of one shape in one gather: (x [tasks, n, C, H, W], y [tasks, n])."""
         indices, labels = [], []
-        for dd in description:
-            # dd.transforms = [LoadData's loader, RemapLabels' mapping]: map the class label only
-            item = (None, self.class_of[dd.index])
-            for transform in dd.transforms[1:]:
-                item = transform(item)
-            indices.append(dd.index)
-            labels.append(item[1])
+        for description in descriptions:
+            for dd in description:
+                # dd.transforms = [LoadData's loader, RemapLabels' mapping]: map the class label only
+                item = (None, self.class_of[dd.index])
+                for transform in dd.transforms[1:]:
+                    item = transform(item)
+                indices.append(dd.index)
+                labels.append(item[1])
         x = self.images[torch.tensor(indices, device=self.device)].float().div_(255)
-        return x, torch.tensor(labels, device=self.device)
+        y = torch.tensor(labels, device=self.device).view(len(descriptions), -1)
+        return x.view(*y.shape, *x.shape[1:]), y
 
     def sample(self):
         return self.get_task(data.draw(self.tasks))
@@ -249,13 +257,14 @@ def _loss_sum(logits, y):
 
 def maml_meta_batch(model, tasks, fast_lr, steps, first_order, scale):
     """learn2learn's MAML meta-batch in one pass: adapt a copy of `model` to each task of `tasks`
-    (a list of (support_x, support_y, query_x, query_y), all of one shape) with `steps` SGD steps
-    of `fast_lr`, and accumulate the gradient of `scale` x (sum of the query losses) into the
-    parameters' .grad. Returns the sums over the tasks of their query losses and accuracies."""
+    = (support_x, support_y, query_x, query_y), each with a leading task dimension (as
+    `data.split_support_query(*DeviceEpisodes.get_tasks(...), shots)` gives them), with `steps`
+    SGD steps of `fast_lr`, and accumulate the gradient of `scale` x (sum of the query losses)
+    into the parameters' .grad. Returns the sums over the tasks of their query losses and accuracies."""
     structure = conv4_layers(model)
     params = parameters_in_order(structure)
-    sx, sy, qx, qy = (torch.stack(part) for part in zip(*tasks))
-    weights = [p.unsqueeze(0).expand(len(tasks), *p.shape) for p in params]
+    sx, sy, qx, qy = tasks
+    weights = [p.unsqueeze(0).expand(len(sx), *p.shape) for p in params]
     for _ in range(steps):
         support_loss = _loss_sum(grouped_forward(structure, weights, sx), sy)
         grads = torch.autograd.grad(support_loss, weights, create_graph=not first_order)

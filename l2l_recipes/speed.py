@@ -111,7 +111,8 @@ def maml_reference_step(model, maml, tasks, s):
 
 def maml_fast_step(model, episodes, s):
     model.zero_grad()
-    batch = [data.split_support_query(*episodes.sample(), s.maml_shots) for _ in range(s.meta_batch_size)]
+    tasks = [data.draw(episodes.tasks) for _ in range(s.meta_batch_size)]
+    batch = data.split_support_query(*episodes.get_tasks(tasks), s.maml_shots)
     fast.maml_meta_batch(model, batch, s.fast_lr, 1, False, 1 / s.meta_batch_size)
 
 

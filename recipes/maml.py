@@ -132,15 +132,17 @@ def train(cfg, run):
         model.train()
         optimizer.zero_grad(set_to_none=True)
         tasks = [data.draw(train_tasks) for _ in range(cfg.meta_batch_size)]
-        batch = [data.split_support_query(*(t.to(device) for t in loader.get_task(task)), cfg.shots)
-                 for i, task in enumerate(tasks) if distributed.mine(i)]
+        tasks = [task for i, task in enumerate(tasks) if distributed.mine(i)]
         if cfg.engine == "fast":  # all tasks at once, one grouped network (l2l_recipes.fast)
+            batch = data.split_support_query(*loader.get_tasks(tasks), cfg.shots)  # [tasks, ...] each
             meta_loss, meta_acc = fast.maml_meta_batch(model, batch, cfg.fast_lr, cfg.adaptation_steps,
                                                        cfg.first_order, 1 / cfg.meta_batch_size)
             meta_loss, meta_acc = meta_loss / cfg.meta_batch_size, meta_acc / cfg.meta_batch_size
         else:  # learn2learn's loop: a clone per task
             meta_loss = meta_acc = 0.0
-            for sx, sy, qx, qy in batch:
+            for task in tasks:
+                x, y = loader.get_task(task)
+                sx, sy, qx, qy = data.split_support_query(x.to(device), y.to(device), cfg.shots)
                 loss, acc = fast_adapt(maml.clone(), sx, sy, qx, qy, cfg.adaptation_steps)
                 (loss / cfg.meta_batch_size).backward()  # the global meta-batch's mean
                 meta_loss += loss.item() / cfg.meta_batch_size

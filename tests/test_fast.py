@@ -34,6 +34,19 @@ def test_device_episodes_equal_learn2learn_tasks(omniglot_train):
     assert random.random() == after_reference
 
 
+def test_device_episodes_stack_tasks_and_split_them_alike(omniglot_train):
+    """get_tasks + one batched split give, task by task, what get_task + split_support_query give."""
+    tasks = data.taskset(omniglot_train, 5, 2, 3)
+    episodes = fast.DeviceEpisodes(tasks, omniglot_train, torch.device("cpu"))
+    random.seed(5)
+    descriptions = [data.draw(tasks) for _ in range(7)]
+    stacked = data.split_support_query(*episodes.get_tasks(descriptions), 2)
+    assert stacked[0].shape == (7, 10, 1, 28, 28) and stacked[3].shape == (7, 15)
+    for t, description in enumerate(descriptions):
+        for got, expected in zip(stacked, data.split_support_query(*episodes.get_task(description), 2)):
+            assert torch.equal(got[t], expected)
+
+
 def test_device_episodes_cover_rotated_classes(omniglot_train):
     """Every rotation of a character gives its own images, as the dataset's items do."""
     images = omniglot_train.all_images()
@@ -157,7 +170,8 @@ def _reference_grads(model, tasks, fast_lr, steps, first_order):
 
 def _fast_grads(model, tasks, fast_lr, steps, first_order):
     model.zero_grad()
-    loss_sum, accuracy_sum = fast.maml_meta_batch(model, tasks, fast_lr, steps, first_order, 1 / len(tasks))
+    stacked = tuple(torch.stack(part) for part in zip(*tasks))
+    loss_sum, accuracy_sum = fast.maml_meta_batch(model, stacked, fast_lr, steps, first_order, 1 / len(tasks))
     assert 0 <= accuracy_sum <= len(tasks) and loss_sum > 0
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 

@@ -45,5 +45,7 @@ bench protonet-omniglot-20w1s --seeds 3 --iterations 500
 # commit 1e3a894, 2 threads, nothing else running
 unset OMP_NUM_THREADS
 bench maml-omniglot-20w1s --seeds 3 --iterations 300
-# still one seed each: ProtoNet Omniglot 20w5s, ProtoNet mini-ImageNet, ANIL, FOMAML, Meta-SGD,
-# Reptile, Matching Nets, transfer
+# 2026-12-02, session 5 (commit dfad24e, fast path with conv4_embed, 2 threads; paused while the speed
+# benchmark and the clean-clone test suite ran, so seed 1's wall time is an upper bound)
+bench protonet-omniglot-20w5s --seeds 3 --iterations 1000
+# still one seed each: ProtoNet mini-ImageNet, ANIL, FOMAML, Meta-SGD, Reptile, Matching Nets, transfer

@@ -48,4 +48,8 @@ bench maml-omniglot-20w1s --seeds 3 --iterations 300
 # 2026-12-02, session 5 (commit dfad24e, fast path with conv4_embed, 2 threads; paused while the speed
 # benchmark and the clean-clone test suite ran, so seed 1's wall time is an upper bound)
 bench protonet-omniglot-20w5s --seeds 3 --iterations 1000
-# still one seed each: ProtoNet mini-ImageNet, ANIL, FOMAML, Meta-SGD, Reptile, Matching Nets, transfer
+# commit 0ed806f, 2 threads, nothing else running
+bench anil-omniglot-5w1s --seeds 3 --iterations 300
+bench fomaml-omniglot-5w1s --seeds 3 --iterations 300
+bench metasgd-omniglot-5w1s --seeds 3 --iterations 200
+# still one seed each: ProtoNet mini-ImageNet, Reptile, Matching Nets, transfer

@@ -52,4 +52,5 @@ bench protonet-omniglot-20w5s --seeds 3 --iterations 1000
 bench anil-omniglot-5w1s --seeds 3 --iterations 300
 bench fomaml-omniglot-5w1s --seeds 3 --iterations 300
 bench metasgd-omniglot-5w1s --seeds 3 --iterations 200
-# still one seed each: ProtoNet mini-ImageNet, Reptile, Matching Nets, transfer
+bench matchingnet-omniglot-5w1s --seeds 3 --iterations 1000
+# still one seed each: ProtoNet mini-ImageNet, Reptile, transfer

@@ -53,4 +53,5 @@ bench anil-omniglot-5w1s --seeds 3 --iterations 300
 bench fomaml-omniglot-5w1s --seeds 3 --iterations 300
 bench metasgd-omniglot-5w1s --seeds 3 --iterations 200
 bench matchingnet-omniglot-5w1s --seeds 3 --iterations 1000
-# still one seed each: ProtoNet mini-ImageNet, Reptile, transfer
+bench transfer-omniglot-5w1s --seeds 3 --iterations 2000
+# still one seed each: ProtoNet mini-ImageNet, Reptile

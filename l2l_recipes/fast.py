@@ -7,15 +7,16 @@ same random numbers) that `Taskset.sample()` would use: the tasks are identical,
 the per-image Python of `LoadData`.
 
 `maml_meta_batch` adapts a Conv4 classifier to all tasks of a meta-batch at once: task t's
-copy of the weights is group t of grouped convolutions, batch norm is computed per task
-and channel, and the head is a batched matrix product. The inner-loop gradients, the
-adapted weights and the second-order meta-gradient are those of learn2learn's
-`MAML.clone()` loop over the tasks, up to float rounding (tests/test_fast.py compares them).
-The grouped convolution and batch norm + ReLU carry their own second derivatives
-(`ConvBackward`, `BatchNormReLUBackward`): PyTorch's double backward of a grouped convolution
-loops over the groups (here, the tasks) one convolution at a time, and autograd's derivatives
-of batch norm written from primitive operations make several times the passes over the
-activations that the closed forms need.
+copy of the weights is group t of grouped convolutions (one ordinary convolution over all
+images while the tasks still share the weights), the first layer is one batched product with
+the image patches, batch norm is computed per task and channel, and the head is a batched
+matrix product. The inner-loop gradients, the adapted weights and the second-order
+meta-gradient are those of learn2learn's `MAML.clone()` loop over the tasks, up to float
+rounding (tests/test_fast.py compares them). The grouped convolution and batch norm + ReLU
+carry their own second derivatives (`ConvBackward`, `BatchNormReLUBackward`): PyTorch's double
+backward of a grouped convolution loops over the groups (here, the tasks) one convolution at a
+time, and autograd's derivatives of batch norm written from primitive operations make several
+times the passes over the activations that the closed forms need.
 """
 import torch
 import torch.nn.functional as F
@@ -102,50 +103,110 @@ def conv4_layers(model):
     return layers, tail, model.classifier
 
 
+def _convolution_backward(grad_out, x, w, conv, groups, mask):
+    stride, padding, _ = conv
+    bias_sizes = [w.shape[0]] if mask[2] else None
+    return torch.ops.aten.convolution_backward(grad_out, x, w, bias_sizes, stride, padding, (1, 1), False, (0, 0),
+                                               groups, mask)
+
+
+def _by_image(x, tasks):
+    """[n, tasks * C, H, W] (task t's images in channel group t) viewed as [n * tasks, C, H, W]."""
+    return x.view(x.shape[0] * tasks, -1, *x.shape[2:])
+
+
+def _by_group(x, tasks):
+    """The inverse view of `_by_image`."""
+    return x.view(-1, tasks * x.shape[1], *x.shape[2:])
+
+
+def _shape_of(w):
+    """A tensor with the shape of the grouped weight [tasks * out, in, k, k] and no memory, for the
+    calls that only need its shape (weight gradients)."""
+    tasks, out, *rest = w.shape
+    return w.new_empty(1).as_strided((tasks * out, *rest), (0,) * (len(rest) + 1))
+
+
 class GroupedConv(torch.autograd.Function):
-    """`F.conv2d(x, w, b, stride, padding, groups=groups)`, twice differentiable by `ConvBackward`."""
+    """Task t's convolution on channel group t of x [n, tasks * in, H, W] with weight w[t]
+    ([tasks, out, in, k, k]) and bias b[t] ([tasks, out]), twice differentiable by `ConvBackward`.
+
+    Where every task has the same weights (w and b expanded from one copy, as in the first inner
+    step), the forward and input-gradient convolutions run as one ordinary convolution over
+    n * tasks images: no per-task copies of the weights for oneDNN to reorder."""
 
     @staticmethod
-    def forward(ctx, x, w, b, stride, padding, groups):
+    def forward(ctx, x, w, b, stride, padding):
+        tasks = w.shape[0]
+        shared = w.stride(0) == 0 and b.stride(0) == 0
         ctx.save_for_backward(x, w)
-        ctx.conv = (tuple(stride), tuple(padding), groups)
-        return F.conv2d(x, w, b, stride, padding, 1, groups)
+        ctx.conv = (tuple(stride), tuple(padding), shared)
+        if shared:
+            return _by_group(F.conv2d(_by_image(x, tasks), w[0], b[0], stride, padding), tasks)
+        return F.conv2d(x, w.reshape(-1, *w.shape[2:]), b.reshape(-1), stride, padding, 1, tasks)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, w = ctx.saved_tensors
-        return *ConvBackward.apply(grad_out, x, w, ctx.conv, ctx.needs_input_grad[0]), None, None, None
+        return *ConvBackward.apply(grad_out, x, w, ctx.conv, ctx.needs_input_grad[0]), None, None
 
 
 class ConvBackward(torch.autograd.Function):
-    """(grad x, grad w, grad b) of a convolution from its output gradient, in one native call;
-    its own derivative uses native grouped convolutions only."""
+    """(grad x, grad w, grad b) of `GroupedConv` from its output gradient (w's gradient per task);
+    its own derivative uses native convolutions only."""
 
     @staticmethod
     def forward(ctx, grad_out, x, w, conv, input_grad):
-        stride, padding, groups = conv
+        tasks, shared = w.shape[0], conv[2]
         ctx.save_for_backward(grad_out, x, w)
         ctx.conv = conv
-        return torch.ops.aten.convolution_backward(grad_out, x, w, [w.shape[0]], stride, padding, (1, 1), False,
-                                                   (0, 0), groups, (input_grad, True, True))
+        if shared:
+            grad_x = None
+            if input_grad:
+                grad_x = _by_group(_convolution_backward(_by_image(grad_out, tasks), _by_image(x, tasks), w[0], conv, 1,
+                                                         (True, False, False))[0], tasks)
+            _, grad_w, grad_b = _convolution_backward(grad_out, x, _shape_of(w), conv, tasks, (False, True, True))
+        else:
+            grad_x, grad_w, grad_b = _convolution_backward(grad_out, x, w.reshape(-1, *w.shape[2:]), conv, tasks,
+                                                           (input_grad, True, True))
+        return grad_x, grad_w.view(w.shape), grad_b.view(tasks, -1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gg_x, gg_w, gg_b):
         grad_out, x, w = ctx.saved_tensors
-        stride, padding, groups = ctx.conv
+        stride, padding, shared = ctx.conv
+        tasks = w.shape[0]
+        gg_w = gg_w.reshape(-1, *w.shape[2:])
         d_out = d_x = d_w = None
         if ctx.needs_input_grad[0]:  # the backward is linear in grad_out
-            d_out = F.conv2d(x, gg_w, gg_b, stride, padding, 1, groups)
-            if gg_x is not None:
-                d_out = d_out + F.conv2d(gg_x, w, None, stride, padding, 1, groups)
+            d_out = F.conv2d(x, gg_w, gg_b.reshape(-1), stride, padding, 1, tasks)
+            if gg_x is not None and shared:
+                d_out += _by_group(F.conv2d(_by_image(gg_x, tasks), w[0], None, stride, padding), tasks)
+            elif gg_x is not None:
+                d_out += F.conv2d(gg_x, w.reshape(-1, *w.shape[2:]), None, stride, padding, 1, tasks)
         if ctx.needs_input_grad[1]:  # x enters through grad w (x correlated with grad_out)
-            d_x = torch.ops.aten.convolution_backward(grad_out, x, gg_w, None, stride, padding, (1, 1), False,
-                                                      (0, 0), groups, (True, False, False))[0]
+            d_x = _convolution_backward(grad_out, x, gg_w, ctx.conv, tasks, (True, False, False))[0]
         if ctx.needs_input_grad[2] and gg_x is not None:  # w enters through grad x (grad_out convolved with w^T)
-            d_w = torch.ops.aten.convolution_backward(grad_out, gg_x, w, None, stride, padding, (1, 1), False,
-                                                      (0, 0), groups, (False, True, False))[1]
+            d_w = _convolution_backward(grad_out, gg_x, _shape_of(w), ctx.conv, tasks, (False, True, False))[1]
+            d_w = d_w.view(w.shape)
         return d_out, d_x, d_w, None, None
+
+
+def first_conv(x, w, b, conv):
+    """The first layer's convolution of every task on its own images x [tasks, n, C, H, W], as
+    one batched matrix product of the weights [tasks, out, C * k * k + bias] with the image
+    patches: [n, tasks * out, H', W'], written once (oneDNN's grouped convolution writes its
+    output and then copies it, a pass over the largest activations) and bitwise oneDNN's sums."""
+    tasks, n = x.shape[:2]
+    patches = F.unfold(x.transpose(0, 1).reshape(n * tasks, *x.shape[2:]), conv.kernel_size, conv.dilation,
+                       conv.padding, conv.stride)
+    patches = patches.view(n, tasks, *patches.shape[1:])
+    patches = torch.cat([patches, patches.new_ones(n, tasks, 1, patches.shape[-1])], 2)
+    height, width = [(size + 2 * pad - dilation * (k - 1) - 1) // stride + 1 for size, pad, dilation, k, stride
+                     in zip(x.shape[3:], conv.padding, conv.dilation, conv.kernel_size, conv.stride)]
+    weights = torch.cat([w.flatten(2), b.unsqueeze(2)], 2)
+    return torch.matmul(weights.unsqueeze(0), patches).view(n, -1, height, width)
 
 
 def _channel(v):
@@ -224,12 +285,13 @@ def grouped_forward(structure, weights, x):
     on its own images x [tasks, n, C, H, W]."""
     layers, tail, _ = structure
     tasks, n = x.shape[:2]
-    h = x.transpose(0, 1).reshape(n, -1, *x.shape[3:]).contiguous()  # task t's images are channel group t
-    i = 0
-    for conv, norm, pool in layers:
-        cw, cb, bw, bb = weights[i:i + 4]
-        i += 4
-        h = GroupedConv.apply(h, cw.reshape(-1, *cw.shape[2:]), cb.reshape(-1), conv.stride, conv.padding, tasks)
+    h = x
+    for i, (conv, norm, pool) in enumerate(layers):
+        cw, cb, bw, bb = weights[4 * i:4 * i + 4]
+        if i == 0:
+            h = first_conv(x, cw, cb, conv)  # task t's images are channel group t from here on
+        else:
+            h = GroupedConv.apply(h, cw, cb, conv.stride, conv.padding)
         h = BatchNormReLU.apply(h, bw.reshape(-1), bb.reshape(-1), norm.eps)
         if pool is not None:
             h = F.max_pool2d(h, pool.kernel_size, pool.stride, pool.padding)
@@ -237,7 +299,7 @@ def grouped_forward(structure, weights, x):
         features = h.mean((2, 3)).view(n, tasks, -1)
     else:  # flatten each task's [C, H, W]
         features = h.view(n, tasks, -1, h.shape[2] * h.shape[3]).flatten(2)
-    lw, lb = weights[i:i + 2]
+    lw, lb = weights[-2:]
     return torch.einsum("ntf,tkf->tnk", features, lw) + lb[:, None]
 
 
@@ -268,7 +330,7 @@ def maml_meta_batch(model, tasks, fast_lr, steps, first_order, scale):
     for _ in range(steps):
         support_loss = _loss_sum(grouped_forward(structure, weights, sx), sy)
         grads = torch.autograd.grad(support_loss, weights, create_graph=not first_order)
-        weights = [w - fast_lr * g for w, g in zip(weights, grads)]
+        weights = [torch.add(w, g, alpha=-fast_lr) for w, g in zip(weights, grads)]
     logits = grouped_forward(structure, weights, qx)
     query_loss = _loss_sum(logits, qy)
     (scale * query_loss).backward()

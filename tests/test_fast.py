@@ -108,21 +108,63 @@ def _second_derivatives(f, inputs):
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("input_grad", [True, False])
-def test_grouped_conv_second_derivatives_equal_pytorch(stride, input_grad):
+@pytest.mark.parametrize("shared", [False, True])
+def test_grouped_conv_second_derivatives_equal_pytorch(stride, input_grad, shared):
+    """4 tasks' convolutions, each with its own weights or all with one (expanded) copy."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4 * 2, 9, 9, generator=g, dtype=torch.float64).requires_grad_(input_grad)
-    w = torch.randn(4 * 3, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(12, generator=g, dtype=torch.float64, requires_grad=True)
-    inputs = (x, w, b) if input_grad else (w, b)
+    if shared:
+        w0 = torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+        b0 = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+        leaves = (w0, b0)
+
+        def weights(w0, b0):
+            return w0.expand(4, *w0.shape), b0.expand(4, *b0.shape)
+    else:
+        leaves = (torch.randn(4, 3, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True),
+                  torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True))
+
+        def weights(w, b):
+            return w, b
+    inputs = (x, *leaves) if input_grad else leaves
 
     def ours(*args):
-        return fast.GroupedConv.apply(*(args if input_grad else (x, *args)), (stride, stride), (1, 1), 4)
+        w, b = weights(*args[-2:])
+        return fast.GroupedConv.apply(x if not input_grad else args[0], w, b, (stride, stride), (1, 1))
 
     def pytorch(*args):
-        return F.conv2d(*(args if input_grad else (x, *args)), stride=stride, padding=1, groups=4)
+        w, b = weights(*args[-2:])
+        return F.conv2d(x if not input_grad else args[0], w.reshape(12, 2, 3, 3), b.reshape(12), stride=stride,
+                        padding=1, groups=4)
 
+    assert torch.allclose(ours(*inputs), pytorch(*inputs), rtol=1e-12, atol=1e-12)
     for got, expected in zip(_second_derivatives(ours, inputs), _second_derivatives(pytorch, inputs)):
         assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_first_conv_equals_grouped_convolution():
+    """The first layer as a product with image patches: the grouped convolution's values and
+    second derivatives, for Omniglot's strided 1-channel and CNN4's padded 3-channel layers."""
+    for channels, size, stride in [(1, 28, 2), (3, 12, 1)]:
+        conv = torch.nn.Conv2d(channels, 5, 3, stride, 1)
+        g = torch.Generator().manual_seed(1)
+        x = torch.rand(4, 3, channels, size, size, generator=g, dtype=torch.float64)
+        w = torch.randn(4, 5, channels, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+
+        def pytorch(w, b):
+            grouped = x.transpose(0, 1).reshape(3, 4 * channels, size, size)
+            return F.conv2d(grouped, w.reshape(20, channels, 3, 3), b.reshape(20), stride=stride, padding=1, groups=4)
+
+        def ours(w, b):
+            return fast.first_conv(x, w, b, conv)
+
+        def tanh(f):  # linear in (w, b) alone: a nonlinearity after it gives second derivatives to compare
+            return lambda w, b: torch.tanh(f(w, b))
+
+        assert torch.allclose(ours(w, b), pytorch(w, b), rtol=1e-12, atol=1e-12)
+        for got, expected in zip(_second_derivatives(tanh(ours), (w, b)), _second_derivatives(tanh(pytorch), (w, b))):
+            assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_batch_norm_relu_derivatives():

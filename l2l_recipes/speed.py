@@ -159,23 +159,23 @@ LOOPS = {
 
 class Loop:
     """One of LOOPS: its MAML and ProtoNet steps (and the reference loops' sampling alone) on the
-    same tasks and initial weights as every other loop; built in a process of its own."""
+    same tasks and initial weights as every other loop; each is built in a process of its own."""
 
     def __init__(self, name, s, data_root):
         if name in ("reference", "fast"):
             harness.keep_freed_memory()
-        train = data.load_split("omniglot", "train", data_root)
+        self.train = train = data.load_split("omniglot", "train", data_root)
         images = PngOmniglot(train, data_root) if name == "reference_png" else train
-        maml_tasks = data.taskset(images, s.maml_ways, s.maml_shots, s.maml_queries)
-        proto_tasks = data.taskset(images, s.proto_ways, s.proto_shots, s.proto_queries)
+        self.maml_tasks = maml_tasks = data.taskset(images, s.maml_ways, s.maml_shots, s.maml_queries)
+        self.proto_tasks = proto_tasks = data.taskset(images, s.proto_ways, s.proto_shots, s.proto_queries)
         random.seed(s.seed)
         torch.manual_seed(s.seed)
-        model = models.conv4_classifier("omniglot", s.maml_ways, s.hidden_size)
-        embedder = models.conv4_embedding("omniglot", s.hidden_size)
-        adam = torch.optim.Adam(embedder.parameters(), 1e-3)
-        proto_logits = registry.get_recipe("protonet-omniglot-5w1s").load_module().proto_logits
+        self.model = model = models.conv4_classifier("omniglot", s.maml_ways, s.hidden_size)
+        self.maml = maml = l2l.algorithms.MAML(model, lr=s.fast_lr)
+        self.embedder = embedder = models.conv4_embedding("omniglot", s.hidden_size)
+        self.adam = adam = torch.optim.Adam(embedder.parameters(), 1e-3)
+        self.proto_logits = proto_logits = registry.get_recipe("protonet-omniglot-5w1s").load_module().proto_logits
         if name != "fast":
-            maml = l2l.algorithms.MAML(model, lr=s.fast_lr)
             self.steps = {
                 "maml": lambda: maml_reference_step(model, maml, maml_tasks, s),
                 "maml_sampling": lambda: [maml_tasks.sample() for _ in range(s.meta_batch_size)],
@@ -183,8 +183,8 @@ class Loop:
                 "proto_sampling": proto_tasks.sample}
             return
         device = torch.device("cpu")
-        maml_episodes = fast.DeviceEpisodes(maml_tasks, train, device)
-        proto_episodes = fast.DeviceEpisodes(proto_tasks, train, device)
+        self.maml_episodes = maml_episodes = fast.DeviceEpisodes(maml_tasks, train, device)
+        self.proto_episodes = proto_episodes = fast.DeviceEpisodes(proto_tasks, train, device)
         cl_embedder = models.conv4_embedding("omniglot", s.hidden_size).to(memory_format=torch.channels_last)
         cl_embedder.load_state_dict(embedder.state_dict())
         cl_adam = torch.optim.Adam(cl_embedder.parameters(), 1e-3)
@@ -282,25 +282,16 @@ def measure(settings=Settings(), data_root=None, progress=print):
     cl_seconds = record["proto_channels_last_seconds"]
 
     # the same tasks and weights in this process, for the gradients and the FLOP counts
-    device = torch.device("cpu")
-    train = data.load_split("omniglot", "train", data_root)
-    maml_tasks = data.taskset(train, s.maml_ways, s.maml_shots, s.maml_queries)
-    proto_tasks = data.taskset(train, s.proto_ways, s.proto_shots, s.proto_queries)
-    torch.manual_seed(s.seed)
-    model = models.conv4_classifier("omniglot", s.maml_ways, s.hidden_size)
-    maml = l2l.algorithms.MAML(model, lr=s.fast_lr)
-    embedder = models.conv4_embedding("omniglot", s.hidden_size)
-    adam = torch.optim.Adam(embedder.parameters(), 1e-3)
-    proto_logits = registry.get_recipe("protonet-omniglot-5w1s").load_module().proto_logits
-    maml_episodes = fast.DeviceEpisodes(maml_tasks, train, device)
-    proto_episodes = fast.DeviceEpisodes(proto_tasks, train, device)
+    loop = Loop("fast", s, data_root)
+    model, maml, maml_tasks, proto_tasks = loop.model, loop.maml, loop.maml_tasks, loop.proto_tasks
+    embedder, adam, proto_logits = loop.embedder, loop.adam, loop.proto_logits
 
     def fast_embed(x):
         return fast.conv4_embed(embedder, x)
 
     # same tasks, same weights: meta-gradients of both MAML loops
     reference_grads = meta_gradients(model, lambda: maml_reference_step(model, maml, maml_tasks, s), s.seed)
-    fast_grads = meta_gradients(model, lambda: maml_fast_step(model, maml_episodes, s), s.seed)
+    fast_grads = meta_gradients(model, lambda: maml_fast_step(model, loop.maml_episodes, s), s.seed)
     differences = max_differences(fast_grads, reference_grads)
     record["maml_grad_difference_by_parameter"] = differences
     record["maml_max_abs_grad_difference"] = max(differences.values())
@@ -328,7 +319,7 @@ def measure(settings=Settings(), data_root=None, progress=print):
         return {name: p.grad.clone() for name, p in embedder.named_parameters()}
 
     record["proto_max_abs_grad_difference"] = max(max_differences(
-        proto_gradient(fast_embed, proto_episodes), proto_gradient(embedder, proto_tasks)).values())
+        proto_gradient(fast_embed, loop.proto_episodes), proto_gradient(embedder, proto_tasks)).values())
 
     # FLOPs of one iteration, counted on the reference loops (the same arithmetic, done faster)
     maml_flops = flops(lambda: maml_reference_step(model, maml, maml_tasks, s))
@@ -347,7 +338,7 @@ def measure(settings=Settings(), data_root=None, progress=print):
     record["proto_speedup_vs_cache"] = record["reference_default_malloc"]["proto_seconds"] / proto_seconds
     record["maml_speedup_vs_tuned_malloc"] = record["reference"]["maml_seconds"] / maml_seconds
     record["proto_speedup_vs_tuned_malloc"] = record["reference"]["proto_seconds"] / proto_seconds
-    record["environment"] = {**harness.environment(device), "date": datetime.now().isoformat(timespec="seconds"),
+    record["environment"] = {**harness.environment(torch.device("cpu")), "date": datetime.now().isoformat(timespec="seconds"),
                              "load_average": list(_load_average())}
     record["wall_seconds"] = round(time.time() - started, 1)
     return record

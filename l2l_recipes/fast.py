@@ -197,7 +197,7 @@ def first_conv(x, w, b, conv):
     """The first layer's convolution of every task on its own images x [tasks, n, C, H, W], as
     one batched matrix product of the weights [tasks, out, C * k * k + bias] with the image
     patches: [n, tasks * out, H', W'], written once (oneDNN's grouped convolution writes its
-    output and then copies it, a pass over the largest activations) and bitwise oneDNN's sums."""
+    output and then copies it, a pass over the largest activations)."""
     tasks, n = x.shape[:2]
     patches = F.unfold(x.transpose(0, 1).reshape(n * tasks, *x.shape[2:]), conv.kernel_size, conv.dilation,
                        conv.padding, conv.stride)

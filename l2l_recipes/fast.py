@@ -285,7 +285,6 @@ def grouped_forward(structure, weights, x):
     on its own images x [tasks, n, C, H, W]."""
     layers, tail, _ = structure
     tasks, n = x.shape[:2]
-    h = x
     for i, (conv, norm, pool) in enumerate(layers):
         cw, cb, bw, bb = weights[4 * i:4 * i + 4]
         if i == 0:

@@ -316,20 +316,33 @@ def _loss_sum(logits, y):
     return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / y.shape[1]
 
 
+def _rates_in_order(model, params, fast_lr):
+    """One inner-loop rate per parameter of `params`: fast_lr for all (MAML), or Meta-SGD's rate
+    tensors, given in `model.parameters()` order."""
+    if isinstance(fast_lr, (int, float)):
+        return [fast_lr] * len(params)
+    by_parameter = dict(zip(map(id, model.parameters()), fast_lr, strict=True))
+    return [by_parameter[id(p)] for p in params]
+
+
 def maml_meta_batch(model, tasks, fast_lr, steps, first_order, scale):
     """learn2learn's MAML meta-batch in one pass: adapt a copy of `model` to each task of `tasks`
     = (support_x, support_y, query_x, query_y), each with a leading task dimension (as
     `data.split_support_query(*DeviceEpisodes.get_tasks(...), shots)` gives them), with `steps`
     SGD steps of `fast_lr`, and accumulate the gradient of `scale` x (sum of the query losses)
-    into the parameters' .grad. Returns the sums over the tasks of their query losses and accuracies."""
+    into the parameters' .grad. `fast_lr` is a float, or Meta-SGD's learned rates (a tensor per
+    parameter, in `model.parameters()` order; their meta-gradient is accumulated too).
+    Returns the sums over the tasks of their query losses and accuracies."""
     structure = conv4_layers(model)
     params = parameters_in_order(structure)
+    rates = _rates_in_order(model, params, fast_lr)
     sx, sy, qx, qy = tasks
     weights = [p.unsqueeze(0).expand(len(sx), *p.shape) for p in params]
     for _ in range(steps):
         support_loss = _loss_sum(grouped_forward(structure, weights, sx), sy)
         grads = torch.autograd.grad(support_loss, weights, create_graph=not first_order)
-        weights = [torch.add(w, g, alpha=-fast_lr) for w, g in zip(weights, grads)]
+        weights = [w - rate * g if torch.is_tensor(rate) else torch.add(w, g, alpha=-rate)
+                   for w, g, rate in zip(weights, grads, rates)]
     logits = grouped_forward(structure, weights, qx)
     query_loss = _loss_sum(logits, qy)
     (scale * query_loss).backward()

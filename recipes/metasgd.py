@@ -12,6 +12,10 @@ meta_lr 1e-3, meta-batch 32 (Omniglot 5-way), 16 (20-way), 4 / 2 (mini-ImageNet 
 Published (Table 1 and 2): Omniglot 5w1s 99.53 ± 0.26, 5w5s 99.93 ± 0.09, 20w1s 95.93 ± 0.38,
 20w5s 98.97 ± 0.19; mini-ImageNet 5w1s 50.47 ± 1.87, 5w5s 64.03 ± 0.94.
 
+The meta-batch runs on `l2l_recipes.fast` by default (all tasks adapted at once, rates
+included, same meta-gradient: tests/test_fast.py); `--set engine=reference` runs the
+`MetaSGD.clone()` loop below.
+
 Reproduce:
     l2l-recipes run metasgd-omniglot-5w1s --device cuda
 """
@@ -22,7 +26,7 @@ import learn2learn as l2l
 import torch
 import torch.nn.functional as F
 
-from l2l_recipes import data, distributed, models
+from l2l_recipes import data, distributed, fast, models
 from l2l_recipes.config import check, validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
@@ -57,6 +61,7 @@ class Config:
     test_episodes: int = 1000
     test_seed: int = 0
     # system
+    engine: str = "fast"  # fast: l2l_recipes.fast (same meta-gradient); reference: learn2learn's loop
     seed: int = 42
     device: str = "auto"
     log_interval: int = 10
@@ -64,6 +69,7 @@ class Config:
     def __post_init__(self):
         validate(self)
         check(0 < self.init_lr_low <= self.init_lr_high, "need 0 < init_lr_low <= init_lr_high")
+        check(self.engine in ("fast", "reference"), f"engine={self.engine!r} is out of range: use fast or reference")
 
 
 class MetaSGD(l2l.algorithms.MetaSGD):
@@ -133,22 +139,29 @@ def train(cfg, run):
     model = build_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)  # weights and rates
     run.track(model, optimizer)  # checkpointed; restored by --resume
+    # engine=fast builds the same tasks from the split's images held on the device
+    loader = fast.DeviceEpisodes(train_tasks, train_set, device) if cfg.engine == "fast" else train_tasks
     for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
-        # meta-batch: every process draws the same tasks and adapts a clone with the learned
-        # rates to its share of them (all of them in one process), accumulating the query loss
+        # meta-batch: every process draws the same tasks and adapts to its share of them (all
+        # of them in one process) with the learned rates, accumulating the query loss
         model.train()
         optimizer.zero_grad(set_to_none=True)
         tasks = [data.draw(train_tasks) for _ in range(cfg.meta_batch_size)]
-        meta_loss = meta_acc = 0.0
-        for i, task in enumerate(tasks):
-            if not distributed.mine(i):
-                continue
-            x, y = train_tasks.get_task(task)
-            sx, sy, qx, qy = data.split_support_query(x.to(device), y.to(device), cfg.shots)
-            loss, acc = fast_adapt(model.clone(), sx, sy, qx, qy, cfg.adaptation_steps)
-            (loss / cfg.meta_batch_size).backward()
-            meta_loss += loss.item() / cfg.meta_batch_size
-            meta_acc += acc.item() / cfg.meta_batch_size
+        tasks = [task for i, task in enumerate(tasks) if distributed.mine(i)]
+        if cfg.engine == "fast":  # all tasks at once, one grouped network (l2l_recipes.fast)
+            batch = data.split_support_query(*loader.get_tasks(tasks), cfg.shots)  # [tasks, ...] each
+            meta_loss, meta_acc = fast.maml_meta_batch(model.module, batch, list(model.lrs), cfg.adaptation_steps,
+                                                       cfg.first_order, 1 / cfg.meta_batch_size)
+            meta_loss, meta_acc = meta_loss / cfg.meta_batch_size, meta_acc / cfg.meta_batch_size
+        else:  # learn2learn's loop: a clone per task
+            meta_loss = meta_acc = 0.0
+            for task in tasks:
+                x, y = loader.get_task(task)
+                sx, sy, qx, qy = data.split_support_query(x.to(device), y.to(device), cfg.shots)
+                loss, acc = fast_adapt(model.clone(), sx, sy, qx, qy, cfg.adaptation_steps)
+                (loss / cfg.meta_batch_size).backward()
+                meta_loss += loss.item() / cfg.meta_batch_size
+                meta_acc += acc.item() / cfg.meta_batch_size
         distributed.all_reduce_gradients(model.parameters())  # sum of the processes' shares
         optimizer.step()
 

@@ -198,16 +198,21 @@ def _random_tasks(count, ways, shots, queries, shape, seed):
     return tasks
 
 
-def _reference_grads(model, tasks, fast_lr, steps, first_order):
-    """learn2learn's loop: a MAML clone per task, query loss / meta-batch back-propagated."""
-    maml = l2l.algorithms.MAML(model, lr=fast_lr, first_order=first_order)
-    model.zero_grad()
+def _clone_loop_grads(wrapper, tasks, steps):
+    """learn2learn's loop: a clone of `wrapper` (MAML, MetaSGD) per task, adapted on the support
+    set, query loss / meta-batch back-propagated; the gradients of wrapper's parameters."""
+    wrapper.zero_grad()
     for sx, sy, qx, qy in tasks:
-        learner = maml.clone()
+        learner = wrapper.clone()
         for _ in range(steps):
             learner.adapt(F.cross_entropy(learner(sx), sy))
         (F.cross_entropy(learner(qx), qy) / len(tasks)).backward()
-    return {name: p.grad.clone() for name, p in model.named_parameters()}
+    return {name: p.grad.clone() for name, p in wrapper.named_parameters()}
+
+
+def _reference_grads(model, tasks, fast_lr, steps, first_order):
+    maml = l2l.algorithms.MAML(model, lr=fast_lr, first_order=first_order)
+    return {name.removeprefix("module."): g for name, g in _clone_loop_grads(maml, tasks, steps).items()}
 
 
 def _fast_grads(model, tasks, fast_lr, steps, first_order):
@@ -239,6 +244,26 @@ def test_maml_meta_gradient_equals_learn2learn_loop(dataset, ways, shots, steps,
     if not first_order:
         first = _fast_grads(model, tasks, 0.4, steps, True)
         assert max((first[n] - got[n]).abs().max() for n in got) > 1e-4
+
+
+@pytest.mark.parametrize("steps,first_order", [(1, False), (2, False), (1, True)])
+def test_metasgd_meta_gradient_equals_its_loop(steps, first_order):
+    """Meta-SGD on the fast path (a learned rate per parameter entry): the meta-gradients of the
+    weights and of the rates equal those of the recipe's MetaSGD.clone() loop, in float64."""
+    from l2l_recipes import registry
+    module = registry.get_recipe("metasgd-omniglot-5w1s").load_module()
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(module.Config(), hidden_size=16, first_order=first_order)
+    model = module.build_model(cfg).double()
+    tasks = [tuple(t.double() if t.is_floating_point() else t for t in task)
+             for task in _random_tasks(6, 5, 1, 2, (1, 28, 28), seed=2)]
+    reference = _clone_loop_grads(model, tasks, steps)
+    model.zero_grad()
+    stacked = tuple(torch.stack(part) for part in zip(*tasks))
+    fast.maml_meta_batch(model.module, stacked, list(model.lrs), steps, first_order, 1 / len(tasks))
+    assert len(reference) == 2 * len(list(model.module.parameters()))  # weights and rates
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, reference[name], rtol=1e-9, atol=1e-11), name
 
 
 def test_maml_meta_gradient_float32(omniglot_train):
@@ -286,6 +311,7 @@ def _train(tmp_path, data_root, name, **changes):
 @pytest.mark.parametrize("name,changes", [
     ("maml-omniglot-5w1s", {"iterations": 4, "meta_batch_size": 8, "hidden_size": 32, "val_interval": 4}),
     ("protonet-omniglot-5w1s", {"iterations": 4, "train_ways": 20, "val_interval": 4}),
+    ("metasgd-omniglot-5w1s", {"iterations": 4, "meta_batch_size": 8, "hidden_size": 32, "val_interval": 4}),
 ])
 def test_recipes_train_alike_on_both_engines(tmp_path, data_root, name, changes):
     """The recipes' default engine=fast and engine=reference see the same tasks and take the same
@@ -309,7 +335,7 @@ def test_engine_and_amp_are_checked():
     from l2l_recipes import registry
     from l2l_recipes.config import apply_overrides
     from l2l_recipes.errors import UserError
-    for name in ("maml-omniglot-5w1s", "protonet-omniglot-5w1s"):
+    for name in ("maml-omniglot-5w1s", "protonet-omniglot-5w1s", "metasgd-omniglot-5w1s"):
         with pytest.raises(UserError, match="engine='turbo' is out of range"):
             apply_overrides(registry.get_recipe(name).config(), ["engine='turbo'"])
     with pytest.raises(UserError, match="amp='fp8' is out of range"):

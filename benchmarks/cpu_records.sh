@@ -54,4 +54,8 @@ bench fomaml-omniglot-5w1s --seeds 3 --iterations 300
 bench metasgd-omniglot-5w1s --seeds 3 --iterations 200
 bench matchingnet-omniglot-5w1s --seeds 3 --iterations 1000
 bench transfer-omniglot-5w1s --seeds 3 --iterations 2000
-# still one seed each: ProtoNet mini-ImageNet, Reptile
+# 2026-12-02, session 6 (commit 332321d, one thread each, nice 10, beside other work and paused while
+# the speed benchmark ran, so wall times are upper bounds)
+export OMP_NUM_THREADS=1
+bench reptile-omniglot-5w1s --seeds 3 --iterations 1000
+# still one seed each: ProtoNet mini-ImageNet

@@ -280,9 +280,9 @@ class BatchNormReLUBackward(torch.autograd.Function):
         return torch.ops.aten.threshold_backward(d_g, y, 0), d_x, k, None, None, None, None
 
 
-def grouped_forward(structure, weights, x):
-    """Logits [tasks, n, ways] of each task's network (weights with a leading task dimension)
-    on its own images x [tasks, n, C, H, W]."""
+def grouped_features(structure, weights, x):
+    """The body's features [n, tasks, F] of each task's network (the body's weights, in
+    `parameters_in_order`, with a leading task dimension) on its own images x [tasks, n, C, H, W]."""
     layers, tail, _ = structure
     tasks, n = x.shape[:2]
     for i, (conv, norm, pool) in enumerate(layers):
@@ -295,11 +295,19 @@ def grouped_forward(structure, weights, x):
         if pool is not None:
             h = F.max_pool2d(h, pool.kernel_size, pool.stride, pool.padding)
     if tail == "mean":
-        features = h.mean((2, 3)).view(n, tasks, -1)
-    else:  # flatten each task's [C, H, W]
-        features = h.view(n, tasks, -1, h.shape[2] * h.shape[3]).flatten(2)
-    lw, lb = weights[-2:]
-    return torch.einsum("ntf,tkf->tnk", features, lw) + lb[:, None]
+        return h.mean((2, 3)).view(n, tasks, -1)
+    return h.view(n, tasks, -1, h.shape[2] * h.shape[3]).flatten(2)  # flatten each task's [C, H, W]
+
+
+def _head(features, w, b):
+    """Each task's linear head: logits [tasks, n, ways] from features [n, tasks, F]."""
+    return torch.einsum("ntf,tkf->tnk", features, w) + b[:, None]
+
+
+def grouped_forward(structure, weights, x):
+    """Logits [tasks, n, ways] of each task's network (weights with a leading task dimension)
+    on its own images x [tasks, n, C, H, W]."""
+    return _head(grouped_features(structure, weights[:-2], x), *weights[-2:])
 
 
 def parameters_in_order(structure):
@@ -344,6 +352,28 @@ def maml_meta_batch(model, tasks, fast_lr, steps, first_order, scale):
         weights = [w - rate * g if torch.is_tensor(rate) else torch.add(w, g, alpha=-rate)
                    for w, g, rate in zip(weights, grads, rates)]
     logits = grouped_forward(structure, weights, qx)
+    query_loss = _loss_sum(logits, qy)
+    (scale * query_loss).backward()
+    accuracies = (logits.argmax(-1) == qy).float().mean(1)
+    return query_loss.item(), accuracies.sum().item()
+
+
+def anil_meta_batch(model, tasks, fast_lr, steps, first_order, scale):
+    """ANIL's meta-batch in one pass, as `maml_meta_batch` for MAML: the shared body's features of
+    every task's support and of its query images (two calls, so batch norm sees each set alone,
+    as the loop's `model.features(support_x)`, `model.features(query_x)` do), then each task's
+    copy of the head adapted with `steps` SGD steps of `fast_lr`. Accumulates the gradient of
+    `scale` x (sum of the query losses) into .grad; returns the sums of query losses and accuracies."""
+    structure = conv4_layers(model)
+    params = parameters_in_order(structure)
+    sx, sy, qx, qy = tasks
+    weights = [p.unsqueeze(0).expand(len(sx), *p.shape) for p in params]
+    support, query = grouped_features(structure, weights[:-2], sx), grouped_features(structure, weights[:-2], qx)
+    head = weights[-2:]
+    for _ in range(steps):
+        grads = torch.autograd.grad(_loss_sum(_head(support, *head), sy), head, create_graph=not first_order)
+        head = [torch.add(w, g, alpha=-fast_lr) for w, g in zip(head, grads)]
+    logits = _head(query, *head)
     query_loss = _loss_sum(logits, qy)
     (scale * query_loss).backward()
     accuracies = (logits.argmax(-1) == qy).float().mean(1)

@@ -10,6 +10,10 @@ steps at fast_lr 0.1, meta-batch 16; mini-ImageNet: Conv4 with 32 filters, 5 inn
 20w5s 98.0 ± 0.3; mini-ImageNet 5w1s 46.7 ± 0.4, 5w5s 61.5 ± 0.5 (the paper reports no
 Omniglot 5-way numbers; those recipes use MAML's 5-way settings).
 
+The meta-batch runs on `l2l_recipes.fast` by default (every task's features in one pass,
+the heads adapted at once, same meta-gradient: tests/test_fast.py); `--set engine=reference`
+runs learn2learn's loop, a head clone per task.
+
 Reproduce:
     l2l-recipes run anil-mini-imagenet-5w5s --device cuda
 """
@@ -20,8 +24,8 @@ import learn2learn as l2l
 import torch
 import torch.nn.functional as F
 
-from l2l_recipes import data, distributed, models
-from l2l_recipes.config import validate
+from l2l_recipes import data, distributed, fast, models
+from l2l_recipes.config import check, validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
 from l2l_recipes.harness import seed_everything
@@ -54,12 +58,14 @@ class Config:
     test_episodes: int = 1000
     test_seed: int = 0
     # system
+    engine: str = "fast"  # fast: l2l_recipes.fast (same meta-gradient); reference: learn2learn's loop
     seed: int = 42
     device: str = "auto"
     log_interval: int = 10
 
     def __post_init__(self):
         validate(self)
+        check(self.engine in ("fast", "reference"), f"engine={self.engine!r} is out of range: use fast or reference")
 
 
 def build_model(cfg):
@@ -112,22 +118,29 @@ def train(cfg, run):
     head = l2l.algorithms.MAML(model.classifier, lr=cfg.fast_lr, first_order=cfg.first_order)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)  # body and head
     run.track(model, optimizer)  # checkpointed; restored by --resume
+    # engine=fast builds the same tasks from the split's images held on the device
+    loader = fast.DeviceEpisodes(train_tasks, train_set, device) if cfg.engine == "fast" else train_tasks
     for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
-        # meta-batch: every process draws the same tasks and adapts a clone of the head to its
+        # meta-batch: every process draws the same tasks and adapts a copy of the head to its
         # share of them (all of them in one process), accumulating the query loss
         model.train()
         optimizer.zero_grad(set_to_none=True)
         tasks = [data.draw(train_tasks) for _ in range(cfg.meta_batch_size)]
-        meta_loss = meta_acc = 0.0
-        for i, task in enumerate(tasks):
-            if not distributed.mine(i):
-                continue
-            x, y = train_tasks.get_task(task)
-            sx, sy, qx, qy = data.split_support_query(x.to(device), y.to(device), cfg.shots)
-            loss, acc = fast_adapt(model.features, head.clone(), sx, sy, qx, qy, cfg.adaptation_steps)
-            (loss / cfg.meta_batch_size).backward()
-            meta_loss += loss.item() / cfg.meta_batch_size
-            meta_acc += acc.item() / cfg.meta_batch_size
+        tasks = [task for i, task in enumerate(tasks) if distributed.mine(i)]
+        if cfg.engine == "fast":  # all tasks at once (l2l_recipes.fast)
+            batch = data.split_support_query(*loader.get_tasks(tasks), cfg.shots)  # [tasks, ...] each
+            meta_loss, meta_acc = fast.anil_meta_batch(model, batch, cfg.fast_lr, cfg.adaptation_steps,
+                                                       cfg.first_order, 1 / cfg.meta_batch_size)
+            meta_loss, meta_acc = meta_loss / cfg.meta_batch_size, meta_acc / cfg.meta_batch_size
+        else:  # learn2learn's loop: a clone of the head per task
+            meta_loss = meta_acc = 0.0
+            for task in tasks:
+                x, y = loader.get_task(task)
+                sx, sy, qx, qy = data.split_support_query(x.to(device), y.to(device), cfg.shots)
+                loss, acc = fast_adapt(model.features, head.clone(), sx, sy, qx, qy, cfg.adaptation_steps)
+                (loss / cfg.meta_batch_size).backward()
+                meta_loss += loss.item() / cfg.meta_batch_size
+                meta_acc += acc.item() / cfg.meta_batch_size
         distributed.all_reduce_gradients(model.parameters())  # sum of the processes' shares
         optimizer.step()
 

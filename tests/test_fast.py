@@ -266,6 +266,35 @@ def test_metasgd_meta_gradient_equals_its_loop(steps, first_order):
         assert torch.allclose(p.grad, reference[name], rtol=1e-9, atol=1e-11), name
 
 
+@pytest.mark.parametrize("dataset,steps,first_order", [("omniglot", 1, False), ("omniglot", 3, False),
+                                                      ("omniglot", 2, True), ("cifar-fs", 2, False)])
+def test_anil_meta_gradient_equals_its_loop(dataset, steps, first_order):
+    """ANIL on the fast path: body features of all tasks at once (batch norm per task and per set),
+    heads adapted together; the meta-gradient equals the recipe's loop (a head clone per task
+    on `model.features`) in float64."""
+    from l2l_recipes import registry
+    module = registry.get_recipe("anil-omniglot-5w1s").load_module()
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(module.Config(), dataset=dataset, ways=3, hidden_size=16, first_order=first_order)
+    model = module.build_model(cfg).double()
+    with torch.no_grad():  # a head away from its zero start, so every term is exercised
+        model.classifier.weight.normal_(0, 0.1)
+    shape = (1, 28, 28) if dataset == "omniglot" else (3, 32, 32)
+    tasks = [tuple(t.double() if t.is_floating_point() else t for t in task)
+             for task in _random_tasks(5, 3, 2, 2, shape, seed=3)]
+    model.zero_grad()
+    head = l2l.algorithms.MAML(model.classifier, lr=0.4, first_order=first_order)
+    for sx, sy, qx, qy in tasks:
+        loss, _ = module.fast_adapt(model.features, head.clone(), sx, sy, qx, qy, steps)
+        (loss / len(tasks)).backward()
+    reference = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    stacked = tuple(torch.stack(part) for part in zip(*tasks))
+    fast.anil_meta_batch(model, stacked, 0.4, steps, first_order, 1 / len(tasks))
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, reference[name], rtol=1e-9, atol=1e-11), name
+
+
 def test_maml_meta_gradient_float32(omniglot_train):
     """The issue's setting: real Omniglot 5w1s tasks, Conv4 with 64 filters, meta-batch 32, float32.
 
@@ -312,6 +341,7 @@ def _train(tmp_path, data_root, name, **changes):
     ("maml-omniglot-5w1s", {"iterations": 4, "meta_batch_size": 8, "hidden_size": 32, "val_interval": 4}),
     ("protonet-omniglot-5w1s", {"iterations": 4, "train_ways": 20, "val_interval": 4}),
     ("metasgd-omniglot-5w1s", {"iterations": 4, "meta_batch_size": 8, "hidden_size": 32, "val_interval": 4}),
+    ("anil-omniglot-5w1s", {"iterations": 4, "meta_batch_size": 8, "hidden_size": 32, "val_interval": 4}),
 ])
 def test_recipes_train_alike_on_both_engines(tmp_path, data_root, name, changes):
     """The recipes' default engine=fast and engine=reference see the same tasks and take the same
@@ -335,7 +365,7 @@ def test_engine_and_amp_are_checked():
     from l2l_recipes import registry
     from l2l_recipes.config import apply_overrides
     from l2l_recipes.errors import UserError
-    for name in ("maml-omniglot-5w1s", "protonet-omniglot-5w1s", "metasgd-omniglot-5w1s"):
+    for name in ("maml-omniglot-5w1s", "protonet-omniglot-5w1s", "metasgd-omniglot-5w1s", "anil-omniglot-5w1s"):
         with pytest.raises(UserError, match="engine='turbo' is out of range"):
             apply_overrides(registry.get_recipe(name).config(), ["engine='turbo'"])
     with pytest.raises(UserError, match="amp='fp8' is out of range"):

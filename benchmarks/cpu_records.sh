@@ -58,4 +58,6 @@ bench transfer-omniglot-5w1s --seeds 3 --iterations 2000
 # the speed benchmark ran, so wall times are upper bounds)
 export OMP_NUM_THREADS=1
 bench reptile-omniglot-5w1s --seeds 3 --iterations 1000
+# commit 03a8364 (the faster MAML fast path), same conditions
+bench maml-omniglot-5w1s --seeds 3 --iterations 2000
 # still one seed each: ProtoNet mini-ImageNet

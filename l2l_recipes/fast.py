@@ -120,6 +120,11 @@ def _by_group(x, tasks):
     return x.view(-1, tasks * x.shape[1], *x.shape[2:])
 
 
+def _grouped(w):
+    """Per-task weights [tasks, out, in, k, k] as one grouped convolution's [tasks * out, in, k, k]."""
+    return w.reshape(-1, *w.shape[2:])
+
+
 def _shape_of(w):
     """A tensor with the shape of the grouped weight [tasks * out, in, k, k] and no memory, for the
     calls that only need its shape (weight gradients)."""
@@ -143,7 +148,7 @@ class GroupedConv(torch.autograd.Function):
         ctx.conv = (tuple(stride), tuple(padding), shared)
         if shared:
             return _by_group(F.conv2d(_by_image(x, tasks), w[0], b[0], stride, padding), tasks)
-        return F.conv2d(x, w.reshape(-1, *w.shape[2:]), b.reshape(-1), stride, padding, 1, tasks)
+        return F.conv2d(x, _grouped(w), b.reshape(-1), stride, padding, 1, tasks)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -167,7 +172,7 @@ class ConvBackward(torch.autograd.Function):
                                                          (True, False, False))[0], tasks)
             _, grad_w, grad_b = _convolution_backward(grad_out, x, _shape_of(w), conv, tasks, (False, True, True))
         else:
-            grad_x, grad_w, grad_b = _convolution_backward(grad_out, x, w.reshape(-1, *w.shape[2:]), conv, tasks,
+            grad_x, grad_w, grad_b = _convolution_backward(grad_out, x, _grouped(w), conv, tasks,
                                                            (input_grad, True, True))
         return grad_x, grad_w.view(w.shape), grad_b.view(tasks, -1)
 
@@ -177,14 +182,14 @@ class ConvBackward(torch.autograd.Function):
         grad_out, x, w = ctx.saved_tensors
         stride, padding, shared = ctx.conv
         tasks = w.shape[0]
-        gg_w = gg_w.reshape(-1, *w.shape[2:])
+        gg_w = _grouped(gg_w)
         d_out = d_x = d_w = None
         if ctx.needs_input_grad[0]:  # the backward is linear in grad_out
             d_out = F.conv2d(x, gg_w, gg_b.reshape(-1), stride, padding, 1, tasks)
             if gg_x is not None and shared:
                 d_out += _by_group(F.conv2d(_by_image(gg_x, tasks), w[0], None, stride, padding), tasks)
             elif gg_x is not None:
-                d_out += F.conv2d(gg_x, w.reshape(-1, *w.shape[2:]), None, stride, padding, 1, tasks)
+                d_out += F.conv2d(gg_x, _grouped(w), None, stride, padding, 1, tasks)
         if ctx.needs_input_grad[1]:  # x enters through grad w (x correlated with grad_out)
             d_x = _convolution_backward(grad_out, x, gg_w, ctx.conv, tasks, (True, False, False))[0]
         if ctx.needs_input_grad[2] and gg_x is not None:  # w enters through grad x (grad_out convolved with w^T)
@@ -324,6 +329,15 @@ def _loss_sum(logits, y):
     return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / y.shape[1]
 
 
+def _query_backward(logits, qy, scale):
+    """Back-propagate `scale` x (sum over tasks of the query losses); the sums of the tasks'
+    query losses and accuracies."""
+    query_loss = _loss_sum(logits, qy)
+    (scale * query_loss).backward()
+    accuracies = (logits.argmax(-1) == qy).float().mean(1)
+    return query_loss.item(), accuracies.sum().item()
+
+
 def _rates_in_order(model, params, fast_lr):
     """One inner-loop rate per parameter of `params`: fast_lr for all (MAML), or Meta-SGD's rate
     tensors, given in `model.parameters()` order."""
@@ -351,11 +365,7 @@ def maml_meta_batch(model, tasks, fast_lr, steps, first_order, scale):
         grads = torch.autograd.grad(support_loss, weights, create_graph=not first_order)
         weights = [w - rate * g if torch.is_tensor(rate) else torch.add(w, g, alpha=-rate)
                    for w, g, rate in zip(weights, grads, rates)]
-    logits = grouped_forward(structure, weights, qx)
-    query_loss = _loss_sum(logits, qy)
-    (scale * query_loss).backward()
-    accuracies = (logits.argmax(-1) == qy).float().mean(1)
-    return query_loss.item(), accuracies.sum().item()
+    return _query_backward(grouped_forward(structure, weights, qx), qy, scale)
 
 
 def anil_meta_batch(model, tasks, fast_lr, steps, first_order, scale):
@@ -373,8 +383,4 @@ def anil_meta_batch(model, tasks, fast_lr, steps, first_order, scale):
     for _ in range(steps):
         grads = torch.autograd.grad(_loss_sum(_head(support, *head), sy), head, create_graph=not first_order)
         head = [torch.add(w, g, alpha=-fast_lr) for w, g in zip(head, grads)]
-    logits = _head(query, *head)
-    query_loss = _loss_sum(logits, qy)
-    (scale * query_loss).backward()
-    accuracies = (logits.argmax(-1) == qy).float().mean(1)
-    return query_loss.item(), accuracies.sum().item()
+    return _query_backward(_head(query, *head), qy, scale)

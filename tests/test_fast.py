@@ -198,6 +198,15 @@ def _random_tasks(count, ways, shots, queries, shape, seed):
     return tasks
 
 
+def _double(tasks):
+    return [tuple(t.double() if t.is_floating_point() else t for t in task) for task in tasks]
+
+
+def _stacked(tasks):
+    """(support_x, support_y, query_x, query_y) with a leading task dimension, as the fast path takes them."""
+    return tuple(torch.stack(part) for part in zip(*tasks))
+
+
 def _clone_loop_grads(wrapper, tasks, steps):
     """learn2learn's loop: a clone of `wrapper` (MAML, MetaSGD) per task, adapted on the support
     set, query loss / meta-batch back-propagated; the gradients of wrapper's parameters."""
@@ -217,8 +226,7 @@ def _reference_grads(model, tasks, fast_lr, steps, first_order):
 
 def _fast_grads(model, tasks, fast_lr, steps, first_order):
     model.zero_grad()
-    stacked = tuple(torch.stack(part) for part in zip(*tasks))
-    loss_sum, accuracy_sum = fast.maml_meta_batch(model, stacked, fast_lr, steps, first_order, 1 / len(tasks))
+    loss_sum, accuracy_sum = fast.maml_meta_batch(model, _stacked(tasks), fast_lr, steps, first_order, 1 / len(tasks))
     assert 0 <= accuracy_sum <= len(tasks) and loss_sum > 0
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -233,8 +241,7 @@ def test_maml_meta_gradient_equals_learn2learn_loop(dataset, ways, shots, steps,
     torch.manual_seed(0)
     model = models.conv4_classifier(dataset, ways, 16).double()
     shape = (1, 28, 28) if dataset == "omniglot" else (3, 32, 32)
-    tasks = [tuple(t.double() if t.is_floating_point() else t for t in task)
-             for task in _random_tasks(6, ways, shots, 2, shape, seed=1)]
+    tasks = _double(_random_tasks(6, ways, shots, 2, shape, seed=1))
     reference = _reference_grads(model, tasks, 0.4, steps, first_order)
     got = _fast_grads(model, tasks, 0.4, steps, first_order)
     assert reference.keys() == got.keys()
@@ -255,12 +262,10 @@ def test_metasgd_meta_gradient_equals_its_loop(steps, first_order):
     torch.manual_seed(0)
     cfg = dataclasses.replace(module.Config(), hidden_size=16, first_order=first_order)
     model = module.build_model(cfg).double()
-    tasks = [tuple(t.double() if t.is_floating_point() else t for t in task)
-             for task in _random_tasks(6, 5, 1, 2, (1, 28, 28), seed=2)]
+    tasks = _double(_random_tasks(6, 5, 1, 2, (1, 28, 28), seed=2))
     reference = _clone_loop_grads(model, tasks, steps)
     model.zero_grad()
-    stacked = tuple(torch.stack(part) for part in zip(*tasks))
-    fast.maml_meta_batch(model.module, stacked, list(model.lrs), steps, first_order, 1 / len(tasks))
+    fast.maml_meta_batch(model.module, _stacked(tasks), list(model.lrs), steps, first_order, 1 / len(tasks))
     assert len(reference) == 2 * len(list(model.module.parameters()))  # weights and rates
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad, reference[name], rtol=1e-9, atol=1e-11), name
@@ -280,8 +285,7 @@ def test_anil_meta_gradient_equals_its_loop(dataset, steps, first_order):
     with torch.no_grad():  # a head away from its zero start, so every term is exercised
         model.classifier.weight.normal_(0, 0.1)
     shape = (1, 28, 28) if dataset == "omniglot" else (3, 32, 32)
-    tasks = [tuple(t.double() if t.is_floating_point() else t for t in task)
-             for task in _random_tasks(5, 3, 2, 2, shape, seed=3)]
+    tasks = _double(_random_tasks(5, 3, 2, 2, shape, seed=3))
     model.zero_grad()
     head = l2l.algorithms.MAML(model.classifier, lr=0.4, first_order=first_order)
     for sx, sy, qx, qy in tasks:
@@ -289,8 +293,7 @@ def test_anil_meta_gradient_equals_its_loop(dataset, steps, first_order):
         (loss / len(tasks)).backward()
     reference = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
-    stacked = tuple(torch.stack(part) for part in zip(*tasks))
-    fast.anil_meta_batch(model, stacked, 0.4, steps, first_order, 1 / len(tasks))
+    fast.anil_meta_batch(model, _stacked(tasks), 0.4, steps, first_order, 1 / len(tasks))
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad, reference[name], rtol=1e-9, atol=1e-11), name
 
@@ -310,8 +313,7 @@ def test_maml_meta_gradient_float32(omniglot_train):
     reference = _reference_grads(model, tasks, 0.4, 1, False)
     got = _fast_grads(model, tasks, 0.4, 1, False)
     model64 = model.double()
-    exact = _reference_grads(model64, [tuple(t.double() if t.is_floating_point() else t for t in task)
-                                       for task in tasks], 0.4, 1, False)
+    exact = _reference_grads(model64, _double(tasks), 0.4, 1, False)
     for name in exact:
         fast_error = (got[name].double() - exact[name]).abs().max().item()
         reference_error = (reference[name].double() - exact[name]).abs().max().item()

@@ -114,9 +114,11 @@ def dataset_module(name):
 
 
 def load_split(dataset, split, root=None, download=False):
-    """The classes of `split` ('train', 'val' or 'test') of `dataset` as a torch Dataset whose
-    `labels_to_indices` maps each class index to its items."""
-    if split not in SPLIT_NAMES:
+    """The classes of `split` ('train', 'val', 'test'; Omniglot also 'trainval') of `dataset`
+    as a torch Dataset whose `labels_to_indices` maps each class index to its items."""
+    if split == "trainval" and dataset != "omniglot":
+        raise UserError(f"the trainval split (train + val) is shipped for omniglot only, not {dataset}")
+    if split not in (*SPLIT_NAMES, "trainval"):
         raise UserError(f"unknown split '{split}': use one of {', '.join(SPLIT_NAMES)}")
     return dataset_module(dataset).load_split(split, data_root(root), download)
 

@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -183,7 +184,8 @@ class Run:
         self.checkpoint_every = checkpoint_every  # iterations between checkpoints (also at each validation)
         keep_freed_memory()
         self.iterations_done = 0
-        self.stopped_early = False
+        self.stopped_early = False  # by the time budget
+        self.ended = False  # by the recipe's stopping rule (end_training)
         self.resume_state = None  # the checkpoint a resumed run continues from
         self.start_iteration = 0
         self.tracked = None  # (model, optimizer, {name: object}) given to track()
@@ -229,6 +231,7 @@ class Run:
                             f"({str(e).splitlines()[0][:160]})") from None
         set_rng_state(state.get("rng_by_rank", [state["rng"]])[distributed.rank()])
         self.best_val = state.get("best_val_score", state.get("best_val_accuracy"))
+        self.ended = state.get("training_ended", False)
         self.start_iteration = self.iterations_done = state["iteration"]
         self.started = time.time() - state["elapsed_seconds"]
         if not distributed.is_main():
@@ -250,6 +253,8 @@ class Run:
         """
         if self.tracked is None:
             raise RuntimeError("a recipe must call run.track(model, optimizer, ...) before run.iterations()")
+        if self.ended:  # a resumed run whose stopping rule had already ended training
+            return
         previous = self._catch_stop_signals()
         try:
             for iteration in trange(self.start_iteration + 1, total + 1, initial=self.start_iteration,
@@ -257,8 +262,10 @@ class Run:
                 yield iteration
                 self.iterations_done = iteration
                 stop = distributed.any_rank(self.stop_signal)
-                if stop or (self.checkpoint_every and iteration % self.checkpoint_every == 0):
+                if stop or self.ended or (self.checkpoint_every and iteration % self.checkpoint_every == 0):
                     self.checkpoint(iteration)
+                if self.ended:
+                    return
                 if stop:
                     raise UserError(f"stopped by {self.stop_signal or 'a signal to another process'} after "
                                     f"iteration {iteration}; checkpoint saved. Resume with: "
@@ -270,6 +277,11 @@ class Run:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def end_training(self):
+        """Called by a recipe whose stopping rule (e.g. early stopping) ends training at the
+        current iteration: `iterations()` checkpoints it and stops (also after a resume)."""
+        self.ended = True
 
     def _catch_stop_signals(self):
         def stop(signum, frame):
@@ -372,6 +384,7 @@ class Run:
             "rng": rng_state(),
             "elapsed_seconds": time.time() - self.started,
             "world_size": distributed.world_size(),
+            "training_ended": self.ended,
             **extra,
         }
         if not distributed.is_main():
@@ -379,10 +392,11 @@ class Run:
         self._materialise()
         data.atomic_save(state, self.path / name)
 
-    def validate(self, iteration, predictor, tasks):
-        """Evaluate on the fixed validation `tasks`, log `val_<metric>`, keep the best weights in
-        best.pt and write ckpt.pt; returns the validation value of the predictor's metric (the
-        same on every process: the evaluation is gathered)."""
+    def validate(self, iteration, predictor, tasks, checkpoint=True):
+        """Evaluate on the fixed validation `tasks`, log `val_<key>` for each key of the result,
+        keep the best weights (by the predictor's metric) in best.pt and write ckpt.pt (unless
+        `checkpoint` is False: a recipe that updates tracked state from the result checkpoints
+        after that). Returns the result (the same on every process: the evaluation is gathered)."""
         distributed.average_buffers(predictor.model)
         result = predictor.evaluate(tasks, desc="val", progress=self.progress)
         self.log(iteration, **{f"val_{key}": value for key, value in result.items()})
@@ -391,8 +405,35 @@ class Run:
         if score > self.best_val:
             self.best_val = score
             self.save("best.pt", predictor.model, iteration, best_val_score=score)
-        self.checkpoint(iteration)
-        return value
+        if checkpoint:
+            self.checkpoint(iteration)
+        return result
+
+
+class EarlyStopping:
+    """Stop when the validation loss has not improved for more than `patience` validations
+    (Snell et al.'s official code: patience 200 epochs). Checkpointed with the run (pass it to
+    `run.track`), so a resumed run stops where an uninterrupted one would."""
+
+    def __init__(self, patience):
+        self.patience = patience
+        self.best_loss = float("inf")
+        self.best_iteration = 0
+        self.wait = 0
+
+    def update(self, iteration, loss):
+        """Record the validation `loss` of `iteration`; True when patience is exceeded."""
+        if loss < self.best_loss:
+            self.best_loss, self.best_iteration, self.wait = loss, iteration, 0
+        else:
+            self.wait += 1
+        return self.wait > self.patience
+
+    def state_dict(self):
+        return {"best_loss": self.best_loss, "best_iteration": self.best_iteration, "wait": self.wait}
+
+    def load_state_dict(self, state):
+        self.best_loss, self.best_iteration, self.wait = state["best_loss"], state["best_iteration"], state["wait"]
 
 
 class Predictor:
@@ -432,9 +473,9 @@ class Predictor:
         return data.fixed_taskset(split, cfg.ways, cfg.shots, cfg.queries, episodes, seed)
 
     def evaluate(self, tasks, desc="eval", progress=True):
-        """{metric: mean over `tasks`, "ci95": half-width of its 95% CI} (accuracy as a fraction)."""
-        accuracy, ci95 = evaluate(self, tasks, self.cfg.shots, desc=desc, progress=progress)
-        return {"accuracy": accuracy, "ci95": ci95}
+        """{metric: mean over `tasks`, "ci95": half-width of its 95% CI, "loss": mean query
+        cross-entropy} (accuracy as a fraction)."""
+        return evaluate(self, tasks, self.cfg.shots, desc=desc, progress=progress)
 
 
 def mean_ci95(values):
@@ -446,16 +487,20 @@ def mean_ci95(values):
 
 
 def evaluate(predictor, tasks, shots, desc="eval", progress=True):
-    """Mean query accuracy over `tasks` (a finite Taskset) and its 95% CI, as fractions.
-    Under torchrun each process scores its tasks `mine(i)`; the accuracies are gathered."""
+    """{"accuracy": mean query accuracy over `tasks` (a finite Taskset), "ci95": its 95% CI
+    (fractions), "loss": mean query cross-entropy}. Under torchrun each process scores its
+    tasks `mine(i)`; the per-task values are gathered."""
     my_tasks = [i for i in range(len(tasks)) if distributed.mine(i)]
-    accuracies = []
+    scores = []  # (accuracy, loss) per task
     for i in tqdm(my_tasks, desc=desc, leave=False, disable=not progress):
         x, y = tasks[i]
         sx, sy, qx, qy = data.split_support_query(x.to(predictor.device), y.to(predictor.device), shots)
         logits = predictor.predict(sx, sy, qx)
-        accuracies.append((logits.argmax(dim=1) == qy).float().mean().item())
-    return mean_ci95(distributed.gather(accuracies))
+        scores.append(((logits.argmax(dim=1) == qy).float().mean().item(),
+                       torch.nn.functional.cross_entropy(logits.float(), qy).item()))
+    accuracies, losses = zip(*distributed.gather(scores)) if len(tasks) else ((), ())
+    accuracy, ci95 = mean_ci95(accuracies)
+    return {"accuracy": accuracy, "ci95": ci95, "loss": statistics.fmean(losses) if losses else float("nan")}
 
 
 def read_checkpoint(path):

@@ -124,7 +124,8 @@ def _train_and_test(run, data_root, progress):
     # every process tests its share of the tasks on best.pt, which rank 0 reads and sends
     result = harness.meta_test(run.path, device=str(run.device), data_root=data_root, progress=progress,
                                out_name="result.json", train_seconds=round(time.time() - run.started, 1),
-                               iterations_done=run.iterations_done, max_minutes=run.max_minutes)
+                               iterations_done=run.iterations_done, max_minutes=run.max_minutes,
+                               stopped_by_time_budget=run.stopped_early, ended_by_stopping_rule=run.ended)
     if distributed.is_main():
         click.echo(_result_line(result))
 
@@ -135,12 +136,17 @@ def _train_and_test(run, data_root, progress):
               help="Test tasks (default: the recipe's, 1000).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--data-root", type=click.Path(file_okay=False), default=None)
+@click.option("--ways", type=click.IntRange(min=2), default=None,
+              help="Test on N-way tasks instead of the recipe's (models without a fixed head).")
+@click.option("--shots", type=click.IntRange(min=1), default=None,
+              help="Test with K support images per class instead of the recipe's.")
 @click.option("--progress/--no-progress", default=None,
               help="Show progress bars (default: when stderr is a terminal).")
-def recipes_eval(run_dir, episodes, device, data_root, progress):
-    """Meta-test the model of RUN_DIR on the fixed test tasks of its recipe."""
+def recipes_eval(run_dir, episodes, device, data_root, ways, shots, progress):
+    """Meta-test the model of RUN_DIR on the fixed test tasks of its recipe (or, with --ways and
+    --shots, on fixed test tasks of that setting: one 1-shot ProtoNet gives the 5- and 20-way rows)."""
     progress = sys.stderr.isatty() if progress is None else progress
-    result = harness.meta_test(run_dir, episodes, device, data_root, progress)
+    result = harness.meta_test(run_dir, episodes, device, data_root, progress, ways=ways, shots=shots)
     click.echo(json.dumps(result))
     click.echo(_result_line(result))
 
@@ -176,10 +182,18 @@ def recipes_export(name, dest, force, all_datasets):
 @click.option("--runs-dir", type=click.Path(file_okay=False), default="runs/bench", show_default=True)
 @click.option("--results-dir", type=click.Path(file_okay=False), default="benchmarks/results",
               show_default=True)
+@click.option("--resume", is_flag=True,
+              help="Continue this bench (same NAME and options) after a stop: tested seeds are kept, "
+                   "a seed with a checkpoint continues from it, the rest start.")
 @click.option("--progress/--no-progress", default=None)
 def recipes_bench(names, seeds, episodes, iterations, max_minutes, assignments, device, data_root, runs_dir,
-                  results_dir, progress):
-    """Train and meta-test each recipe NAME over seeds; write records and the benchmark table."""
+                  results_dir, resume, progress):
+    """Train and meta-test each recipe NAME over seeds; write records and the benchmark table.
+
+    The seeds' runs are kept in RUNS_DIR/NAME/bench-<key>/seed-N (the key: a hash of the
+    options). A bench stopped at any moment (Ctrl-C, kill, machine gone) continues with the
+    same command plus --resume, and ends with the record an unstopped bench would write.
+    """
     from l2l_recipes import bench
     for name in names:
         registry.get_recipe(name)  # fail on a typo before hours of training
@@ -192,7 +206,7 @@ def recipes_bench(names, seeds, episodes, iterations, max_minutes, assignments, 
     for name in names:
         record = bench.bench_recipe(name, seeds, episodes, [*budget, *assignments], max_minutes, device,
                                     data_root, runs_dir, results_dir, progress,
-                                    command=f"l2l-recipes bench {name}{flags}")
+                                    command=f"l2l-recipes bench {name}{flags}", resume=resume)
         click.echo(f"{name}: {bench.summary(record)}; record {Path(results_dir) / record['curve'][:-4]}.json")
     bench.write_table(results_dir, Path(results_dir).parent / "README.md")
 

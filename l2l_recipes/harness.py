@@ -572,14 +572,24 @@ def _load(run_dir, device, data_root):
 
 
 def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=True, out_name=None,
-              **extra):
+              ways=None, shots=None, **extra):
     """Meta-test a run's model on its fixed test tasks; writes the result to `out_name` and returns it.
 
-    `run` writes result.json; a later `eval` writes eval-<episodes>.json, so it never replaces
-    the run's recorded result. `extra` fields are added to the result. Under torchrun every
-    process evaluates its share of the tasks and returns the gathered result; rank 0 writes it.
+    `ways` and `shots` test the model on other tasks than it was trained for (models that do
+    not fix the number of ways: ProtoNet, Matching Networks, MetaOptNet, transfer; the others
+    refuse other ways). `run` writes result.json; a later `eval` writes
+    eval-[<ways>w<shots>s-]<episodes>.json, so it never replaces the run's recorded result.
+    `extra` fields are added to the result. Under torchrun every process evaluates its share
+    of the tasks and returns the gathered result; rank 0 writes it.
     """
     recipe, predictor = _load(run_dir, device, data_root)
+    trained = {key: getattr(predictor.cfg, key) for key in ("ways", "shots") if hasattr(predictor.cfg, key)}
+    setting = {key: value for key, value in (("ways", ways), ("shots", shots)) if value is not None}
+    if set(setting) - set(trained):
+        raise UserError(f"recipe {recipe} has no ways and shots to change")
+    if setting:
+        predictor.cfg = dataclasses.replace(predictor.cfg, **setting)
+        extra = {"trained_ways": trained["ways"], "trained_shots": trained["shots"], **extra}
     cfg = predictor.cfg
     episodes = episodes or cfg.test_episodes
     tasks = predictor.test_tasks(episodes, cfg.test_seed)
@@ -591,8 +601,10 @@ def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=Tr
         "episodes": episodes,
         **{key: getattr(cfg, key) for key in ("ways", "shots", "queries") if hasattr(cfg, key)},
         "split": "test", "test_seed": cfg.test_seed, "seed": cfg.seed,
-        "device": str(predictor.device), "eval_seconds": round(time.time() - started, 1), **extra,
+        "device": str(predictor.device), "eval_seconds": round(time.time() - started, 1),
+        "run_dir": str(run_dir), **extra,
     }
     if distributed.is_main():
-        write_json(Path(run_dir) / (out_name or f"eval-{episodes}.json"), result)
+        tag = f"{cfg.ways}w{cfg.shots}s-" if setting else ""
+        write_json(Path(run_dir) / (out_name or f"eval-{tag}{episodes}.json"), result)
     return result

@@ -42,6 +42,7 @@ class Recipe:
     make_config: object
     published: Published | None = None  # the paper's number
     learn2learn: Published | None = None  # learn2learn's own claim, where it makes one
+    tested_from: str | None = None  # the recipe whose trained model this variant tests at its own ways/shots
 
     def config(self):
         return self.make_config()
@@ -54,20 +55,22 @@ _RECIPES = {}
 _discovered = False
 
 
-def register(fn=None, *, published=None, learn2learn=None):
+def register(fn=None, *, published=None, learn2learn=None, tested_from=None):
     """Register the variant `fn` under its name with '_' -> '-'; duplicate names raise.
 
     Use as `@register` or `@register(published=Published(98.8, None, "Snell et al. 2017"))`.
+    `tested_from="protonet-omniglot-5w1s"`: the paper tested that recipe's trained model at this
+    variant's ways and shots, so `bench` trains that recipe and tests its model here.
     """
     if fn is None:
-        return lambda f: register(f, published=published, learn2learn=learn2learn)
+        return lambda f: register(f, published=published, learn2learn=learn2learn, tested_from=tested_from)
     if fn.__module__ == "__main__":
         return fn  # a recipe file run as a script registers through discovery instead
     name = fn.__name__.replace("_", "-")
     if name in _RECIPES:
         raise ValueError(f"recipe '{name}' is registered twice ({_RECIPES[name].module}, {fn.__module__})")
     family = fn.__module__.rsplit(".", 1)[-1]
-    _RECIPES[name] = Recipe(name, family, fn.__module__, fn, published, learn2learn)
+    _RECIPES[name] = Recipe(name, family, fn.__module__, fn, published, learn2learn, tested_from)
     return fn
 
 

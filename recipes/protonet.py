@@ -242,13 +242,15 @@ def protonet_omniglot_5w5s():
     return Config(ways=5, shots=5, **SNELL_OMNIGLOT)
 
 
-@register(published=Published(96.0, None, "Snell et al. 2017, Table 1"))
+@register(published=Published(96.0, None, "Snell et al. 2017, Table 1"),
+          tested_from="protonet-omniglot-5w1s")
 def protonet_omniglot_20w1s():
     """ProtoNet, Omniglot 20-way 1-shot."""
     return Config(ways=20, shots=1, **SNELL_OMNIGLOT)
 
 
-@register(published=Published(98.9, None, "Snell et al. 2017, Table 1"))
+@register(published=Published(98.9, None, "Snell et al. 2017, Table 1"),
+          tested_from="protonet-omniglot-5w5s")
 def protonet_omniglot_20w5s():
     """ProtoNet, Omniglot 20-way 5-shot."""
     return Config(ways=20, shots=5, **SNELL_OMNIGLOT)

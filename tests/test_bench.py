@@ -19,7 +19,7 @@ def test_bench_records_seeds_budget_and_table(tmp_path, data_root):
                for s in record["seeds"])
     # different seeds train different models
     assert record["seeds"][0]["accuracy"] != record["seeds"][1]["accuracy"]
-    assert record["budget"] == {"iterations": 20, "recipe_iterations": 2000, "max_minutes": None,
+    assert record["budget"] == {"iterations": 20, "recipe_iterations": 1_000_000, "max_minutes": None,
                                 "overrides": ["iterations=20", "train_ways=20", "val_interval=10",
                                               "val_episodes=20"], "reduced": True}
     assert record["published"]["accuracy"] == 98.8 and record["versions"]["learn2learn"] == "0.2.0"
@@ -30,7 +30,9 @@ def test_bench_records_seeds_budget_and_table(tmp_path, data_root):
     table = (results.parent / "README.md").read_text()
     row = next(line for line in table.splitlines() if line.startswith("| `protonet-omniglot-5w1s`"))
     assert f"{100 * record['mean_accuracy']:.2f} ± {100 * record['mean_ci95']:.2f} (2 seeds" in row
-    assert "**reduced**: 20 / 2000 it" in row and "98.8% (Snell et al. 2017, Table 1)" in row
+    assert "**reduced**: 20 / 1000000 it" in row and "98.8% (Snell et al. 2017, Table 1)" in row
+    assert record["protocol"] == "modified" and "not at the paper's protocol" in row
+    assert "**0 of " in table and " rows with a published number reproduced**" in table
     assert "| `maml-omniglot-5w1s` |" in table and "not measured on this machine" in table
     # the table is rebuilt from the records alone
     (results.parent / "README.md").write_text("intro\n")

@@ -127,7 +127,7 @@ def test_bench_records_non_accuracy_metrics(tmp_path):
     assert record["metric"] == "mse" and record["higher_is_better"] is False and "ways" not in record
     seed = record["seeds"][0]
     assert seed["mse"] == record["mean_mse"] and "before_mse" in seed
-    metrics = [json.loads(line) for line in (tmp_path / "runs" / "maml-sine-5s").glob("*/metrics.jsonl")
+    metrics = [json.loads(line) for line in (tmp_path / "runs" / "maml-sine-5s").glob("bench-*/seed-1/metrics.jsonl")
                .__next__().read_text().splitlines()]
     vals = {m["iteration"]: m["val_mse"] for m in metrics if "val_mse" in m}
     assert sorted(vals) == [10, 20] and seed["best_val_mse"] == min(vals.values())  # lowest is best

@@ -1,0 +1,143 @@
+"""Paper protocols: early stopping and train+val retraining (ProtoNet), a bench that survives
+a kill, one trained model tested at other ways and shots."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import torch
+
+from conftest import REPO, cli
+
+TINY = ["--set", "train_ways=10", "--set", "val_episodes=10", "--set", "log_interval=5"]
+# Snell et al.'s protocol, shrunk: validate every 5 episodes, patience 3 validations
+EARLY = ["--set", "val_interval=5", "--set", "patience=3", "--set", "lr=0.02", "--set", "test_episodes=20", *TINY]
+
+
+def _rows(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("time")
+    return rows
+
+
+def _killing_hook(tmp_path, path_part, count):
+    """A sitecustomize that SIGKILLs the process right after the `count`-th file whose path
+    contains `path_part` is renamed into place (a checkpoint write completed)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal\n"
+        "_replace, _seen = os.replace, [0]\n"
+        "def replace(src, dst, *args, **kwargs):\n"
+        "    _replace(src, dst, *args, **kwargs)\n"
+        f"    if {path_part!r} in str(dst):\n"
+        "        _seen[0] += 1\n"
+        f"        if _seen[0] == {count}:\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "os.replace = replace\n")
+    return hook
+
+
+def _killed(tmp_path, data_root, hook, *args):
+    env = {**os.environ, "L2L_RECIPES_DATA": str(data_root), "PYTHONPATH": str(hook)}
+    proc = subprocess.run([sys.executable, "-m", "l2l_recipes.cli", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+
+
+def test_early_stopping_then_trainval_retraining_resumes_identically(tmp_path, data_root):
+    args = ["run", "protonet-omniglot-5w1s", "--device", "cpu", "--no-progress", "--checkpoint-every", 5,
+            "--data-root", data_root, *EARLY]
+    out = cli(*args, "--out", tmp_path / "a")
+    assert out.exit_code == 0, out.output
+    (straight,) = (tmp_path / "a" / "protonet-omniglot-5w1s").iterdir()
+    rows = _rows(straight)
+    (switch,) = [r for r in rows if "early_stop" in r]
+    vals = [r for r in rows if "val_loss" in r]
+    # stopped after patience + 1 validations without a lower validation loss than the best one
+    best = min(vals, key=lambda r: r["val_loss"])
+    assert switch["early_stop"] == best["iteration"] and switch["iteration"] == best["iteration"] + 4 * 5
+    assert vals[-1]["iteration"] == switch["iteration"]  # no validation while retraining on train+val
+    # retrained on train+val for the official length (best epoch's 0-based index + patience epochs)
+    end = switch["iteration"] + best["iteration"] + 2 * 5
+    assert switch["retrain_until"] == end
+    ckpt = torch.load(straight / "ckpt.pt", weights_only=True)
+    tested = torch.load(straight / "best.pt", weights_only=True)
+    assert ckpt["iteration"] == tested["iteration"] == end and ckpt["training_ended"]
+    assert all(torch.equal(ckpt["model"][k], tested["model"][k]) for k in ckpt["model"])  # the final weights
+    result = json.loads((straight / "result.json").read_text())
+    assert result["ended_by_stopping_rule"] and result["iterations_done"] == end
+    assert result["accuracy"] > 0.4  # 5-way chance is 0.2
+
+    # killed right after the checkpoint of the first retraining iterations, then resumed
+    n = (switch["iteration"] + 5) // 5  # checkpoints every 5 iterations: this is the one after the switch
+    assert switch["iteration"] + 5 < end
+    _killed(tmp_path, data_root, _killing_hook(tmp_path, "ckpt.pt", n), *args, "--out", tmp_path / "b")
+    (killed,) = (tmp_path / "b" / "protonet-omniglot-5w1s").iterdir()
+    assert torch.load(killed / "ckpt.pt", weights_only=True)["retraining"]["start"] == switch["iteration"] + 1
+    resumed = cli("run", "--resume", killed, "--data-root", data_root, "--no-progress")
+    assert resumed.exit_code == 0, resumed.output + resumed.stderr
+    assert _rows(killed) == rows
+    again = torch.load(killed / "best.pt", weights_only=True)
+    assert all(torch.equal(again["model"][k], tested["model"][k]) for k in tested["model"])
+    assert json.loads((killed / "result.json").read_text())["accuracy"] == result["accuracy"]
+
+
+BENCH = ["bench", "protonet-omniglot-5w1s", "--seeds", 2, "--episodes", 20, "--iterations", 30,
+         "--set", "val_interval=10", *TINY, "--device", "cpu", "--no-progress"]
+
+
+def _record(results):
+    (path,) = results.glob("*.json")
+    record = json.loads(path.read_text())
+    for key in ("date", "wall_seconds", "curve", "hostname"):
+        record.pop(key)
+    for seed in record["seeds"]:
+        for key in ("train_seconds", "eval_seconds", "run_dir"):
+            seed.pop(key)
+    return record
+
+
+def test_bench_killed_mid_run_resumes_to_the_same_record(tmp_path, data_root):
+    straight = cli(*BENCH, "--data-root", data_root, "--runs-dir", tmp_path / "runs-a",
+                   "--results-dir", tmp_path / "a" / "results")
+    assert straight.exit_code == 0, straight.output
+    # killed after seed 2's second checkpoint (seed 1 tested, seed 2 half-way)
+    runs, results = tmp_path / "runs-b", tmp_path / "b" / "results"
+    hook = _killing_hook(tmp_path, os.path.join("seed-2", "ckpt.pt"), 2)
+    _killed(tmp_path, data_root, hook, *BENCH, "--data-root", data_root, "--runs-dir", runs, "--results-dir", results)
+    (home,) = (runs / "protonet-omniglot-5w1s").iterdir()
+    assert (home / "seed-1" / "result.json").is_file() and not (home / "seed-2" / "result.json").exists()
+    assert not results.exists()
+    again = cli(*BENCH, "--data-root", data_root, "--runs-dir", runs, "--results-dir", results)
+    assert again.exit_code == 1 and "--resume" in again.stderr and str(home) in again.stderr
+    resumed = cli(*BENCH, "--resume", "--data-root", data_root, "--runs-dir", runs, "--results-dir", results)
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming" in resumed.output + resumed.stderr
+    record = _record(results)
+    assert record == _record(tmp_path / "a" / "results")
+    assert record["protocol"] == "modified" and record["trained_as"] == "protonet-omniglot-5w1s"
+
+
+def test_one_model_tested_at_other_ways(tmp_path, data_root):
+    """bench protonet-omniglot-20w1s tests the 5w1s recipe's model on 20-way tasks, as Snell et
+    al. did; `eval --ways 20` on that run gives the same number."""
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    out = cli("bench", "protonet-omniglot-20w1s", "--seeds", 1, "--episodes", 10, "--iterations", 10,
+              "--set", "val_interval=10", *TINY, "--device", "cpu", "--no-progress",
+              "--data-root", data_root, "--runs-dir", runs, "--results-dir", results)
+    assert out.exit_code == 0, out.output
+    (record,) = [json.loads(p.read_text()) for p in results.glob("*.json")]
+    assert record["recipe"] == "protonet-omniglot-20w1s" and record["trained_as"] == "protonet-omniglot-5w1s"
+    assert record["ways"] == 20 and record["config"]["ways"] == 5
+    (seed_dir,) = (runs / "protonet-omniglot-5w1s").glob("bench-*/seed-1")
+    assert json.loads((seed_dir / "result.json").read_text())["ways"] == 5
+    evaluated = cli("eval", seed_dir, "--ways", 20, "--episodes", 10, "--device", "cpu", "--data-root", data_root,
+                    "--no-progress")
+    assert evaluated.exit_code == 0, evaluated.output
+    result = json.loads((seed_dir / "eval-20w1s-10.json").read_text())
+    assert result["ways"] == 20 and result["trained_ways"] == 5 and result["run_dir"] == str(seed_dir)
+    assert result["accuracy"] == record["seeds"][0]["accuracy"] > 0.1  # 20-way chance is 0.05
+    assert "20-way 1-shot test accuracy" in evaluated.output

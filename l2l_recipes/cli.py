@@ -151,6 +151,28 @@ def recipes_eval(run_dir, episodes, device, data_root, ways, shots, progress):
     click.echo(_result_line(result))
 
 
+@cli.command("predict")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("more_queries", nargs=-1, type=click.Path(), metavar="[QUERY]...")
+@click.option("--support", type=click.Path(), help="Folder with one subfolder of images per class.")
+@click.option("--query", "queries", multiple=True, type=click.Path(),
+              help="Image file or folder of images to classify; repeatable, more may follow.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list with every class's probability.")
+def recipes_predict(run_dir, more_queries, support, queries, device, as_json):
+    """Classify query images among the classes of a support folder with the model of RUN_DIR;
+    prints each query's path, predicted class and its probability."""
+    from l2l_recipes import predict
+    if support is None:
+        raise UserError("predict needs --support DIR: a folder with one subfolder of images per class")
+    results = predict.classify(run_dir, support, queries + more_queries, device)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        click.echo(f"{r['query']}\t{r['class']}\t{r['probability']:.4f}")
+
+
 @cli.command("export")
 @click.argument("name")
 @click.argument("dest", type=click.Path())

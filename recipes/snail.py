@@ -237,6 +237,10 @@ class Predictor(_Predictor):
         if ways != self.cfg.ways:
             raise UserError(f"this SNAIL model reads {self.cfg.ways}-way label vectors; got a {ways}-way "
                             f"task (train a {ways}-way recipe)")
+        shots = torch.bincount(support_y, minlength=ways).tolist()
+        if set(shots) != {self.cfg.shots}:  # the sequence length it was trained on
+            raise UserError(f"this SNAIL model reads {self.cfg.shots} support image(s) per class "
+                            f"({self.cfg.ways}-way {self.cfg.shots}-shot sequences); got {', '.join(map(str, shots))}")
         # training shows the support set in random order, never grouped by class: read it in a
         # shuffled order fixed by test_seed, so that predictions are deterministic
         order = torch.randperm(len(support_y), generator=torch.Generator().manual_seed(self.cfg.test_seed))

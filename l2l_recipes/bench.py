@@ -277,9 +277,9 @@ def _cost(name, by_recipe):
     """': ~X h on this machine (...)' from a record of the same family and dataset (the same
     ways and shots preferred), where one exists."""
     cfg = registry.get_recipe(name).config()
-    family = registry.get_recipe(name).family
+    family, dataset = registry.get_recipe(name).family, getattr(cfg, "dataset", None)
     related = [r for other, rs in by_recipe.items() for r in rs
-               if registry.get_recipe(other).family == family and r["config"].get("dataset") == getattr(cfg, "dataset", None)]
+               if registry.get_recipe(other).family == family and r["config"].get("dataset") == dataset]
     if not related or not hasattr(cfg, "iterations"):
         return ""
     same = lambda r: (r.get("ways"), r.get("shots")) == (getattr(cfg, "ways", None), getattr(cfg, "shots", None))

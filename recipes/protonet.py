@@ -10,9 +10,9 @@ scripts/train/few_shot/run_train.py, trainval.py and predict/few_shot/eval.py):
     epochs of 100 training episodes (60-way, shot = test shot, 5 queries); after each epoch
     the validation loss on 100 5-way episodes (15 queries); stop when it has not improved
     for more than 200 epochs (patience), at most 10,000 epochs; then train a fresh model
-    from the same initialisation on train + val (the `trainval` split) for best epoch - 1 + 200
-    epochs (trainval.py takes the best epoch's 0-based index), with the same schedule, and test its final weights on 1,000 test episodes
-    (15 queries per class). One 1-shot model gives the 5-way and 20-way 1-shot numbers
+    from the same initialisation on train + val (the `trainval` split) for best epoch - 1 +
+    200 epochs (trainval.py takes the best epoch's 0-based index), with the same schedule,
+    and test its final weights on 1,000 test episodes (15 queries per class). One 1-shot model gives the 5-way and 20-way 1-shot numbers
     (`l2l-recipes eval RUN --ways 20`), one 5-shot model the 5-shot ones.
 Where ours differs, and why:
     - the validation episodes are 100 tasks drawn once (`val_seed`) rather than 100 new

@@ -61,3 +61,10 @@ bench reptile-omniglot-5w1s --seeds 3 --iterations 1000
 # commit 03a8364 (the faster MAML fast path), same conditions
 bench maml-omniglot-5w1s --seeds 3 --iterations 2000
 # still one seed each: ProtoNet mini-ImageNet
+# 2026-12-04, session 7: the papers' protocols, run by benchmarks/long_runs.sh (one thread each,
+# beside the session's work; runs kept in /root/l2l-long/bench and continued with --resume in
+# later sessions). Seed 1 of each started as `l2l-recipes run NAME --seed 1 --device cpu` (MAML
+# at commit 091a79a, ProtoNet's new protocol at b43efd1) and was moved into the bench's seed-1
+# directory after 2073 / 638 iterations; same config, so the bench continues it.
+bench maml-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
+bench protonet-omniglot-5w1s --seeds 3 --resume --runs-dir /root/l2l-long/bench

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Starts (or, after a stop, continues) the long full-protocol benchmarks in the background, in a
+# folder outside the work tree that survives a working session: LONG (default /root/l2l-long)
+# holds a clone of this repository at COMMIT (default HEAD), its own virtualenv, the bench runs
+# (LONG/bench), their records (LONG/results) and logs (LONG/logs). Each bench runs with
+# --resume: a stopped one continues each seed from its last checkpoint. One thread each, so
+# that two run side by side on a 2-core machine. Copy finished records with:
+#   cp LONG/results/*.json LONG/results/*.png benchmarks/results/ && l2l-recipes bench-table
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LONG=${LONG:-/root/l2l-long}
+COMMIT=${COMMIT:-$(git rev-parse HEAD)}
+DATA=${L2L_RECIPES_DATA:-$(cd .. && pwd)/shared/data}
+mkdir -p "$LONG/logs"
+[ -d "$LONG/code/.git" ] || git clone -q . "$LONG/code"
+git -C "$LONG/code" fetch -q "$(pwd)" "$COMMIT" && git -C "$LONG/code" checkout -q "$COMMIT"
+[ -d .wheelhouse ] && cp -rn .wheelhouse "$LONG/code/"
+(cd "$LONG/code" && L2L_RECIPES_VENV="$LONG/venv" bash tools/bootstrap.sh)
+
+start() {  # start NAME [bench options...], unless that bench is already running
+  local name=$1; shift
+  if pgrep -f "bench $name .*--runs-dir $LONG/bench" >/dev/null; then echo "$name: running"; return; fi
+  (cd "$LONG/code" && L2L_RECIPES_DATA="$DATA" OMP_NUM_THREADS=1 setsid nohup "$LONG/venv/bin/l2l-recipes" \
+    bench "$name" "$@" --episodes 1000 --device cpu --resume --runs-dir "$LONG/bench" \
+    --results-dir "$LONG/results" --no-progress >>"$LONG/logs/$name.log" 2>&1 </dev/null &)
+  echo "$name: started (log $LONG/logs/$name.log)"
+}
+
+# the paper's protocols (issue 15), most valuable first
+start maml-omniglot-5w1s --seeds 1
+start protonet-omniglot-5w1s --seeds 3

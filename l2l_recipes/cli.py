@@ -173,6 +173,19 @@ def recipes_predict(run_dir, more_queries, support, queries, device, as_json):
         click.echo(f"{r['query']}\t{r['class']}\t{r['probability']:.4f}")
 
 
+@cli.command("publish")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("dest", type=click.Path(file_okay=False))
+def recipes_publish(run_dir, dest):
+    """Copy RUN_DIR's tested model to DEST as a small run folder (config.json, env.json,
+    result.json, best.pt without optimizer state) that `eval`, `predict` and `load` take:
+    how benchmarks/models/ holds the reproduced models."""
+    path = harness.publish(run_dir, dest)
+    size = (path / "best.pt").stat().st_size
+    click.echo(f"published {run_dir} to {path} (best.pt {size / 1e6:.2f} MB); test it with: "
+               f"l2l-recipes eval {shlex.quote(str(path))}")
+
+
 @cli.command("export")
 @click.argument("name")
 @click.argument("dest", type=click.Path())

@@ -571,6 +571,26 @@ def _load(run_dir, device, data_root):
     return recipe, module.Predictor(cfg, model, resolve_device(device), data_root)
 
 
+def publish(run_dir, dest):
+    """Copy the tested model of `run_dir` to `dest` as a small run folder that `load`, `eval`
+    and `predict` take: config.json, env.json, result.json and best.pt (weights, config,
+    iteration; no optimizer or random number generator state)."""
+    run_dir, dest = Path(run_dir), Path(dest)
+    _, ckpt, state = _read_run(run_dir)
+    if not (run_dir / "result.json").is_file():
+        raise UserError(f"{run_dir} has no result.json: finish and test the run before publishing it")
+    if dest.exists() and any(dest.iterdir()):
+        raise UserError(f"{dest} is not empty: publish into a new folder")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "env.json", "result.json"):
+        if (run_dir / name).is_file():
+            (dest / name).write_text((run_dir / name).read_text())
+    kept = {key: state[key] for key in ("format", "recipe", "config", "iteration", "model", "world_size")
+            if key in state}
+    data.atomic_save({**kept, "published_from": str(run_dir), "checkpoint": ckpt.name}, dest / "best.pt")
+    return dest
+
+
 def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=True, out_name=None,
               ways=None, shots=None, **extra):
     """Meta-test a run's model on its fixed test tasks; writes the result to `out_name` and returns it.

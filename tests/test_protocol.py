@@ -141,3 +141,20 @@ def test_one_model_tested_at_other_ways(tmp_path, data_root):
     assert result["ways"] == 20 and result["trained_ways"] == 5 and result["run_dir"] == str(seed_dir)
     assert result["accuracy"] == record["seeds"][0]["accuracy"] > 0.1  # 20-way chance is 0.05
     assert "20-way 1-shot test accuracy" in evaluated.output
+
+
+def test_published_model_is_small_and_re_tests_to_its_recorded_accuracy(protonet_run, tmp_path, data_root):
+    run_dir, _ = protonet_run
+    dest = tmp_path / "models" / "protonet-omniglot-5w1s"
+    out = cli("publish", run_dir, dest)
+    assert out.exit_code == 0, out.output
+    assert sorted(p.name for p in dest.iterdir()) == ["best.pt", "config.json", "env.json", "result.json"]
+    state = torch.load(dest / "best.pt", weights_only=True)
+    assert "optimizer" not in state and "rng" not in state and state["published_from"] == str(run_dir)
+    assert (dest / "best.pt").stat().st_size < 0.6e6  # Conv4: ~113k parameters
+    recorded = json.loads((dest / "result.json").read_text())
+    again = cli("eval", dest, "--device", "cpu", "--data-root", data_root, "--no-progress")
+    assert again.exit_code == 0, again.output
+    assert json.loads((dest / f"eval-{recorded['episodes']}.json").read_text())["accuracy"] == recorded["accuracy"]
+    refused = cli("publish", run_dir, dest)
+    assert refused.exit_code == 1 and "not empty" in refused.stderr

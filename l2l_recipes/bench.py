@@ -5,7 +5,9 @@ Each `bench` of one recipe writes `benchmarks/results/<recipe>-<device>-torch<ve
 published numbers) and a learning-curve PNG beside it. `write_table` rebuilds
 `benchmarks/README.md` from all records; nothing in the table is typed by hand.
 """
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -37,7 +39,9 @@ def bench_recipe(name, seeds, episodes, assignments=(), max_minutes=None, device
 
     The seeds' runs live in `bench_dir(...)`. With `resume`, a seed already tested is taken as
     it is, a seed with a checkpoint continues from it (on CPU ending as if never stopped), and
-    the others start; without it, an existing bench directory is an error.
+    the others start; without it, an existing bench directory is an error. Several bench
+    processes may share one bench (`--resume`): each trains the seeds no other holds, and the
+    last to finish writes the record (the others raise BenchPending).
     """
     recipe = registry.get_recipe(name)
     trainer = registry.get_recipe(recipe.tested_from or name)  # whose trained model is tested
@@ -50,14 +54,54 @@ def bench_recipe(name, seeds, episodes, assignments=(), max_minutes=None, device
         raise UserError(f"this bench was started before, its runs are in {home}: continue it with --resume "
                         f"(or remove that folder to start again)")
     home.mkdir(parents=True, exist_ok=True)
-    harness.write_json(home / "bench.json", {"recipe": name, "command": command, "episodes": episodes,
+    harness.write_json(home / "bench.json", {"recipe": trainer.name, "command": command, "episodes": episodes,
                                              "overrides": list(assignments), "max_minutes": max_minutes})
+    for seed in range(1, seeds + 1):  # each seed trained by the first bench process that locks it
+        with _locked(home / f"seed-{seed}.lock") as mine:
+            if mine:
+                seed_cfg = dataclasses.replace(cfg, seed=seed, device=str(dev))
+                _seed_result(trainer.name, seed_cfg, home / f"seed-{seed}", dev, data_root, progress, max_minutes)
+    busy = [seed for seed in range(1, seeds + 1) if not (home / f"seed-{seed}" / "result.json").is_file()]
+    if busy:
+        raise BenchPending(f"{name}: seed(s) {', '.join(map(str, busy))} still training in another bench process "
+                           f"(their runs in {home}); the last process to finish writes the record")
+    with _locked(home / ".record.lock", wait=True):
+        written = home / f"record-{name}.txt"
+        if written.is_file() and Path(written.read_text().strip()).is_file():
+            return json.loads(Path(written.read_text().strip()).read_text())
+        record = _record(name, recipe, trainer, cfg, default, tested, seeds, home, dev, data_root, progress,
+                         max_minutes, assignments, results_dir, command)
+        written.write_text(str(Path(results_dir).resolve() / f"{record['curve'][:-4]}.json") + "\n")
+        return record
+
+
+class BenchPending(UserError):
+    """Another bench process still trains some of this bench's seeds."""
+
+
+@contextlib.contextmanager
+def _locked(path, wait=False):
+    """An exclusive lock on `path` (released when the process ends, however it ends); yields
+    whether it was obtained (always, with `wait`)."""
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _record(name, recipe, trainer, cfg, default, tested, seeds, home, dev, data_root, progress, max_minutes,
+            assignments, results_dir, command):
+    """Write the record and curve of a bench whose seeds are all tested; return the record."""
     runs, curves = [], {}
-    started = time.time()
     for seed in range(1, seeds + 1):
-        seed_cfg = dataclasses.replace(cfg, seed=seed, device=str(dev))
         run_dir = home / f"seed-{seed}"
-        result = _seed_result(trainer.name, seed_cfg, run_dir, dev, data_root, progress, max_minutes)
+        result = json.loads((run_dir / "result.json").read_text())
         if trainer is not recipe:  # the trained model tested at this variant's ways and shots
             result = {**result, **_tested_as(name, tested, run_dir, dev, data_root, progress)}
         metric, higher = result["metric"], result["higher_is_better"]

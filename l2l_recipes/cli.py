@@ -228,6 +228,8 @@ def recipes_bench(names, seeds, episodes, iterations, max_minutes, assignments, 
     The seeds' runs are kept in RUNS_DIR/NAME/bench-<key>/seed-N (the key: a hash of the
     options). A bench stopped at any moment (Ctrl-C, kill, machine gone) continues with the
     same command plus --resume, and ends with the record an unstopped bench would write.
+    Several processes (or machines sharing RUNS_DIR) may run one bench with --resume: each
+    trains the seeds no other holds, the last to finish writes the record.
     """
     from l2l_recipes import bench
     for name in names:
@@ -239,9 +241,13 @@ def recipes_bench(names, seeds, episodes, iterations, max_minutes, assignments, 
     flags += f" --max-minutes {max_minutes:g}" if max_minutes else ""
     flags += "".join(f" --set {shlex.quote(a)}" for a in assignments) + f" --device {device}"
     for name in names:
-        record = bench.bench_recipe(name, seeds, episodes, [*budget, *assignments], max_minutes, device,
-                                    data_root, runs_dir, results_dir, progress,
-                                    command=f"l2l-recipes bench {name}{flags}", resume=resume)
+        try:
+            record = bench.bench_recipe(name, seeds, episodes, [*budget, *assignments], max_minutes, device,
+                                        data_root, runs_dir, results_dir, progress,
+                                        command=f"l2l-recipes bench {name}{flags}", resume=resume)
+        except bench.BenchPending as pending:
+            click.echo(str(pending))
+            continue
         click.echo(f"{name}: {bench.summary(record)}; record {Path(results_dir) / record['curve'][:-4]}.json")
     bench.write_table(results_dir, Path(results_dir).parent / "README.md")
 

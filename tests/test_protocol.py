@@ -1,5 +1,7 @@
 """Paper protocols: early stopping and train+val retraining (ProtoNet), a bench that survives
-a kill, one trained model tested at other ways and shots."""
+a kill and is shared by several processes, one trained model tested at other ways and shots,
+a published model that re-tests to its record."""
+import fcntl
 import json
 import os
 import signal
@@ -9,6 +11,7 @@ import sys
 import torch
 
 from conftest import REPO, cli
+from l2l_recipes import bench
 
 TINY = ["--set", "train_ways=10", "--set", "val_episodes=10", "--set", "log_interval=5"]
 # Snell et al.'s protocol, shrunk: validate every 5 episodes, patience 3 validations
@@ -158,3 +161,28 @@ def test_published_model_is_small_and_re_tests_to_its_recorded_accuracy(protonet
     assert json.loads((dest / f"eval-{recorded['episodes']}.json").read_text())["accuracy"] == recorded["accuracy"]
     refused = cli("publish", run_dir, dest)
     assert refused.exit_code == 1 and "not empty" in refused.stderr
+
+
+def test_two_bench_processes_share_the_seeds_and_write_one_record(tmp_path, data_root):
+    """Seed 1 is held (locked) by another bench process: this one trains seed 2 and leaves the
+    record to the last to finish; once seed 1 is tested, --resume writes the record, once."""
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    overrides = ["val_interval=5", "train_ways=10", "val_episodes=10", "log_interval=5"]
+    args = ["bench", "protonet-omniglot-5w1s", "--seeds", 2, "--episodes", 10, "--iterations", 5,
+            *[a for o in overrides for a in ("--set", o)], "--device", "cpu", "--no-progress",
+            "--data-root", data_root, "--runs-dir", runs, "--results-dir", results, "--resume"]
+    home = bench.bench_dir(runs, "protonet-omniglot-5w1s", 10, ["iterations=5", *overrides], None, "cpu")
+    home.mkdir(parents=True)
+    with open(home / "seed-1.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process is training seed 1
+        out = cli(*args)
+        assert out.exit_code == 0, out.output
+        assert "seed(s) 1 still training in another bench process" in out.output
+        assert (home / "seed-2" / "result.json").is_file() and not (home / "seed-1").exists()
+        assert not results.exists()
+    out = cli(*args)  # seed 1 is free now: trained here, and the record written
+    assert out.exit_code == 0, out.output
+    (record,) = [json.loads(p.read_text()) for p in results.glob("*.json")]
+    assert [s["seed"] for s in record["seeds"]] == [1, 2]
+    again = cli(*args)
+    assert again.exit_code == 0 and len(list(results.glob("*.json"))) == 1  # no second record

@@ -213,6 +213,7 @@ class Run:
         self.tracked = None  # (model, optimizer, {name: object}) given to track()
         self.stop_signal = None  # set by SIGINT / SIGTERM during iterations()
         self._checkpointed_at = None
+        self._made_parents = []  # the folders above the run directory that create() made
         self.saved_iteration = None  # the iteration of the ckpt.pt on disk, None before the first
 
     @classmethod
@@ -334,28 +335,34 @@ class Run:
         def new_path():
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             parent = Path(out) / recipe_name
+            made = [d for d in (parent, *parent.parents) if not d.exists()]  # deepest first
             try:
                 parent.mkdir(parents=True, exist_ok=True)
                 for k in itertools.count(1):
                     path = parent / (f"{stamp}-s{cfg.seed}" + (f"-{k}" if k > 1 else ""))
                     try:
                         path.mkdir()  # atomic: of two runs making it, one gets FileExistsError
-                        return path
+                        return path, made
                     except FileExistsError:
                         continue
             except OSError as e:
                 raise UserError(f"cannot make a run directory under --out {out} ({e.strerror}: {e.filename}): "
                                 f"pass an --out folder you can write") from None
-        return cls(distributed.on_main(new_path), recipe_name, cfg, device, **options)
+        path, made = distributed.on_main(new_path)
+        run = cls(path, recipe_name, cfg, device, **options)
+        run._made_parents = made
+        return run
 
     def remove_if_empty(self):
-        """Remove the run directory if nothing was written into it yet (rank 0); True if removed."""
+        """Remove the run directory if nothing was written into it yet, and the parents create()
+        made for it if they are empty (rank 0); True if removed."""
         if not distributed.is_main():
             return False
-        try:
-            self.path.rmdir()  # only ever removes an empty directory
-        except OSError:
-            return False
+        for k, folder in enumerate([self.path, *self._made_parents]):
+            try:
+                folder.rmdir()  # only ever removes an empty directory
+            except OSError:
+                return k > 0
         return True
 
     def _materialise(self):

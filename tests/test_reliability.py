@@ -96,8 +96,10 @@ def test_a_run_that_fails_before_writing_leaves_no_directory(tmp_path):
     result = cli("run", *TINY, "--data-root", empty, "--out", tmp_path / "runs")
     assert "Omniglot not found" in one_line(result)
     printed = Path(result.stdout.split("run directory: ")[1].split("  (device")[0])
-    assert not printed.exists() and f"{printed} removed" in result.stdout
-    assert list((tmp_path / "runs" / NAME).iterdir()) == []
+    assert f"{printed} removed" in result.stdout and not (tmp_path / "runs").exists()  # --out too: made for it
+    (tmp_path / "mine" / NAME).mkdir(parents=True)
+    result = cli("run", *TINY, "--data-root", empty, "--out", tmp_path / "mine")
+    assert result.exit_code == 1 and list((tmp_path / "mine").iterdir()) == [tmp_path / "mine" / NAME]
 
 
 # ----------------------------------------------------------------------------- 2: resume as printed

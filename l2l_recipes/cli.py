@@ -16,12 +16,15 @@ from l2l_recipes.errors import UserError
 
 
 class _Group(click.Group):
-    """Turns a UserError anywhere below into a one-line 'Error: ...' and exit status 1."""
+    """Turns a UserError anywhere below into a one-line 'Error: ...' and exit status 1 (without
+    the line where another process prints it)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except UserError as e:
+            if e.quiet:
+                raise click.exceptions.Exit(1) from None
             raise click.ClickException(str(e)) from None
 
 
@@ -110,19 +113,24 @@ def recipes_run(name, resume_dir, data_root, download, device, seed, out, assign
                 for text in assignments:
                     click.echo(f"override: {text}")
             run = harness.Run.create(out, name, cfg, device, **options)
-        _train_and_test(run, data_root, progress)
+        _train_and_test(run, progress)
     finally:
         distributed.close()
 
 
-def _train_and_test(run, data_root, progress):
+def _train_and_test(run, progress):
     if distributed.is_main():
         world = distributed.world_size()
         processes = f", {world} processes ({distributed.backend()})" if world > 1 else ""
         click.echo(f"run directory: {run.path}  (device {run.device}{processes})")
-    registry.get_recipe(run.recipe).load_module().train(run.cfg, run)
+    try:
+        registry.get_recipe(run.recipe).load_module().train(run.cfg, run)
+    except BaseException:
+        if run.remove_if_empty():  # e.g. its data failed to load
+            click.echo(f"run directory {run.path} removed: the run stopped before writing anything")
+        raise
     # every process tests its share of the tasks on best.pt, which rank 0 reads and sends
-    result = harness.meta_test(run.path, device=str(run.device), data_root=data_root, progress=progress,
+    result = harness.meta_test(run.path, device=str(run.device), data_root=run.data_root, progress=progress,
                                out_name="result.json", train_seconds=round(time.time() - run.started, 1),
                                iterations_done=run.iterations_done, max_minutes=run.max_minutes,
                                stopped_by_time_budget=run.stopped_early, ended_by_stopping_rule=run.ended)
@@ -132,7 +140,7 @@ def _train_and_test(run, data_root, progress):
 
 @cli.command("eval")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--episodes", type=click.IntRange(min=1), default=None,
+@click.option("--episodes", type=click.IntRange(min=2), default=None,
               help="Test tasks (default: the recipe's, 1000).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--data-root", type=click.Path(file_okay=False), default=None)
@@ -147,7 +155,7 @@ def recipes_eval(run_dir, episodes, device, data_root, ways, shots, progress):
     --shots, on fixed test tasks of that setting: one 1-shot ProtoNet gives the 5- and 20-way rows)."""
     progress = sys.stderr.isatty() if progress is None else progress
     result = harness.meta_test(run_dir, episodes, device, data_root, progress, ways=ways, shots=shots)
-    click.echo(json.dumps(result))
+    click.echo(json.dumps(harness.json_safe(result), allow_nan=False))
     click.echo(_result_line(result))
 
 

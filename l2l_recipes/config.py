@@ -6,6 +6,7 @@ type (an int is accepted for a float). Configs are never mutated: `dataclasses.r
 """
 import ast
 import dataclasses
+import math
 import typing
 
 from l2l_recipes.errors import UserError
@@ -52,18 +53,24 @@ AT_LEAST_1 = ("shots", "queries", "train_shots", "train_queries", "iterations", 
               "meta_batch_size", "adaptation_steps", "test_adaptation_steps", "val_interval",
               "log_interval", "inner_batch_size", "test_batch_size", "lr_step")
 POSITIVE = ("lr", "meta_lr", "fast_lr", "inner_lr", "outer_lr")
+SEEDS = ("seed",)  # NumPy's seeds: 0 <= seed < 2**32
 
 
 def validate(cfg):
-    """Raise a one-line UserError for the first field of `cfg` outside its range."""
+    """Raise a one-line UserError for the first field of `cfg` outside its range (every float
+    must be finite)."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if f.name in AT_LEAST_2:
+        if isinstance(value, float) and not math.isfinite(value):
+            check(False, f"{f.name}={value!r} is out of range: {f.name} must be a finite number")
+        elif f.name in AT_LEAST_2:
             check(value >= 2, f"{f.name}={value!r} is out of range: {f.name} must be at least 2")
         elif f.name in AT_LEAST_1:
             check(value >= 1, f"{f.name}={value!r} is out of range: {f.name} must be at least 1")
         elif f.name in POSITIVE:
             check(value > 0, f"{f.name}={value!r} is out of range: {f.name} must be > 0")
+        elif f.name in SEEDS:
+            check(0 <= value < 2 ** 32, f"{f.name}={value!r} is out of range: {f.name} must be in 0..{2 ** 32 - 1}")
     check(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
           f"device={cfg.device!r} is out of range: use auto, cpu or cuda")
 

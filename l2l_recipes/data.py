@@ -106,6 +106,11 @@ class ClassImages(torch.utils.data.Dataset):
         return self.images
 
 
+# Whether the loaders show their decoding bars (once per cache): harness.Run and meta_test set it
+# from their `progress`, as recipes call load_split without one.
+PROGRESS = {"decoding": True}
+
+
 def dataset_module(name):
     """The module of dataset `name` (see DATASETS), or a UserError naming the known datasets."""
     if name not in DATASETS:
@@ -120,7 +125,7 @@ def load_split(dataset, split, root=None, download=False):
         raise UserError(f"the trainval split (train + val) is shipped for omniglot only, not {dataset}")
     if split not in (*SPLIT_NAMES, "trainval"):
         raise UserError(f"unknown split '{split}': use one of {', '.join(SPLIT_NAMES)}")
-    return dataset_module(dataset).load_split(split, data_root(root), download)
+    return dataset_module(dataset).load_split(split, data_root(root), download, PROGRESS["decoding"])
 
 
 # ----------------------------------------------------------------------------- episodes
@@ -187,6 +192,12 @@ def split_support_query(x, y, shots):
         return t[mask].view(*y.shape[:-1], -1, *t.shape[y.dim():])
 
     return part(x, support), part(y, support), part(x, ~support), part(y, ~support)
+
+
+def undecodable(path, error):
+    """The UserError for an image file that cannot be decoded (truncated, corrupt)."""
+    return UserError(f"cannot decode {path} ({error}): check the data with `l2l-recipes data verify "
+                     f"--data-root DIR`, then re-extract or re-download the damaged files")
 
 
 def files_key(tag, files, base):

@@ -4,8 +4,9 @@ learn2learn, torch and torchvision (and numpy, PIL, tqdm, which they bring).
 The file, in order: the recipe's docstring plus one line saying what it was exported from;
 the imports; `RECIPE` and the recipe's Config dataclass with the variant's values as its
 defaults; the support code inlined from l2l_recipes; the recipe's code; `main()`, which
-takes `l2l-recipes run`'s options --data-root, --download, --device, --seed, --out, --set and
---progress (not --resume), trains, meta-tests and writes the same run directory.
+takes `l2l-recipes run`'s options --data-root, --download, --device, --seed, --out, --set,
+--progress and --resume, trains, meta-tests and writes the same run directory; a stopped run
+says to resume it with `python FILE --resume RUN_DIR`.
 
 How it is built, with `ast` and source positions (no source strings run, no import tricks):
 - The recipe module's source is kept verbatim with its comments, minus its l2l_recipes
@@ -83,8 +84,12 @@ def export_recipe(name, dest, force=False, all_datasets=False):
     command = f"l2l-recipes export {name} {dest}" + " --all-datasets" * all_datasets
     source = export_source(name, all_datasets, command)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(source)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(source)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path} ({e.strerror}): pass a DEST you can write") from None
     return path
 
 
@@ -1103,6 +1108,7 @@ def _format_splits(splits):
 # package code it reaches; RECIPE, Config and train are the file's own.
 MAIN_TEMPLATE = '''\
 import argparse
+import shlex
 import sys
 import time
 
@@ -1117,7 +1123,7 @@ def main(argv=None):
     The options are those of `l2l-recipes run`; --set key=value overrides a Config field (a
     Python literal of the field's type), repeatable and applied left to right. The run
     directory <out>/<RECIPE>/<time>-s<seed>/ gets config.json, env.json, metrics.jsonl,
-    ckpt.pt, best.pt and result.json.
+    ckpt.pt, best.pt and result.json; --resume RUN_DIR continues a stopped run.
     """
     parser = argparse.ArgumentParser(description=f"Train and meta-test {RECIPE}.")
     parser.add_argument("--data-root", help="folder holding the datasets (default: $L2L_RECIPES_DATA, "
@@ -1132,19 +1138,31 @@ def main(argv=None):
                         help="override a config field; repeatable, applied left to right")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="show progress bars (default: when stderr is a terminal)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this directory from its last "
+                        "checkpoint, with its own config (and data root, unless --data-root is given)")
     args = parser.parse_args(argv)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
+    options = dict(data_root=args.data_root, download=args.download, progress=progress,
+                   command=f"python {shlex.quote(sys.argv[0])}")
     try:
-        flags = [f"seed={args.seed}"] * (args.seed is not None) + [f"device='{args.device}'"] * bool(args.device)
-        cfg = apply_overrides(Config(), flags + args.assignments)
-        for text in args.assignments:
-            print(f"override: {text}")
-        device = harness.resolve_device(cfg.device)
-        run = harness.Run.create(args.out, RECIPE, cfg, device, data_root=args.data_root,
-                                 download=args.download, progress=progress)
+        if args.resume:
+            if args.seed is not None or args.assignments:
+                raise UserError("--resume continues a run with its own config: drop --seed and --set")
+            run = harness.Run.resume(args.resume, harness.resolve_device(args.device or "auto"), **options)
+        else:
+            flags = [f"seed={args.seed}"] * (args.seed is not None) + [f"device='{args.device}'"] * bool(args.device)
+            cfg = apply_overrides(Config(), flags + args.assignments)
+            for text in args.assignments:
+                print(f"override: {text}")
+            run = harness.Run.create(args.out, RECIPE, cfg, harness.resolve_device(cfg.device), **options)
         print(f"run directory: {run.path}  (device {run.device})")
-        train(cfg, run)
-        result = harness.meta_test(run.path, device=str(run.device), data_root=args.data_root, progress=progress,
+        try:
+            train(run.cfg, run)
+        except BaseException:
+            if run.remove_if_empty():  # e.g. its data failed to load
+                print(f"run directory {run.path} removed: the run stopped before writing anything")
+            raise
+        result = harness.meta_test(run.path, device=str(run.device), data_root=run.data_root, progress=progress,
                                    out_name="result.json", train_seconds=round(time.time() - run.started, 1))
     except UserError as e:
         sys.exit(f"Error: {e}")

@@ -45,7 +45,8 @@ def classes(split, root=None):
     return load_split(split, root).classes
 
 
-def load_split(split, root, download=False):
+def load_split(split, root, download=False, progress=True):
+    """One split as a data.ClassImages (a pickle read whole: no decoding bar, `progress` is unused)."""
     path = _path(root, split, download)
 
     def build():

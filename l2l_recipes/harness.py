@@ -8,15 +8,20 @@ A run directory `runs/<recipe>/<YYYYmmdd-HHMMSS>-s<seed>/` holds:
     best.pt        weights with the best validation accuracy (what gets tested)
     result.json    the final meta-test: accuracy and ci95 as fractions, episodes, ways, shots, split
 
+Checkpoints also record the --data-root the run was started with, which --resume, `eval`
+and `load()` use when none is given. JSON files hold null where a number is not finite.
+
 Under torchrun (see l2l_recipes.distributed) rank 0 alone writes the directory and shows
 progress; evaluation is split over the processes and gathered, and every decision taken
 from it (the best weights, stopping) is the same on every process.
 """
 import dataclasses
+import itertools
 import json
 import math
 import os
 import platform
+import shlex
 import signal
 import statistics
 import subprocess
@@ -106,10 +111,14 @@ def seed_everything(seed):
 
 def _git_commit():
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+        here = Path(__file__).parent
+    except NameError:  # an exported file's code run by exec(): no file to ask git about
+        return None
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here,
                              capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+                               cwd=here, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
@@ -152,25 +161,38 @@ def environment(device):
     return env
 
 
+def json_safe(obj):
+    """`obj` with each non-finite float (NaN, infinity: not JSON) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(value) for value in obj]
+    return obj
+
+
 def write_json(path, obj):
-    """Write `obj` as indented JSON through a temporary file and a rename."""
+    """Write `obj` as indented JSON (null for non-finite floats) through a temporary file and a rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
 class Run:
     """A run directory being written: config, environment, metrics, checkpoints.
 
-    The directory appears at the first log line or checkpoint, so a run that fails while
-    loading its data leaves nothing behind. `data_root`, `download` and `progress` are the
-    machine-side options a recipe's train() passes on to the data loaders. Under torchrun,
-    every process holds a Run with the same path; only rank 0 writes and shows progress.
+    create() makes the directory at once, empty; config.json, written with the first log line
+    or checkpoint, marks it as a run (a run that fails while loading its data leaves it empty:
+    remove_if_empty). `data_root`, `download` and `progress` are the machine-side options a
+    recipe's train() passes on to the data loaders (progress also to their decoding bars);
+    `command` is what resumes the run, before `--resume RUN_DIR`. Under torchrun, every process
+    holds a Run with the same path; only rank 0 writes and shows progress.
     """
 
     def __init__(self, path, recipe_name, cfg, device, data_root=None, download=False, progress=True,
-                 max_minutes=None, checkpoint_every=100):
+                 max_minutes=None, checkpoint_every=100, command="l2l-recipes run"):
         self.path = Path(path)
         self.recipe = recipe_name
         self.cfg = cfg
@@ -178,6 +200,8 @@ class Run:
         self.data_root = data_root
         self.download = download
         self.progress = progress and distributed.is_main()
+        data.PROGRESS["decoding"] = self.progress
+        self.command = command
         self.started = time.time()
         self.best_val = float("-inf")
         self.max_minutes = max_minutes  # wall-time budget for training, None for none
@@ -191,20 +215,25 @@ class Run:
         self.tracked = None  # (model, optimizer, {name: object}) given to track()
         self.stop_signal = None  # set by SIGINT / SIGTERM during iterations()
         self._checkpointed_at = None
+        self._made_parents = []  # the folders above the run directory that create() made
+        self.saved_iteration = None  # the iteration of the ckpt.pt on disk, None before the first
 
     @classmethod
     def resume(cls, run_dir, device, **options):
-        """The run of `run_dir`, to continue from its ckpt.pt (its config is the checkpoint's)."""
+        """The run of `run_dir`, to continue from its ckpt.pt (its config is the checkpoint's), with
+        the data root it was started with unless `data_root` is given."""
         run_dir = Path(run_dir)
-        state = distributed.on_main(read_checkpoint, run_dir / "ckpt.pt")  # nodes need no shared disk
+        state = distributed.on_main(_resumable, run_dir)  # nodes need no shared disk
         trained, world = state.get("world_size", 1), distributed.world_size()
         if trained != world:
-            how = (f"torchrun --nproc_per_node={trained} -m l2l_recipes.cli run --resume {run_dir} (or "
+            quoted = shlex.quote(str(run_dir))
+            how = (f"torchrun --nproc_per_node={trained} -m l2l_recipes.cli run --resume {quoted} (or "
                    f"--nnodes x --nproc_per_node = {trained})" if trained > 1
-                   else f"l2l-recipes run --resume {run_dir}, without torchrun")
+                   else f"l2l-recipes run --resume {quoted}, without torchrun")
             raise UserError(f"run {run_dir} was trained with {trained} process(es), not {world}: resume it "
                             f"with as many, e.g. {how}")
         cfg = _config_of(state, run_dir / "ckpt.pt")
+        options["data_root"] = options.get("data_root") or _recorded_root(state)
         run = cls(run_dir, state["recipe"], cfg, device, **options)
         run.resume_state = state
         if distributed.is_main():
@@ -232,7 +261,7 @@ class Run:
         set_rng_state(state.get("rng_by_rank", [state["rng"]])[distributed.rank()])
         self.best_val = state.get("best_val_score", state.get("best_val_accuracy"))
         self.ended = state.get("training_ended", False)
-        self.start_iteration = self.iterations_done = state["iteration"]
+        self.start_iteration = self.iterations_done = self.saved_iteration = state["iteration"]
         self.started = time.time() - state["elapsed_seconds"]
         if not distributed.is_main():
             return
@@ -266,10 +295,10 @@ class Run:
                     self.checkpoint(iteration)
                 if self.ended:
                     return
-                if stop:
+                if stop:  # every process stops; rank 0 alone prints it
                     raise UserError(f"stopped by {self.stop_signal or 'a signal to another process'} after "
                                     f"iteration {iteration}; checkpoint saved. Resume with: "
-                                    f"{self._resume_command()}")
+                                    f"{self._resume_command()}", quiet=not distributed.is_main())
                 if self.stopped_early:
                     if distributed.is_main():
                         tqdm.write(f"time budget of {self.max_minutes} minutes spent after iteration {iteration}")
@@ -299,8 +328,8 @@ class Run:
 
     def _resume_command(self):
         world = distributed.world_size()
-        launcher = f"torchrun --nproc_per_node={world} -m l2l_recipes.cli" if world > 1 else "l2l-recipes"
-        return f"{launcher} run --resume {self.path}"
+        launcher = f"torchrun --nproc_per_node={world} -m l2l_recipes.cli run" if world > 1 else self.command
+        return f"{launcher} --resume {shlex.quote(str(self.path))}"
 
     def validation_due(self, iteration, interval, total):
         """True every `interval` iterations, at the last one, and when the time budget is spent
@@ -311,15 +340,42 @@ class Run:
 
     @classmethod
     def create(cls, out, recipe_name, cfg, device, **options):
-        """A new run under `out/<recipe>/<time>-s<seed>`; an existing directory is never reused.
-        Under torchrun, rank 0's path (its clock) is every process's."""
+        """A new run in a directory made now, `out/<recipe>/<time>-s<seed>`, or with `-2`, `-3`, ...
+        added when another run took that name in the same second (an existing directory is never
+        reused). An --out that cannot be written is a UserError, before any training. Under
+        torchrun, rank 0 makes the directory and its path is every process's."""
         def new_path():
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-            path = Path(out) / recipe_name / f"{stamp}-s{cfg.seed}"
-            if path.exists():
-                raise UserError(f"run directory {path} already exists: wait a second or pass another --out")
-            return path
-        return cls(distributed.on_main(new_path), recipe_name, cfg, device, **options)
+            parent = Path(out) / recipe_name
+            made = [d for d in (parent, *parent.parents) if not d.exists()]  # deepest first
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+                for k in itertools.count(1):
+                    path = parent / (f"{stamp}-s{cfg.seed}" + (f"-{k}" if k > 1 else ""))
+                    try:
+                        path.mkdir()  # atomic: of two runs making it, one gets FileExistsError
+                        return path, made
+                    except FileExistsError:
+                        continue
+            except OSError as e:
+                raise UserError(f"cannot make a run directory under --out {out} ({e.strerror}: {e.filename}): "
+                                f"pass an --out folder you can write") from None
+        path, made = distributed.on_main(new_path)
+        run = cls(path, recipe_name, cfg, device, **options)
+        run._made_parents = made
+        return run
+
+    def remove_if_empty(self):
+        """Remove the run directory if nothing was written into it yet, and the parents create()
+        made for it if they are empty (rank 0); True if removed."""
+        if not distributed.is_main():
+            return False
+        for k, folder in enumerate([self.path, *self._made_parents]):
+            try:
+                folder.rmdir()  # only ever removes an empty directory
+            except OSError:
+                return k > 0
+        return True
 
     def _materialise(self):
         if not distributed.is_main() or (self.path / "config.json").exists():
@@ -334,14 +390,13 @@ class Run:
         the iteration (on every process: recipes log the loss of the whole meta-batch)."""
         loss = metrics.get("loss")
         if loss is not None and not math.isfinite(loss):
-            raise UserError(f"loss is {loss} at iteration {iteration}: training diverged; the last good "
-                            f"checkpoint in {self.path} is kept (lower the learning rate)")
+            raise self._diverged(f"loss is {loss}", iteration)
         if not distributed.is_main():
             return
         self._materialise()
         row = {"iteration": iteration, "time": round(time.time() - self.started, 3), **metrics}
         with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in row.items()))
         sys.stdout.flush()
@@ -372,8 +427,7 @@ class Run:
         """Write checkpoint `name` (ckpt.pt or best.pt) atomically (rank 0); non-finite weights are
         refused, so a diverged run never replaces its last good checkpoint."""
         if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
-            raise UserError(f"non-finite weights at iteration {iteration}: training diverged; the last good "
-                            f"checkpoint in {self.path} is kept (lower the learning rate)")
+            raise self._diverged("non-finite weights", iteration)
         state = {
             "format": CHECKPOINT_FORMAT,
             "recipe": self.recipe,
@@ -385,12 +439,20 @@ class Run:
             "elapsed_seconds": time.time() - self.started,
             "world_size": distributed.world_size(),
             "training_ended": self.ended,
+            "data_root": str(Path(self.data_root).expanduser().resolve()) if self.data_root else None,
             **extra,
         }
+        if name == "ckpt.pt":
+            self.saved_iteration = iteration
         if not distributed.is_main():
             return
         self._materialise()
         data.atomic_save(state, self.path / name)
+
+    def _diverged(self, what, iteration):
+        kept = (f"the last good checkpoint, {self.path / 'ckpt.pt'} of iteration {self.saved_iteration}, is kept"
+                if self.saved_iteration is not None else "no checkpoint was written yet")
+        return UserError(f"{what} at iteration {iteration}: training diverged; {kept} (lower the learning rate)")
 
     def validate(self, iteration, predictor, tasks, checkpoint=True):
         """Evaluate on the fixed validation `tasks`, log `val_<key>` for each key of the result,
@@ -524,6 +586,34 @@ def recipe_module(name):
     return get_recipe(name).load_module()
 
 
+def _resumable(run_dir):
+    """The state of run_dir's ckpt.pt to resume from; a UserError for a finished run or one whose
+    config.json disagrees with the checkpoint (the checkpoint's config is what a resume trains)."""
+    if (run_dir / "result.json").is_file():
+        raise UserError(f"run {run_dir} is finished (it has result.json): nothing to resume; to test it "
+                        f"again, run `l2l-recipes eval {shlex.quote(str(run_dir))}`")
+    state = read_checkpoint(run_dir / "ckpt.pt")
+    path = run_dir / "config.json"
+    if path.is_file():
+        try:
+            written = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} is unreadable ({e}): restore it to resume the run") from None
+        recorded = json.loads(json.dumps(json_safe({"recipe": state.get("recipe"), **state.get("config", {})})))
+        changed = sorted(k for k in {*written, *recorded} if written.get(k, ...) != recorded.get(k, ...)) \
+            if isinstance(written, dict) else ["everything"]
+        if changed:
+            raise UserError(f"{path} disagrees with {run_dir / 'ckpt.pt'} on {', '.join(changed)}: a run resumes "
+                            f"with its checkpoint's recipe and config; restore config.json, or start a new run")
+    return state
+
+
+def _recorded_root(state):
+    """The --data-root a checkpoint's run was started with, if given and still a folder here."""
+    root = state.get("data_root")
+    return root if root and Path(root).is_dir() else None
+
+
 def _config_of(state, path):
     """The recipe config stored in checkpoint `state` (read from `path`)."""
     name = state["recipe"]
@@ -540,7 +630,7 @@ def load(run_dir, device="auto", data_root=None):
         predictor = l2l_recipes.load("runs/protonet-omniglot-5w1s/20261122-101500-s42")
         logits = predictor.predict(support_x, support_y, query_x)
     """
-    return _load(run_dir, device, data_root)[1]
+    return _load(run_dir, device, data_root)[2]
 
 
 def _read_run(run_dir):
@@ -556,7 +646,8 @@ def _read_run(run_dir):
 
 
 def _load(run_dir, device, data_root):
-    """(the recipe config.json names, the run's predictor); under torchrun rank 0 reads the
+    """(the recipe config.json names, the checkpoint's path, the run's predictor), on the data
+    root recorded with the run unless `data_root` is given; under torchrun rank 0 reads the
     files and sends them to every process (nodes need no shared disk)."""
     recipe, ckpt, state = distributed.on_main(_read_run, run_dir)
     name = state["recipe"]
@@ -568,7 +659,7 @@ def _load(run_dir, device, data_root):
     except RuntimeError as e:
         raise UserError(f"checkpoint {ckpt} does not fit recipe {name}'s model "
                         f"({str(e).splitlines()[0]})") from None
-    return recipe, module.Predictor(cfg, model, resolve_device(device), data_root)
+    return recipe, ckpt, module.Predictor(cfg, model, resolve_device(device), data_root or _recorded_root(state))
 
 
 def publish(run_dir, dest):
@@ -599,10 +690,15 @@ def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=Tr
     not fix the number of ways: ProtoNet, Matching Networks, MetaOptNet, transfer; the others
     refuse other ways). `run` writes result.json; a later `eval` writes
     eval-[<ways>w<shots>s-]<episodes>.json, so it never replaces the run's recorded result.
-    `extra` fields are added to the result. Under torchrun every process evaluates its share
-    of the tasks and returns the gathered result; rank 0 writes it.
+    `extra` fields are added to the result; "checkpoint" names the one tested (best.pt, or
+    ckpt.pt with a note on stderr where no validation wrote best.pt). Under torchrun every
+    process evaluates its share of the tasks and returns the gathered result; rank 0 writes it.
     """
-    recipe, predictor = _load(run_dir, device, data_root)
+    recipe, ckpt, predictor = _load(run_dir, device, data_root)
+    if ckpt.name != "best.pt" and distributed.is_main():
+        print(f"note: {run_dir} has no best.pt (no validation finished): testing {ckpt.name}, "
+              f"its last checkpoint", file=sys.stderr)
+    data.PROGRESS["decoding"] = progress and distributed.is_main()
     trained = {key: getattr(predictor.cfg, key) for key in ("ways", "shots") if hasattr(predictor.cfg, key)}
     setting = {key: value for key, value in (("ways", ways), ("shots", shots)) if value is not None}
     if set(setting) - set(trained):
@@ -620,7 +716,7 @@ def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=Tr
         **predictor.evaluate(tasks, desc="test", progress=progress),
         "episodes": episodes,
         **{key: getattr(cfg, key) for key in ("ways", "shots", "queries") if hasattr(cfg, key)},
-        "split": "test", "test_seed": cfg.test_seed, "seed": cfg.seed,
+        "split": "test", "test_seed": cfg.test_seed, "seed": cfg.seed, "checkpoint": ckpt.name,
         "device": str(predictor.device), "eval_seconds": round(time.time() - started, 1),
         "run_dir": str(run_dir), **extra,
     }

@@ -67,8 +67,11 @@ def load_omniglot(root=None, download=False, progress=True):
         images = torch.empty(len(names), 20, SIZE, SIZE, dtype=torch.uint8)
         for i, name in enumerate(tqdm(names, desc="decoding Omniglot (once)", disable=not progress)):
             for j, f in enumerate(characters[name]):
-                with Image.open(f) as im:
-                    images[i, j] = omniglot_pixels(im)
+                try:
+                    with Image.open(f) as im:
+                        images[i, j] = omniglot_pixels(im)
+                except OSError as e:  # PIL: truncated or not an image
+                    raise data.undecodable(f, e) from None
         return {"names": names, "images": images}
 
     files = [f for fs in characters.values() for f in fs]
@@ -120,7 +123,7 @@ def classes(split, root=None):
     return data.read_split("omniglot-vinyals", split)
 
 
-def load_split(split, root=None, download=False):
+def load_split(split, root=None, download=False, progress=True):
     """One split of the standard Omniglot split (1028/172/423 characters x 4 rotations)."""
-    names, images = load_omniglot(root, download)
+    names, images = load_omniglot(root, download, progress)
     return OmniglotClasses(names, images, classes(split))

@@ -85,7 +85,7 @@ def load_classifier(run_dir, device="auto"):
     if (run_dir / "config.json").is_file() and not any((run_dir / n).is_file() for n in ("best.pt", "ckpt.pt")):
         raise UserError(f"run {run_dir} holds no weights (no best.pt or ckpt.pt): it stopped before its "
                         f"first checkpoint; train it again")
-    recipe, predictor = harness._load(run_dir, device, None)
+    recipe, _, predictor = harness._load(run_dir, device, None)
     if predictor.metric != "accuracy":
         raise UserError(f"{recipe} is measured by {predictor.metric}, not a classifier of images: predict "
                         f"needs a classification run (use `l2l-recipes eval` for this one)")

@@ -118,8 +118,9 @@ def test_maml_two_processes_resumed_equal_one_process(maml_runs):
     assert resumed.stdout.count("resuming ") == 1
 
 
-def test_resume_with_another_number_of_processes_is_refused(maml_runs):
-    _, two_dir, _ = maml_runs
+def test_resume_with_another_number_of_processes_is_refused(maml_runs, tmp_path):
+    two_dir = shutil.copytree(maml_runs[1], tmp_path / "two")
+    (two_dir / "result.json").unlink()  # a finished run is refused as such
     result = cli("run", "--resume", two_dir, "--device", "cpu")
     assert result.exit_code == 1
     (line,) = result.stderr.strip().splitlines()
@@ -132,6 +133,7 @@ def test_a_checkpoint_without_world_size_counts_as_one_process(maml_runs, tmp_pa
     one_dir, _, _ = maml_runs
     old = tmp_path / "old"
     shutil.copytree(one_dir, old)
+    (old / "result.json").unlink()  # a finished run is refused as such
     state = torch.load(old / "ckpt.pt", weights_only=True)
     assert state.pop("world_size") == 1
     torch.save(state, old / "ckpt.pt")

@@ -147,8 +147,8 @@ def test_an_existing_run_directory_is_never_reused(tmp_path, monkeypatch):
     cfg = registry.get_recipe("protonet-omniglot-5w1s").config()
     run = harness.Run.create(tmp_path, "protonet-omniglot-5w1s", cfg, torch.device("cpu"))
     run.log(0, note="started")
-    with pytest.raises(harness.UserError, match="already exists"):
-        harness.Run.create(tmp_path, "protonet-omniglot-5w1s", cfg, torch.device("cpu"))
+    again = harness.Run.create(tmp_path, "protonet-omniglot-5w1s", cfg, torch.device("cpu"))
+    assert again.path.name == run.path.name + "-2" and list(again.path.iterdir()) == []
 
 
 def test_resuming_from_a_foreign_checkpoint_is_one_clear_line(tmp_path):

@@ -583,7 +583,7 @@ class _Exporter:
         splits = {}
         for d in self.datasets:
             for name in self._split_names(self.source(data.DATASETS[d])):
-                splits[name] = {s: _split_patterns(name, s) for s in data.SPLIT_NAMES
+                splits[name] = {s: _split_patterns(name, s) for s in (*data.SPLIT_NAMES, "trainval")
                                 if (data.SPLITS_DIR / name / f"{s}.txt").is_file()}
         lines = [
             f"from {PACKAGE}.data import SPLIT_NAMES",

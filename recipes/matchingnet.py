@@ -7,9 +7,23 @@ end to end on episodes of the test setting with Adam. `--set fce=True` adds the 
 full context embeddings: the support set is re-embedded by a bidirectional LSTM over it,
 and each query by an attention LSTM that reads the support set for `fce_steps` steps.
 
-Published: Omniglot (Vinyals et al. Table 1, no fine-tuning) 5w1s 98.1, 5w5s 98.9,
-20w1s 93.8, 20w5s 98.5; mini-ImageNet on the Ravi split (Ravi & Larochelle 2017, Table 1)
-with FCE 5w1s 43.56 ± 0.84, 5w5s 55.31 ± 0.73.
+Protocol (paper Sections 2.2, 4.1; no official code was released): Omniglot images at
+28x28, 1200 characters for training (rotations by multiples of 90 degrees as new
+classes), the other 423 for test; the Conv4 embedding above; cosine attention; no full
+context embeddings on Omniglot (the paper reports FCE on mini-ImageNet only) and no
+fine-tuning; "test and train conditions must match": each N-way K-shot row is a model
+trained on N-way K-shot episodes (Section 2.2), so each variant trains its own model.
+As far as checked, the paper does not give the optimiser, learning rate, number of training episodes, query
+images per class, number of test episodes, or how batch norm is run at test.
+Published (Table 1, cosine, no fine-tuning, no CIs given): Omniglot 5w1s 98.1, 5w5s 98.9,
+20w1s 93.8, 20w5s 98.5. mini-ImageNet: Ravi & Larochelle's re-run on their split
+(Ravi & Larochelle 2017, Table 1) with FCE, 5w1s 43.56 ± 0.84, 5w5s 55.31 ± 0.73.
+
+Where ours differs, and why: where the paper is silent we chose, not reproduced: Adam
+1e-3, 20,000 episodes of 5 query images per class (15 on mini-ImageNet), one episode per
+step, 1000 test tasks of 15 query images per class, batch norm on running statistics at
+test; the shared Omniglot split (1028 training characters, 172 held out for validation,
+423 test; each rotation a class) and the weights best on validation.
 
 Reproduce:
     l2l-recipes run matchingnet-omniglot-5w1s

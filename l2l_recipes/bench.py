@@ -46,8 +46,9 @@ def bench_recipe(name, seeds, episodes, assignments=(), max_minutes=None, device
     recipe = registry.get_recipe(name)
     trainer = registry.get_recipe(recipe.tested_from or name)  # whose trained model is tested
     default = trainer.config()
-    cfg = apply_overrides(default, [f"test_episodes={episodes}", *assignments])
-    tested = apply_overrides(recipe.config(), [f"test_episodes={episodes}", *assignments])
+    episodes_set = [f"test_episodes={episodes}"] if episodes else []  # else the recipe's
+    cfg = apply_overrides(default, [*episodes_set, *assignments])
+    tested = apply_overrides(recipe.config(), [*episodes_set, *assignments])
     dev = harness.resolve_device(device)
     home = bench_dir(runs_dir, trainer.name, episodes, assignments, max_minutes, device)
     if home.exists() and not resume:
@@ -119,6 +120,7 @@ def _record(name, recipe, trainer, cfg, default, tested, seeds, home, dev, data_
     env = json.loads((Path(runs[0]["run_dir"]) / "env.json").read_text())
     stamp = datetime.now(timezone.utc)
     protocol_overrides = [a for a in assignments if a.split("=", 1)[0].strip() not in SAME_NUMBERS]
+    protocol_overrides += ["test_episodes"] * (tested.test_episodes != recipe.config().test_episodes)
     reduced = cfg.iterations < default.iterations or any(r["stopped_by_time_budget"] for r in runs)
     record = {
         "recipe": name,

@@ -213,8 +213,8 @@ def recipes_export(name, dest, force, all_datasets):
 @click.argument("names", nargs=-1, required=True)
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Training runs per recipe, with seeds 1..N.")
-@click.option("--episodes", type=click.IntRange(min=2), default=1000, show_default=True,
-              help="Fixed test tasks per evaluation.")
+@click.option("--episodes", type=click.IntRange(min=2), default=None,
+              help="Fixed test tasks per evaluation (default: the recipe's, its paper's number).")
 @click.option("--iterations", type=click.IntRange(min=1), default=None,
               help="Budget: training iterations (default: the recipe's).")
 @click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -244,7 +244,7 @@ def recipes_bench(names, seeds, episodes, iterations, max_minutes, assignments, 
         registry.get_recipe(name)  # fail on a typo before hours of training
     progress = sys.stderr.isatty() if progress is None else progress
     budget = [f"iterations={iterations}"] if iterations else []
-    flags = f" --seeds {seeds} --episodes {episodes}"
+    flags = f" --seeds {seeds}" + (f" --episodes {episodes}" if episodes else "")
     flags += f" --iterations {iterations}" if iterations else ""
     flags += f" --max-minutes {max_minutes:g}" if max_minutes else ""
     flags += "".join(f" --set {shlex.quote(a)}" for a in assignments) + f" --device {device}"

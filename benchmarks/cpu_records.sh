@@ -63,8 +63,9 @@ bench maml-omniglot-5w1s --seeds 3 --iterations 2000
 # still one seed each: ProtoNet mini-ImageNet
 # 2026-12-04, session 7: the papers' protocols, run by benchmarks/long_runs.sh (one thread each,
 # beside the session's work; runs kept in /root/l2l-long/bench and continued with --resume in
-# later sessions). Seed 1 of each started as `l2l-recipes run NAME --seed 1 --device cpu` (MAML
-# at commit 091a79a, ProtoNet's new protocol at b43efd1) and was moved into the bench's seed-1
-# directory after 2073 / 638 iterations; same config, so the bench continues it.
+# later sessions). ProtoNet's seed 1 started as `l2l-recipes run protonet-omniglot-5w1s --seed 1
+# --device cpu` at b43efd1 (the new protocol) and was moved into the bench's seed-1 directory
+# after 638 iterations (same config, so the bench continues it). MAML restarted at the test
+# protocol of Finn et al. (600 tasks, 1 query per class), after 5507 iterations at 15 queries.
 bench maml-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
-bench protonet-omniglot-5w1s --seeds 3 --resume --runs-dir /root/l2l-long/bench
+bench protonet-omniglot-5w1s --seeds 3 --episodes 1000 --resume --runs-dir /root/l2l-long/bench

@@ -21,11 +21,11 @@ start() {  # start NAME [bench options...], unless that bench is already running
   local name=$1; shift
   if pgrep -f "bench $name .*--runs-dir $LONG/bench" >/dev/null; then echo "$name: running"; return; fi
   (cd "$LONG/code" && L2L_RECIPES_DATA="$DATA" OMP_NUM_THREADS=1 setsid nohup "$LONG/venv/bin/l2l-recipes" \
-    bench "$name" "$@" --episodes 1000 --device cpu --resume --runs-dir "$LONG/bench" \
+    bench "$name" "$@" --device cpu --resume --runs-dir "$LONG/bench" \
     --results-dir "$LONG/results" --no-progress >>"$LONG/logs/$name.log" 2>&1 </dev/null &)
   echo "$name: started (log $LONG/logs/$name.log)"
 }
 
 # the paper's protocols (issue 15), most valuable first
 start maml-omniglot-5w1s --seeds 1
-start protonet-omniglot-5w1s --seeds 3
+start protonet-omniglot-5w1s --seeds 3 --episodes 1000

@@ -15,6 +15,17 @@ max-pooling), 8 inner steps, 15 training shots, test: 50 steps, batch 10.
 Published (Tables 1 and 2, transductive): Omniglot 5w1s 97.68 ± 0.04, 5w5s 99.48 ± 0.06,
 20w1s 89.43 ± 0.14, 20w5s 97.12 ± 0.32; mini-ImageNet 5w1s 49.97 ± 0.32, 5w5s 65.99 ± 0.58.
 
+The copies run on `l2l_recipes.fast_reptile` by default: all tasks of a meta-batch (and of
+a chunk of validation or test tasks) adapted at once as one grouped network, with each task's
+Adam as tensor operations and its own mini-batch order, the same draws as the loop (adapted
+weights equal to 1e-9 in float64: tests/test_reptile_fast.py); `--set engine=reference`
+trains a deep copy per task. Measured (2026-12-04, commit 75149c9, 2-core Xeon, torch 2.14.1,
+OMP_NUM_THREADS=1, two other 1-thread runs on the machine), Omniglot 5w1s: a training
+iteration 416 ms on the loop, 233 ms on the fast path (medians of 20, interleaved); a
+200-task validation 146 s, 60 s. The paper budget (100,000 iterations, 100 validations, the
+1,000-task test) projects to ~16 h on the loop and ~8 h on the fast path (convolutions
+dominate both: CPU-bound, the batching saves the per-copy overhead only).
+
 Reproduce:
     l2l-recipes run reptile-omniglot-5w1s --device cuda
 """

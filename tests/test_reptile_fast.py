@@ -103,7 +103,8 @@ def test_batched_evaluation_scores_each_task_as_the_loop(splits):
     for i in range(7):
         sx, sy, qx, qy = data.split_support_query(*tasks[i], cfg.shots)
         logits = reference.predict(sx, sy, qx)
-        expected.append(((logits.argmax(1) == qy).float().mean().item(), torch.nn.functional.cross_entropy(logits, qy).item()))
+        expected.append(((logits.argmax(1) == qy).float().mean().item(),
+                         torch.nn.functional.cross_entropy(logits, qy).item()))
     assert [a for a, _ in got] == [a for a, _ in expected]
     assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], rel=1e-2)
     assert len({a for a, _ in got}) > 1  # the tasks differ: a mix-up of tasks would show

@@ -15,21 +15,34 @@ max-pooling), 8 inner steps, 15 training shots, test: 50 steps, batch 10.
 Published (Tables 1 and 2, transductive): Omniglot 5w1s 97.68 ± 0.04, 5w5s 99.48 ± 0.06,
 20w1s 89.43 ± 0.14, 20w5s 97.12 ± 0.32; mini-ImageNet 5w1s 49.97 ± 0.32, 5w5s 65.99 ± 0.58.
 
+The copies run on `l2l_recipes.fast_reptile` by default: all tasks of a meta-batch (and of
+a chunk of validation or test tasks) adapted at once as one grouped network, with each task's
+Adam as tensor operations and its own mini-batch order, the same draws as the loop (adapted
+weights equal to 1e-9 in float64: tests/test_reptile_fast.py); `--set engine=reference`
+trains a deep copy per task. Measured (2026-12-04, commit 75149c9, 2-core Xeon, torch 2.14.1,
+OMP_NUM_THREADS=1, two other 1-thread runs on the machine), Omniglot 5w1s: a training
+iteration 416 ms on the loop, 233 ms on the fast path (medians of 20, interleaved); a
+200-task validation 146 s, 60 s. The paper budget (100,000 iterations, 100 validations, the
+1,000-task test) projects to ~16 h on the loop and ~8 h on the fast path (convolutions
+dominate both: CPU-bound, the batching saves the per-copy overhead only).
+
 Reproduce:
     l2l-recipes run reptile-omniglot-5w1s --device cuda
 """
 import copy
+import statistics
 import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from l2l_recipes import data, distributed, models
-from l2l_recipes.config import validate
+from l2l_recipes import data, distributed, fast, fast_reptile, models
+from l2l_recipes.config import check, validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
-from l2l_recipes.harness import seed_everything
+from l2l_recipes.harness import mean_ci95, seed_everything
 from l2l_recipes.registry import Published, register
 
 
@@ -60,12 +73,14 @@ class Config:
     test_episodes: int = 1000
     test_seed: int = 0
     # system
+    engine: str = "fast"  # fast: l2l_recipes.fast_reptile (same adapted weights); reference: a copy per task
     seed: int = 42
     device: str = "auto"
     log_interval: int = 50
 
     def __post_init__(self):
         validate(self)
+        check(self.engine in ("fast", "reference"), f"engine={self.engine!r} is out of range: use fast or reference")
 
 
 def build_model(cfg):
@@ -87,11 +102,53 @@ def inner_train(model, x, y, steps, batch_size, lr, generator=None):
     return loss
 
 
+def adapt_copies(model, tasks, steps, batch_size, lr):
+    """engine=reference: per task (x, y) of `tasks`, a copy of `model` trained by `inner_train`
+    (its mini-batch order drawn from torch's global generator). Each copy's parameters and
+    its loss on its last mini-batch."""
+    adapted, losses = [], []
+    for x, y in tasks:
+        learner = copy.deepcopy(model)
+        losses.append(inner_train(learner, x, y, steps, batch_size, lr).item())
+        adapted.append([p.detach() for p in learner.parameters()])
+    return adapted, losses
+
+
+def adapt_fast(model, x, y, steps, batch_size, lr):
+    """engine=fast: what `adapt_copies` returns, for the tasks x [tasks, n, ...], y [tasks, n]
+    adapted at once (`fast_reptile.adapt`), with the same mini-batch orders (one permutation
+    per task, drawn in task order from torch's global generator)."""
+    orders = torch.stack([torch.randperm(y.shape[1]) for _ in range(len(y))]).to(y.device)
+    weights, losses = fast_reptile.adapt(model, x, y, orders, steps, batch_size, lr)
+    return [[w[t] for w in weights] for t in range(len(y))], losses.tolist()
+
+
+def outer_step(model, adapted, outer_lr, meta_batch_size):
+    """Reptile's outer step theta <- theta + eps * (mean(phi) - theta), the mean over the whole
+    meta-batch of `adapted` (this process's tasks' parameters, summed over the processes)."""
+    mean_weights = [torch.zeros_like(p) for p in model.parameters()]
+    for phi in adapted:
+        for m, p in zip(mean_weights, phi):
+            m += p / meta_batch_size
+    distributed.all_reduce(mean_weights)
+    with torch.no_grad():
+        for p, m in zip(model.parameters(), mean_weights):
+            p += outer_lr * (m - p)
+
+
 class Predictor(_Predictor):
-    def predict(self, support_x, support_y, query_x):
+    # engine=fast: test tasks adapted at once, up to this many activations (floats) per layer
+    ACTIVATIONS_AT_ONCE = 2 ** 26
+
+    def _check_ways(self, support_y):
         ways = int(support_y.max()) + 1
         if ways != self.cfg.ways:
             raise UserError(f"this Reptile model has a {self.cfg.ways}-way head; got a {ways}-way task")
+
+    def predict(self, support_x, support_y, query_x):
+        if self.cfg.engine == "fast":
+            return self.predict_tasks(support_x[None], support_y[None], query_x[None])[0]
+        self._check_ways(support_y)
         learner = copy.deepcopy(self.model).train()  # batch statistics: transductive, as in the paper
         generator = torch.Generator().manual_seed(0)  # the same fine-tuning order every time
         with torch.enable_grad():
@@ -99,6 +156,39 @@ class Predictor(_Predictor):
                         self.cfg.test_batch_size, self.cfg.inner_lr, generator)
         with torch.no_grad():
             return learner(query_x)
+
+    def predict_tasks(self, support_x, support_y, query_x):
+        """`predict` for several tasks of one shape at once (each part with a leading task
+        dimension): logits [tasks, queries, ways], on the fast path."""
+        self._check_ways(support_y)
+        order = torch.randperm(support_y.shape[1], generator=torch.Generator().manual_seed(0))
+        return fast_reptile.predict(self.model, support_x, support_y, query_x, order.to(support_y.device),
+                                    self.cfg.test_adaptation_steps, self.cfg.test_batch_size, self.cfg.inner_lr)
+
+    def task_scores(self, tasks, indices, progress=False):
+        """(query accuracy, query cross-entropy) of each task tasks[i], i in `indices`, adapted
+        in chunks of tasks at once (engine=fast)."""
+        cfg = self.cfg
+        size = data.dataset_module(cfg.dataset).SIZE
+        chunk = max(1, self.ACTIVATIONS_AT_ONCE // (cfg.ways * cfg.queries * cfg.hidden_size * size * size))
+        scores = []
+        for start in tqdm(range(0, len(indices), chunk), leave=False, disable=not progress):
+            x, y = map(torch.stack, zip(*(tasks[i] for i in indices[start:start + chunk])))
+            sx, sy, qx, qy = data.split_support_query(x.to(self.device), y.to(self.device), cfg.shots)
+            logits = self.predict_tasks(sx, sy, qx).float()
+            accuracies = (logits.argmax(-1) == qy).float().mean(1)
+            losses = F.cross_entropy(logits.transpose(1, 2), qy, reduction="none").mean(1)
+            scores += zip(accuracies.tolist(), losses.tolist())
+        return scores
+
+    def evaluate(self, tasks, desc="eval", progress=True):
+        if self.cfg.engine == "reference":
+            return super().evaluate(tasks, desc, progress)
+        # as harness.evaluate, with the tasks adapted in chunks
+        scores = self.task_scores(tasks, [i for i in range(len(tasks)) if distributed.mine(i)], progress)
+        accuracies, losses = zip(*distributed.gather(scores)) if len(tasks) else ((), ())
+        accuracy, ci95 = mean_ci95(accuracies)
+        return {"accuracy": accuracy, "ci95": ci95, "loss": statistics.fmean(losses) if losses else float("nan")}
 
 
 def train(cfg, run):
@@ -111,29 +201,23 @@ def train(cfg, run):
 
     model = build_model(cfg).to(device)
     run.track(model)  # checkpointed; restored by --resume
+    # engine=fast builds the same tasks from the split's images held on the device
+    loader = fast.DeviceEpisodes(train_tasks, train_set, device) if cfg.engine == "fast" else train_tasks
     for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
-        # meta-batch: every process draws the same tasks and trains a copy per task of its
-        # share (all of them in one process); the adapted weights are averaged
+        # meta-batch: every process draws the same tasks and adapts a copy of the network to
+        # each task of its share (all of them in one process); the adapted weights are averaged
         model.train()
         outer_lr = cfg.outer_lr * (1 - (iteration - 1) / cfg.iterations)
         tasks = [data.draw(train_tasks) for _ in range(cfg.meta_batch_size)]
-        mean_weights = [torch.zeros_like(p) for p in model.parameters()]
-        meta_loss = 0.0
-        for i, task in enumerate(tasks):
-            if not distributed.mine(i):
-                continue
-            x, y = train_tasks.get_task(task)
-            learner = copy.deepcopy(model)
-            loss = inner_train(learner, x.to(device), y.to(device), cfg.adaptation_steps,
-                               cfg.inner_batch_size, cfg.inner_lr)
-            for m, p in zip(mean_weights, learner.parameters()):
-                m += p.detach() / cfg.meta_batch_size
-            meta_loss += loss.item() / cfg.meta_batch_size
-        distributed.all_reduce(mean_weights)  # sum of the processes' shares: the mean over all tasks
-        # Reptile's outer step: theta <- theta + eps * (mean(phi) - theta)
-        with torch.no_grad():
-            for p, m in zip(model.parameters(), mean_weights):
-                p += outer_lr * (m - p)
+        tasks = [task for i, task in enumerate(tasks) if distributed.mine(i)]
+        inner = (cfg.adaptation_steps, cfg.inner_batch_size, cfg.inner_lr)
+        if cfg.engine == "fast":  # all tasks at once, one grouped network (l2l_recipes.fast_reptile)
+            adapted, losses = adapt_fast(model, *loader.get_tasks(tasks), *inner)
+        else:  # a copy per task
+            pairs = ((x.to(device), y.to(device)) for x, y in map(loader.get_task, tasks))
+            adapted, losses = adapt_copies(model, pairs, *inner)
+        outer_step(model, adapted, outer_lr, cfg.meta_batch_size)
+        meta_loss = sum(loss / cfg.meta_batch_size for loss in losses)
 
         if iteration % cfg.log_interval == 0:
             (meta_loss,) = distributed.all_reduce_floats([meta_loss])

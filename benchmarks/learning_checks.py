@@ -1,7 +1,7 @@
 """Longer learning checks, kept out of the test suite (tests/ keeps a short real run per family).
 
-Each trains a recipe for a few minutes of CPU on real Omniglot and asserts that it reaches an
-accuracy (or MSE) it has reached before. Run them with
+Each trains a recipe for a minute or two of CPU on real Omniglot and asserts that it reaches an
+accuracy it has reached before. Run them with
 
     python -m pytest benchmarks/learning_checks.py -q
 
@@ -39,7 +39,7 @@ def train(tmp_path, data_root, name, **changes):
     # chance is 20% on 5-way test tasks of unseen characters
     ("fomaml-omniglot-5w1s", {"iterations": 60, "meta_batch_size": 16, "val_interval": 60}, 0.45),
     ("matchingnet-omniglot-5w1s", {"fce": False, "iterations": 150, "val_interval": 150}, 0.55),
-    ("matchingnet-omniglot-5w1s", {"fce": True, "iterations": 150, "val_interval": 150}, 0.55),
+    # tests/ test Reptile on 100 of these tasks, and fewer steps of SNAIL and the transfer baseline
     ("reptile-omniglot-5w1s", {"iterations": 100, "test_adaptation_steps": 20, "val_interval": 100}, 0.45),
     # 1000 steps of 4 episodes, 16 filters (measured: 0.68 with seed 42, 0.61 with seed 7)
     ("snail-omniglot-5w1s", {"iterations": 1000, "meta_batch_size": 4, "hidden_size": 16, "val_interval": 1000,
@@ -61,11 +61,3 @@ def test_transfer_baseline_learns_with_both_heads(tmp_path, data_root):
         # 300 supervised mini-batches over the 4112 training classes (measured: 0.64 and 0.63)
         assert accuracy > 0.55, (head, accuracy)
 
-
-def test_maml_sine_learns_to_adapt(tmp_path):
-    module, cfg, _, run = train(tmp_path, None, "maml-sine-10s", iterations=500, val_interval=250,
-                                val_episodes=50)
-    result = harness.meta_test(run.path, episodes=200, device="cpu", progress=False, out_name="result.json")
-    untrained = module.Predictor(cfg, module.build_model(cfg), CPU)
-    baseline = untrained.evaluate(untrained.test_tasks(200, cfg.test_seed), progress=False)
-    assert result["mse"] < 0.6 * baseline["mse"] and result["mse"] < 0.5 * result["before_mse"], (result, baseline)

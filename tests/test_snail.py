@@ -174,13 +174,14 @@ def test_resnet_backbone_and_config_check():
 
 def test_snail_learns_omniglot_5w1s(tmp_path, data_root):
     recipe = registry.get_recipe("snail-omniglot-5w1s")
-    # short: 1000 steps of 4 episodes (the recipe: 20,000 of 32), 16 conv4 filters instead of 64,
-    # 5 queries per class at test time; about 50 s of one CPU core
-    cfg = dataclasses.replace(recipe.config(), iterations=1000, meta_batch_size=4, hidden_size=16,
-                              val_interval=1000, val_episodes=20, queries=5, test_episodes=200, device="cpu")
+    # short: 500 steps of 4 episodes (the recipe: 20,000 of 32), 16 conv4 filters instead of 64,
+    # 5 queries per class at test time; about 25 s of one CPU core (1000 steps, which reach 0.63,
+    # are in benchmarks/learning_checks.py)
+    cfg = dataclasses.replace(recipe.config(), iterations=500, meta_batch_size=4, hidden_size=16,
+                              val_interval=500, val_episodes=10, queries=5, test_episodes=100, device="cpu")
     run = harness.Run(tmp_path / "run", recipe.name, cfg, torch.device("cpu"), data_root=data_root,
                       progress=False)
     recipe.load_module().train(cfg, run)
     result = harness.meta_test(run.path, device="cpu", data_root=data_root, progress=False)
-    # chance is 20% on 5-way tasks of unseen characters (measured: 0.68 with seed 42, 0.61 with seed 7)
-    assert result["episodes"] == 200 and result["accuracy"] > 0.5, result
+    # chance is 20% on 5-way tasks of unseen characters (measured: 0.47 with seed 42)
+    assert result["episodes"] == 100 and result["accuracy"] > 0.35, result

@@ -176,8 +176,8 @@ def test_mamlpp_learns_on_omniglot(tmp_path, data_root):
                               val_interval=50, val_episodes=10, queries=5, test_episodes=60, device="cpu")
     tasks = data.fixed_taskset(data.load_split("omniglot", "test", data_root), 5, 1, 5, 60, cfg.test_seed)
     torch.manual_seed(cfg.seed)
-    untrained, _ = harness.evaluate(recipe.Predictor(cfg, recipe.build_model(cfg), torch.device("cpu")), tasks,
-                                    shots=1, progress=False)
+    untrained = harness.evaluate(recipe.Predictor(cfg, recipe.build_model(cfg), torch.device("cpu")), tasks,
+                                 shots=1, progress=False)["accuracy"]
     run = harness.Run(tmp_path / "run", recipe_.name, cfg, torch.device("cpu"), data_root=data_root, progress=False)
     recipe.train(cfg, run)
     result = harness.meta_test(run.path, device="cpu", data_root=data_root, progress=False)

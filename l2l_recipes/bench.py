@@ -54,7 +54,13 @@ def bench_recipe(name, seeds, episodes, assignments=(), max_minutes=None, device
     if home.exists() and not resume:
         raise UserError(f"this bench was started before, its runs are in {home}: continue it with --resume "
                         f"(or remove that folder to start again)")
-    home.mkdir(parents=True, exist_ok=True)
+    for folder, option in ((Path(results_dir), "--results-dir"), (home, "--runs-dir")):  # before any training
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / ".write-test").touch()
+            (folder / ".write-test").unlink()
+        except OSError as e:
+            raise UserError(f"cannot write {option} {folder} ({e.strerror}): pass a folder you can write") from None
     harness.write_json(home / "bench.json", {"recipe": trainer.name, "command": command, "episodes": episodes,
                                              "overrides": list(assignments), "max_minutes": max_minutes})
     for seed in range(1, seeds + 1):  # each seed trained by the first bench process that locks it

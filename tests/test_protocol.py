@@ -113,7 +113,7 @@ def test_bench_killed_mid_run_resumes_to_the_same_record(tmp_path, data_root):
     _killed(tmp_path, data_root, hook, *BENCH, "--data-root", data_root, "--runs-dir", runs, "--results-dir", results)
     (home,) = (runs / "protonet-omniglot-5w1s").iterdir()
     assert (home / "seed-1" / "result.json").is_file() and not (home / "seed-2" / "result.json").exists()
-    assert not results.exists()
+    assert not list(results.glob("*.json"))
     again = cli(*BENCH, "--data-root", data_root, "--runs-dir", runs, "--results-dir", results)
     assert again.exit_code == 1 and "--resume" in again.stderr and str(home) in again.stderr
     resumed = cli(*BENCH, "--resume", "--data-root", data_root, "--runs-dir", runs, "--results-dir", results)
@@ -179,10 +179,22 @@ def test_two_bench_processes_share_the_seeds_and_write_one_record(tmp_path, data
         assert out.exit_code == 0, out.output
         assert "seed(s) 1 still training in another bench process" in out.output
         assert (home / "seed-2" / "result.json").is_file() and not (home / "seed-1").exists()
-        assert not results.exists()
+        assert not list(results.glob("*.json"))
     out = cli(*args)  # seed 1 is free now: trained here, and the record written
     assert out.exit_code == 0, out.output
     (record,) = [json.loads(p.read_text()) for p in results.glob("*.json")]
     assert [s["seed"] for s in record["seeds"]] == [1, 2]
     again = cli(*args)
     assert again.exit_code == 0 and len(list(results.glob("*.json"))) == 1  # no second record
+
+
+def test_bench_refuses_folders_it_cannot_write_before_training(tmp_path, data_root):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for option in ("--runs-dir", "--results-dir"):
+        paths = {"--runs-dir": tmp_path / "runs", "--results-dir": tmp_path / "results", option: blocker / "sub"}
+        out = cli("bench", "protonet-omniglot-5w1s", "--seeds", 1, "--iterations", 1, "--device", "cpu",
+                  "--data-root", data_root, *[a for item in paths.items() for a in item])
+        assert out.exit_code == 1 and f"cannot write {option} {blocker / 'sub'}" in out.stderr, out.output
+        assert len(out.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "runs" / "protonet-omniglot-5w1s").exists()  # a later bench needs no --resume

@@ -52,3 +52,21 @@ def test_time_budget_stops_and_is_recorded(tmp_path, data_root):
     assert seed["stopped_by_time_budget"] and seed["iterations_done"] == 1
     assert seed["best_val_iteration"] == 1  # the last iteration reached was validated
     assert record["budget"]["reduced"] and record["budget"]["max_minutes"] == 0.001
+
+
+def test_verdict_needs_the_papers_protocol_and_the_published_ci(tmp_path):
+    from l2l_recipes import bench
+    published = {"accuracy": 98.7, "ci95": 0.4, "source": "Finn et al. 2017, Table 1"}
+    record = {"recipe": "maml-omniglot-5w1s", "published": published, "metric": "accuracy",
+              "mean_accuracy": 0.9840, "mean_ci95": 0.0030, "protocol": "paper"}
+    # 0.30 points short, within sqrt(0.30^2 + 0.40^2) = 0.50
+    assert bench.verdict(record) == "**reproduced**"
+    assert bench.verdict({**record, "mean_accuracy": 0.9900}) == "**reproduced**"
+    short = {**record, "mean_accuracy": 0.9800}  # 0.70 points short
+    assert bench.verdict(short) == "short by 0.70 points at the paper's protocol"
+    (tmp_path / "maml-omniglot-5w1s.md").write_text("why\n")
+    assert bench.verdict(short, tmp_path).endswith("([why](notes/maml-omniglot-5w1s.md))")
+    # the same numbers from a cut-short run, or a record older than the protocol field, never count
+    assert bench.verdict({**record, "protocol": "modified"}).startswith("short by 0.30 points not at the paper's")
+    assert "reproduced" not in bench.verdict({k: v for k, v in record.items() if k != "protocol"})
+    assert bench.verdict({**record, "published": None}) == "no published number"

@@ -69,3 +69,9 @@ bench maml-omniglot-5w1s --seeds 3 --iterations 2000
 # protocol of Finn et al. (600 tasks, 1 query per class), after 5507 iterations at 15 queries.
 bench maml-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
 bench protonet-omniglot-5w1s --seeds 3 --episodes 1000 --resume --runs-dir /root/l2l-long/bench
+# the cheaper full-protocol rows, one seed each, one after another (benchmarks/bench_queue.sh);
+# (matchingnet-omniglot-5w1s started beside the two above at commit 4753e05)
+for name in matchingnet-omniglot-5w1s transfer-omniglot-5w1s transfer-omniglot-5w5s metaoptnet-ridge-omniglot-5w1s \
+    maml-sine-5s matchingnet-omniglot-5w5s matchingnet-omniglot-20w1s matchingnet-omniglot-20w5s; do
+  bench "$name" --seeds 1 --resume --runs-dir /root/l2l-long/bench
+done

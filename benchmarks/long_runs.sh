@@ -26,6 +26,17 @@ start() {  # start NAME [bench options...], unless that bench is already running
   echo "$name: started (log $LONG/logs/$name.log)"
 }
 
+queue() {  # queue NAME...: one background process benching these one after another (one seed each)
+  if pgrep -f "bench_queue.sh" >/dev/null; then echo "queue: running"; return; fi
+  (cd "$LONG/code" && L2L_RECIPES_DATA="$DATA" OMP_NUM_THREADS=1 setsid nohup bash benchmarks/bench_queue.sh \
+    "$LONG" "$@" >/dev/null 2>&1 </dev/null &)
+  echo "queue: started ($*)"
+}
+
 # the paper's protocols (issue 15), most valuable first
 start maml-omniglot-5w1s --seeds 1
 start protonet-omniglot-5w1s --seeds 3 --episodes 1000
+if [ "${QUEUE:-1}" = 1 ]; then  # the cheaper rows, one seed each, one after another
+  queue matchingnet-omniglot-5w1s transfer-omniglot-5w1s transfer-omniglot-5w5s metaoptnet-ridge-omniglot-5w1s \
+    maml-sine-5s matchingnet-omniglot-5w5s matchingnet-omniglot-20w1s matchingnet-omniglot-20w5s
+fi

@@ -388,7 +388,8 @@ class Run:
     # ---- the recipes' plumbing: the same numbers in one process and under torchrun
 
     def share(self, items):
-        """This process's share of a meta-batch (`share(items)`: all of them in one process)."""
+        """This process's share of a meta-batch's `items` (a list or tensor; all of them in one
+        process): each process trains its own share, together the whole meta-batch."""
         return share(items)
 
     def mine(self, i):
@@ -590,7 +591,7 @@ def sum_in_place(tensors):
 def evaluate(predictor, tasks, shots, desc="eval", progress=True):
     """{"accuracy": mean query accuracy over `tasks` (a finite Taskset), "ci95": its 95% CI
     (fractions), "loss": mean query cross-entropy}. Under torchrun each process scores its
-    tasks `mine(i)`; the per-task values are gathered."""
+    `share` of the tasks; the per-task values are gathered."""
     my_tasks = share(range(len(tasks)))
     scores = []  # (accuracy, loss) per task
     for i in tqdm(my_tasks, desc=desc, leave=False, disable=not progress):

@@ -20,11 +20,11 @@ order, so means and confidence intervals equal one process's. Rank 0 alone write
 directory (harness.Run); `on_main` runs a reader there and broadcasts what it read, so
 nodes need no shared filesystem.
 
-Example:
-    for i, description in enumerate(descriptions):
-        if distributed.mine(i):
-            ...  # load, adapt, (loss / meta_batch_size).backward()
-    distributed.all_reduce_gradients(model.parameters())
+Recipes never import this module: they call its thin wrappers in harness (`run.share`,
+`run.reduce_gradients`, `run.total`; `harness.share` and `harness.gather` in evaluation):
+    for description in run.share(descriptions):
+        ...  # load, adapt, (loss / meta_batch_size).backward()
+    run.reduce_gradients(model.parameters())
     optimizer.step()
 """
 import os

@@ -385,6 +385,29 @@ class Run:
         # config.json last: its presence marks the directory as complete
         write_json(self.path / "config.json", {"recipe": self.recipe, **dataclasses.asdict(self.cfg)})
 
+    # ---- the recipes' plumbing: the same numbers in one process and under torchrun
+
+    def share(self, items):
+        """This process's share of a meta-batch's `items` (a list or tensor; all of them in one
+        process): each process trains its own share, together the whole meta-batch."""
+        return share(items)
+
+    def mine(self, i):
+        """True when item `i` of a meta-batch is this process's (for loops that draw as they go)."""
+        return distributed.mine(i)
+
+    def reduce_gradients(self, parameters):
+        """Sum the parameters' gradients over the processes (no-op in one process): with each
+        task's loss divided by the global meta-batch size, the single-process meta-gradient."""
+        distributed.all_reduce_gradients(parameters)
+
+    def total(self, *shares):
+        """The floats `shares` (this process's parts of a meta-batch's metrics) summed over the
+        processes, each unchanged in one process; every process must call it. One float for one
+        argument, else a tuple: `loss, accuracy = run.total(loss, accuracy)`."""
+        totals = distributed.all_reduce_floats(shares)
+        return totals[0] if len(totals) == 1 else tuple(totals)
+
     def log(self, iteration, **metrics):
         """Append one metrics line and print it (rank 0); a non-finite loss stops the run, naming
         the iteration (on every process: recipes log the loss of the whole meta-batch)."""
@@ -548,11 +571,28 @@ def mean_ci95(values):
     return float(t.mean()), float(1.96 * t.std(unbiased=True) / math.sqrt(len(t)))
 
 
+def share(items):
+    """This process's share of a meta-batch or of evaluation tasks (a list, range or tensor):
+    the items i with i % world_size == rank, that is all of them in one process."""
+    return items[distributed.rank()::distributed.world_size()]
+
+
+def gather(values):
+    """Every process's `values` (computed for its `share` of some items) merged in item order:
+    the list one process would have computed."""
+    return distributed.gather(values)
+
+
+def sum_in_place(tensors):
+    """Sum each tensor in place over the processes (no-op in one process)."""
+    distributed.all_reduce(tensors)
+
+
 def evaluate(predictor, tasks, shots, desc="eval", progress=True):
     """{"accuracy": mean query accuracy over `tasks` (a finite Taskset), "ci95": its 95% CI
     (fractions), "loss": mean query cross-entropy}. Under torchrun each process scores its
-    tasks `mine(i)`; the per-task values are gathered."""
-    my_tasks = [i for i in range(len(tasks)) if distributed.mine(i)]
+    `share` of the tasks; the per-task values are gathered."""
+    my_tasks = share(range(len(tasks)))
     scores = []  # (accuracy, loss) per task
     for i in tqdm(my_tasks, desc=desc, leave=False, disable=not progress):
         x, y = tasks[i]
@@ -560,7 +600,7 @@ def evaluate(predictor, tasks, shots, desc="eval", progress=True):
         logits = predictor.predict(sx, sy, qx)
         scores.append(((logits.argmax(dim=1) == qy).float().mean().item(),
                        torch.nn.functional.cross_entropy(logits.float(), qy).item()))
-    accuracies, losses = zip(*distributed.gather(scores)) if len(tasks) else ((), ())
+    accuracies, losses = zip(*gather(scores)) if len(tasks) else ((), ())
     accuracy, ci95 = mean_ci95(accuracies)
     return {"accuracy": accuracy, "ci95": ci95, "loss": statistics.fmean(losses) if losses else float("nan")}
 

@@ -61,7 +61,7 @@ import learn2learn as l2l
 import torch
 import torch.nn.functional as F
 
-from l2l_recipes import data, distributed, fast, models
+from l2l_recipes import data, fast, models
 from l2l_recipes.config import check, validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
@@ -157,7 +157,7 @@ def train(cfg, run):
         model.train()
         optimizer.zero_grad(set_to_none=True)
         tasks = [data.draw(train_tasks) for _ in range(cfg.meta_batch_size)]
-        tasks = [task for i, task in enumerate(tasks) if distributed.mine(i)]
+        tasks = run.share(tasks)
         if cfg.engine == "fast":  # all tasks at once, one grouped network (l2l_recipes.fast)
             batch = data.split_support_query(*loader.get_tasks(tasks), cfg.shots)  # [tasks, ...] each
             meta_loss, meta_acc = fast.maml_meta_batch(model, batch, cfg.fast_lr, cfg.adaptation_steps,
@@ -172,11 +172,11 @@ def train(cfg, run):
                 (loss / cfg.meta_batch_size).backward()  # the global meta-batch's mean
                 meta_loss += loss.item() / cfg.meta_batch_size
                 meta_acc += acc.item() / cfg.meta_batch_size
-        distributed.all_reduce_gradients(maml.parameters())  # sum of the processes' shares
+        run.reduce_gradients(maml.parameters())  # sum of the processes' shares
         optimizer.step()
 
         if iteration % cfg.log_interval == 0:
-            meta_loss, meta_acc = distributed.all_reduce_floats([meta_loss, meta_acc])
+            meta_loss, meta_acc = run.total(meta_loss, meta_acc)
             run.log(iteration, loss=meta_loss, accuracy=meta_acc)
 
         # validate on the fixed tasks, keep the best weights, checkpoint

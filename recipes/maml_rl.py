@@ -33,7 +33,6 @@ from learn2learn.gym.envs.particles import Particles2DEnv
 from torch import nn
 from tqdm import tqdm
 
-from l2l_recipes import distributed
 from l2l_recipes.config import check, validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
@@ -205,7 +204,7 @@ def train(cfg, run):
         before = after = 0.0
         for i in range(cfg.meta_batch_size):
             goal = (torch.rand(2) - 0.5).numpy()  # the environment's own task distribution
-            if not distributed.mine(i):
+            if not run.mine(i):
                 continue
             learner = maml.clone()
             batch = rollout(learner, envs, goal, cfg.horizon, device)
@@ -215,11 +214,11 @@ def train(cfg, run):
                 batch = rollout(learner, envs, goal, cfg.horizon, device)
             after += average_return(batch) / cfg.meta_batch_size
             (policy_gradient_loss(learner, batch, cfg.gamma) / cfg.meta_batch_size).backward()
-        distributed.all_reduce_gradients(maml.parameters())  # sum of the processes' shares
+        run.reduce_gradients(maml.parameters())  # sum of the processes' shares
         optimizer.step()
 
         if iteration % cfg.log_interval == 0:
-            before, after = distributed.all_reduce_floats([before, after])
+            before, after = run.total(before, after)
             run.log(iteration, return_before=before, return_after=after)
 
         # validate on the fixed goals (highest return after adaptation is kept), checkpoint

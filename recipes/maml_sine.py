@@ -39,10 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from l2l_recipes import distributed
 from l2l_recipes.config import check, validate
 from l2l_recipes.harness import Predictor as _Predictor
-from l2l_recipes.harness import mean_ci95, seed_everything
+from l2l_recipes.harness import gather, mean_ci95, seed_everything, share
 from l2l_recipes.registry import register
 
 
@@ -133,7 +132,7 @@ class Predictor(_Predictor):
         """Query MSE before adaptation and after each of test_adaptation_steps steps, mean over tasks."""
         steps = self.cfg.test_adaptation_steps
         errors = []  # [task][step], this process's tasks (under torchrun), gathered below
-        my_tasks = [task for i, task in enumerate(tasks) if distributed.mine(i)]
+        my_tasks = share(tasks)
         for sx, sy, qx, qy in tqdm(my_tasks, desc=desc, leave=False, disable=not progress):
             sx, sy, qx, qy = (t.to(self.device) for t in (sx, sy, qx, qy))
             learner = self.adapted(sx, sy, 0)
@@ -145,7 +144,7 @@ class Predictor(_Predictor):
                 with torch.no_grad():
                     curve.append(F.mse_loss(learner(qx), qy).item())
             errors.append(curve)
-        errors = distributed.gather(errors)
+        errors = gather(errors)
         mse, ci95 = mean_ci95([curve[-1] for curve in errors])
         before, before_ci95 = mean_ci95([curve[0] for curve in errors])
         by_step = [sum(curve[s] for curve in errors) / len(errors) for s in range(steps + 1)]
@@ -168,9 +167,7 @@ def train(cfg, run):
         optimizer.zero_grad(set_to_none=True)
         waves = [sample_wave(cfg, cfg.train_shots, cfg.train_queries) for _ in range(cfg.meta_batch_size)]
         meta_loss = 0.0
-        for i, wave in enumerate(waves):
-            if not distributed.mine(i):
-                continue
+        for wave in run.share(waves):
             sx, sy, qx, qy = (t.to(device) for t in wave)
             learner = maml.clone()
             for _ in range(cfg.adaptation_steps):
@@ -178,11 +175,11 @@ def train(cfg, run):
             loss = F.mse_loss(learner(qx), qy)
             (loss / cfg.meta_batch_size).backward()
             meta_loss += loss.item() / cfg.meta_batch_size
-        distributed.all_reduce_gradients(maml.parameters())  # sum of the processes' shares
+        run.reduce_gradients(maml.parameters())  # sum of the processes' shares
         optimizer.step()
 
         if iteration % cfg.log_interval == 0:
-            (meta_loss,) = distributed.all_reduce_floats([meta_loss])
+            meta_loss = run.total(meta_loss)
             run.log(iteration, loss=meta_loss)
 
         # validate on the fixed waves (lowest MSE after adaptation is kept), checkpoint

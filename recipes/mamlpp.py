@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from l2l_recipes import data, distributed
+from l2l_recipes import data
 from l2l_recipes.config import check, validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
@@ -219,16 +219,14 @@ def train(cfg, run):
         optimizer.zero_grad(set_to_none=True)
         tasks = [data.draw(train_tasks) for _ in range(cfg.meta_batch_size)]
         meta_loss = meta_acc = 0.0
-        for i, task in enumerate(tasks):
-            if not distributed.mine(i):
-                continue
+        for task in run.share(tasks):
             x, y = train_tasks.get_task(task)
             sx, sy, qx, qy = data.split_support_query(x.to(device), y.to(device), cfg.shots)
             loss, acc = fast_adapt(model, sx, sy, qx, qy, step_weights, second_order)
             (loss / cfg.meta_batch_size).backward()
             meta_loss += loss.item() / cfg.meta_batch_size
             meta_acc += acc.item() / cfg.meta_batch_size
-        distributed.all_reduce_gradients(model.parameters())  # sum of the processes' shares
+        run.reduce_gradients(model.parameters())  # sum of the processes' shares
         if cfg.grad_clamp:  # the authors' code clamps mini-ImageNet's meta-gradients
             for p in model.parameters():
                 if p.grad is not None:
@@ -237,7 +235,7 @@ def train(cfg, run):
         scheduler.step()  # CA, annealed per iteration
 
         if iteration % cfg.log_interval == 0:
-            meta_loss, meta_acc = distributed.all_reduce_floats([meta_loss, meta_acc])
+            meta_loss, meta_acc = run.total(meta_loss, meta_acc)
             mean_rate = torch.cat([lr.detach().flatten() for lr in model.lrs.values()]).mean().item()
             run.log(iteration, loss=meta_loss, accuracy=meta_acc, meta_lr=meta_lr, second_order=int(second_order),
                     last_step_weight=step_weights[-1], mean_inner_lr=mean_rate)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from l2l_recipes import data, distributed, models
+from l2l_recipes import data, models
 from l2l_recipes.config import validate
 from l2l_recipes.harness import Predictor as _Predictor
 from l2l_recipes.harness import seed_everything
@@ -138,9 +138,7 @@ def train(cfg, run):
         optimizer.zero_grad(set_to_none=True)
         episodes = [data.draw(train_tasks) for _ in range(cfg.meta_batch_size)]
         meta_loss = meta_acc = 0.0
-        for i, episode in enumerate(episodes):
-            if not distributed.mine(i):
-                continue
+        for episode in run.share(episodes):
             x, y = train_tasks.get_task(episode)
             sx, sy, qx, qy = data.split_support_query(x.to(device), y.to(device), cfg.shots)
             log_probs = model(sx, sy, qx, cfg.ways)
@@ -148,11 +146,11 @@ def train(cfg, run):
             (loss / cfg.meta_batch_size).backward()
             meta_loss += loss.item() / cfg.meta_batch_size
             meta_acc += (log_probs.argmax(1) == qy).float().mean().item() / cfg.meta_batch_size
-        distributed.all_reduce_gradients(model.parameters())  # sum of the processes' shares
+        run.reduce_gradients(model.parameters())  # sum of the processes' shares
         optimizer.step()
 
         if iteration % cfg.log_interval == 0:
-            meta_loss, meta_acc = distributed.all_reduce_floats([meta_loss, meta_acc])
+            meta_loss, meta_acc = run.total(meta_loss, meta_acc)
             run.log(iteration, loss=meta_loss, accuracy=meta_acc)
 
         # validate on the fixed tasks, keep the best weights, checkpoint

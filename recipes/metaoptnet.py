@@ -64,7 +64,7 @@ import learn2learn as l2l
 import torch
 import torch.nn.functional as F
 
-from l2l_recipes import data, distributed, models
+from l2l_recipes import data, models
 from l2l_recipes.config import check, validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
@@ -272,9 +272,7 @@ def train(cfg, run):
         optimizer.zero_grad(set_to_none=True)
         episodes = [data.draw(train_tasks) for _ in range(cfg.meta_batch_size)]
         meta_loss = meta_acc = 0.0
-        for i, episode in enumerate(episodes):
-            if not distributed.mine(i):
-                continue
+        for episode in run.share(episodes):
             x, y = train_tasks.get_task(episode)
             sx, sy, qx, qy = data.split_support_query(x.to(device), y.to(device), cfg.train_shots)
             embeddings = model(torch.cat([sx, qx]))
@@ -284,13 +282,13 @@ def train(cfg, run):
             (loss / cfg.meta_batch_size).backward()
             meta_loss += loss.item() / cfg.meta_batch_size
             meta_acc += (logits.argmax(1) == qy).float().mean().item() / cfg.meta_batch_size
-        distributed.all_reduce_gradients(model.parameters())  # sum of the processes' shares
+        run.reduce_gradients(model.parameters())  # sum of the processes' shares
         lr = scheduler.get_last_lr()[0]  # this step's
         optimizer.step()
         scheduler.step()  # the schedule counts SGD steps: lr_factors[i] from step lr_milestones[i] + 1 on
 
         if iteration % cfg.log_interval == 0:
-            meta_loss, meta_acc = distributed.all_reduce_floats([meta_loss, meta_acc])
+            meta_loss, meta_acc = run.total(meta_loss, meta_acc)
             run.log(iteration, loss=meta_loss, accuracy=meta_acc, lr=lr, scale=model.scale.item())
 
         # validate on the fixed tasks, keep the best weights, checkpoint

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from l2l_recipes import data, distributed, fast, models
+from l2l_recipes import data, fast, models
 from l2l_recipes.config import check, validate
 from l2l_recipes.harness import Predictor as _Predictor
 from l2l_recipes.harness import EarlyStopping, seed_everything
@@ -175,9 +175,7 @@ def train(cfg, run):
         optimizer.zero_grad(set_to_none=True)
         episodes = [data.draw(tasks[split]) for _ in range(cfg.meta_batch_size)]
         meta_loss = meta_acc = 0.0
-        for i, episode in enumerate(episodes):
-            if not distributed.mine(i):
-                continue
+        for episode in run.share(episodes):
             x, y = loaders[split].get_task(episode)
             sx, sy, qx, qy = data.split_support_query(x.to(device), y.to(device), cfg.shots)
             # one forward pass for support and query, as in the paper's code (shared batch norm statistics)
@@ -189,13 +187,13 @@ def train(cfg, run):
             scaler.scale(loss / cfg.meta_batch_size).backward()
             meta_loss += loss.item() / cfg.meta_batch_size
             meta_acc += (logits.argmax(1) == qy).float().mean().item() / cfg.meta_batch_size
-        distributed.all_reduce_gradients(model.parameters())  # sum of the processes' shares
+        run.reduce_gradients(model.parameters())  # sum of the processes' shares
         scaler.step(optimizer)  # optimizer.step(), after unscaling fp16 gradients
         scaler.update()
         scheduler.step()
 
         if iteration % cfg.log_interval == 0:
-            meta_loss, meta_acc = distributed.all_reduce_floats([meta_loss, meta_acc])
+            meta_loss, meta_acc = run.total(meta_loss, meta_acc)
             run.log(iteration, loss=meta_loss, accuracy=meta_acc, lr=scheduler.get_last_lr()[0])
 
         if retraining.start is not None:  # train+val phase: no validation; its last weights are tested

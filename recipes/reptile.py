@@ -38,11 +38,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from l2l_recipes import data, distributed, fast, fast_reptile, models
+from l2l_recipes import data, fast, fast_reptile, models
 from l2l_recipes.config import check, validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
-from l2l_recipes.harness import mean_ci95, seed_everything
+from l2l_recipes.harness import gather, mean_ci95, seed_everything, share, sum_in_place
 from l2l_recipes.registry import Published, register
 
 
@@ -130,7 +130,7 @@ def outer_step(model, adapted, outer_lr, meta_batch_size):
     for phi in adapted:
         for m, p in zip(mean_weights, phi):
             m += p / meta_batch_size
-    distributed.all_reduce(mean_weights)
+    sum_in_place(mean_weights)
     with torch.no_grad():
         for p, m in zip(model.parameters(), mean_weights):
             p += outer_lr * (m - p)
@@ -185,8 +185,8 @@ class Predictor(_Predictor):
         if self.cfg.engine == "reference":
             return super().evaluate(tasks, desc, progress)
         # as harness.evaluate, with the tasks adapted in chunks
-        scores = self.task_scores(tasks, [i for i in range(len(tasks)) if distributed.mine(i)], progress)
-        accuracies, losses = zip(*distributed.gather(scores)) if len(tasks) else ((), ())
+        scores = self.task_scores(tasks, share(range(len(tasks))), progress)
+        accuracies, losses = zip(*gather(scores)) if len(tasks) else ((), ())
         accuracy, ci95 = mean_ci95(accuracies)
         return {"accuracy": accuracy, "ci95": ci95, "loss": statistics.fmean(losses) if losses else float("nan")}
 
@@ -209,7 +209,7 @@ def train(cfg, run):
         model.train()
         outer_lr = cfg.outer_lr * (1 - (iteration - 1) / cfg.iterations)
         tasks = [data.draw(train_tasks) for _ in range(cfg.meta_batch_size)]
-        tasks = [task for i, task in enumerate(tasks) if distributed.mine(i)]
+        tasks = run.share(tasks)
         inner = (cfg.adaptation_steps, cfg.inner_batch_size, cfg.inner_lr)
         if cfg.engine == "fast":  # all tasks at once, one grouped network (l2l_recipes.fast_reptile)
             adapted, losses = adapt_fast(model, *loader.get_tasks(tasks), *inner)
@@ -220,7 +220,7 @@ def train(cfg, run):
         meta_loss = sum(loss / cfg.meta_batch_size for loss in losses)
 
         if iteration % cfg.log_interval == 0:
-            (meta_loss,) = distributed.all_reduce_floats([meta_loss])
+            meta_loss = run.total(meta_loss)
             run.log(iteration, loss=meta_loss, outer_lr=outer_lr)
 
         # validate on the fixed tasks, keep the best weights, checkpoint

@@ -46,11 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2l_recipes import data, distributed, models
+from l2l_recipes import data, models
 from l2l_recipes.config import check, validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
-from l2l_recipes.harness import seed_everything
+from l2l_recipes.harness import seed_everything, share
 from l2l_recipes.registry import Published, register
 
 TC_FILTERS = 128  # the paper's D for every dense block
@@ -254,16 +254,15 @@ def sample_episodes(tasks, cfg, device):
     """A meta-batch of episodes stacked: support [B, S, ...] in random order, labels, queries, labels.
 
     Under torchrun, this process's share of it: every process draws the whole meta-batch (the
-    same random numbers) and loads the episodes `distributed.mine(i)`.
+    same random numbers) and loads its `share` of the episodes.
     """
+    # per episode, its description and the paper's random order of support examples
+    drawn = [(data.draw(tasks), torch.randperm(cfg.ways * cfg.shots)) for _ in range(cfg.meta_batch_size)]
     episodes = []
-    for i in range(cfg.meta_batch_size):
-        episode = data.draw(tasks)
-        order = torch.randperm(cfg.ways * cfg.shots)  # the paper's random order of support examples
-        if distributed.mine(i):
-            x, y = tasks.get_task(episode)
-            sx, sy, qx, qy = data.split_support_query(x, y, cfg.shots)
-            episodes.append((sx[order], sy[order], qx, qy))
+    for episode, order in share(drawn):
+        x, y = tasks.get_task(episode)
+        sx, sy, qx, qy = data.split_support_query(x, y, cfg.shots)
+        episodes.append((sx[order], sy[order], qx, qy))
     return [torch.stack(parts).to(device) for parts in zip(*episodes)]
 
 
@@ -284,16 +283,16 @@ def train(cfg, run):
         model.train()
         sx, sy, qx, qy = sample_episodes(train_tasks, cfg, device)
         logits = model(sx, sy, qx)
-        share = len(qy) / cfg.meta_batch_size  # 1.0 in one process
+        weight = len(qy) / cfg.meta_batch_size  # 1.0 in one process
         loss = F.cross_entropy(logits.flatten(0, 1), qy.flatten())
         optimizer.zero_grad(set_to_none=True)
-        (loss * share).backward()  # summed over processes: the whole meta-batch's mean
-        distributed.all_reduce_gradients(model.parameters())
+        (loss * weight).backward()  # summed over processes: the whole meta-batch's mean
+        run.reduce_gradients(model.parameters())
         optimizer.step()
 
         if iteration % cfg.log_interval == 0:
             accuracy = (logits.argmax(-1) == qy).float().mean().item()
-            loss_sum, accuracy = distributed.all_reduce_floats([loss.item() * share, accuracy * share])
+            loss_sum, accuracy = run.total(loss.item() * weight, accuracy * weight)
             run.log(iteration, loss=loss_sum, accuracy=accuracy)
 
         # validate on the fixed tasks, keep the best weights, checkpoint

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from l2l_recipes import data, distributed, models
+from l2l_recipes import data, models
 from l2l_recipes.config import check, validate
 from l2l_recipes.harness import Predictor as _Predictor
 from l2l_recipes.harness import seed_everything
@@ -158,19 +158,18 @@ def train(cfg, run):
         # (an epoch permutation from the seed), so a resumed run reads the same batches
         model.train()
         x, y = minibatch(train_set, iteration, cfg.batch_size, cfg.seed)
-        share = slice(distributed.rank(), None, distributed.world_size())  # all of it in one process
-        x, y = x[share].to(device), y[share].to(device)
+        x, y = run.share(x).to(device), run.share(y).to(device)  # all of it in one process
         weight = len(y) / cfg.batch_size  # 1.0 in one process
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         (loss * weight).backward()  # summed over processes: the whole mini-batch's mean
-        distributed.all_reduce_gradients(model.parameters())
+        run.reduce_gradients(model.parameters())
         optimizer.step()
 
         if iteration % cfg.log_interval == 0:
             accuracy = (logits.argmax(1) == y).float().mean().item()
-            loss_sum, accuracy = distributed.all_reduce_floats([loss.item() * weight, accuracy * weight])
+            loss_sum, accuracy = run.total(loss.item() * weight, accuracy * weight)
             run.log(iteration, loss=loss_sum, accuracy=accuracy)
 
         # validate on the fixed few-shot tasks, keep the best weights, checkpoint

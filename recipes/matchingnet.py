@@ -24,6 +24,11 @@ Where ours differs, and why: where the paper is silent we chose, not reproduced:
 step, 1000 test tasks of 15 query images per class, batch norm on running statistics at
 test; the shared Omniglot split (1028 training characters, 172 held out for validation,
 423 test; each rotation a class) and the weights best on validation.
+The attention is the paper's softmax over plain cosines. With the Conv4 embedding (ReLU,
+then max-pool) every embedding is non-negative, so cosines lie in [0, 1] and the weight on
+the right support image is at most e / (e + 4) = 0.41 in a 5-way 1-shot task: the loss cannot
+fall below 0.90 and training saturates (benchmarks/notes/matchingnet-omniglot-5w1s.md).
+Chen et al.'s code scales the cosines by 100 for that reason: `--set cosine_scale=100.0`.
 
 Reproduce:
     l2l-recipes run matchingnet-omniglot-5w1s
@@ -54,6 +59,7 @@ class Config:
     hidden_size: int = 64
     fce: bool = False  # full context embeddings
     fce_steps: int = 5  # attention-LSTM steps over the support set for each query
+    cosine_scale: float = 1.0  # softmax over scale x cosine (the paper: 1; Chen et al.'s code: 100)
     # optimisation
     iterations: int = 20000  # Adam steps (of meta_batch_size training episodes each)
     meta_batch_size: int = 1  # episodes per Adam step, losses averaged (the paper: 1)
@@ -79,7 +85,7 @@ class MatchingNet(torch.nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.embed = models.conv4_embedding(cfg.dataset, cfg.hidden_size)
-        self.fce, self.fce_steps = cfg.fce, cfg.fce_steps
+        self.fce, self.fce_steps, self.cosine_scale = cfg.fce, cfg.fce_steps, cfg.cosine_scale
         if cfg.fce:
             dim = models.conv4_embedding_size(cfg.dataset, cfg.hidden_size)
             self.support_lstm = torch.nn.LSTM(dim, dim, bidirectional=True, batch_first=True)
@@ -90,7 +96,7 @@ class MatchingNet(torch.nn.Module):
         if self.fce:
             support, query = self.full_context(support, query)
         similarity = F.normalize(query, dim=1) @ F.normalize(support, dim=1).t()  # cosine
-        attention = similarity.softmax(dim=1)
+        attention = (self.cosine_scale * similarity).softmax(dim=1)
         probabilities = attention @ F.one_hot(support_y, ways).to(attention.dtype)
         return probabilities.clamp_min(1e-8).log()
 

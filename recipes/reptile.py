@@ -19,7 +19,7 @@ The copies run on `l2l_recipes.fast_reptile` by default: all tasks of a meta-bat
 a chunk of validation or test tasks) adapted at once as one grouped network, with each task's
 Adam as tensor operations and its own mini-batch order, the same draws as the loop (adapted
 weights equal to 1e-9 in float64: tests/test_reptile_fast.py); `--set engine=reference`
-trains a deep copy per task. Measured (2026-12-04, commit 75149c9, 2-core Xeon, torch 2.14.1,
+trains a deep copy per task. Measured (2026-12-04, commit 75149c9, 2-core AMD EPYC, torch 2.14.1,
 OMP_NUM_THREADS=1, two other 1-thread runs on the machine), Omniglot 5w1s: a training
 iteration 416 ms on the loop, 233 ms on the fast path (medians of 20, interleaved); a
 200-task validation 146 s, 60 s. The paper budget (100,000 iterations, 100 validations, the

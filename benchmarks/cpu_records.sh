@@ -66,11 +66,13 @@ bench maml-omniglot-5w1s --seeds 3 --iterations 2000
 # later sessions). ProtoNet's seed 1 started as `l2l-recipes run protonet-omniglot-5w1s --seed 1
 # --device cpu` at b43efd1 (the new protocol) and was moved into the bench's seed-1 directory
 # after 638 iterations (same config, so the bench continues it). MAML restarted at the test
-# protocol of Finn et al. (600 tasks, 1 query per class), after 5507 iterations at 15 queries.
+# protocol of Finn et al. (600 tasks, 1 query per class) at commit 0571dda, after 5507 iterations at
+# 15 queries.
 bench maml-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
 bench protonet-omniglot-5w1s --seeds 3 --episodes 1000 --resume --runs-dir /root/l2l-long/bench
 # the cheaper full-protocol rows, one seed each, one after another (benchmarks/bench_queue.sh);
-# (matchingnet-omniglot-5w1s started beside the two above at commit 4753e05)
+# (matchingnet-omniglot-5w1s started beside the two above at commit 4753e05, transfer-omniglot-5w1s
+# after it at da9ca5a)
 for name in matchingnet-omniglot-5w1s transfer-omniglot-5w1s transfer-omniglot-5w5s metaoptnet-ridge-omniglot-5w1s \
     maml-sine-5s matchingnet-omniglot-5w5s matchingnet-omniglot-20w1s matchingnet-omniglot-20w5s; do
   bench "$name" --seeds 1 --resume --runs-dir /root/l2l-long/bench

@@ -51,7 +51,7 @@ def bench_recipe(name, seeds, episodes, assignments=(), max_minutes=None, device
     tested = apply_overrides(recipe.config(), [*episodes_set, *assignments])
     dev = harness.resolve_device(device)
     home = bench_dir(runs_dir, trainer.name, episodes, assignments, max_minutes, device)
-    if home.exists() and not resume:
+    if home.exists() and not resume and trainer is recipe:  # a tested_from variant reuses its trainer's runs
         raise UserError(f"this bench was started before, its runs are in {home}: continue it with --resume "
                         f"(or remove that folder to start again)")
     for folder, option in ((Path(results_dir), "--results-dir"), (home, "--runs-dir")):  # before any training

@@ -128,11 +128,13 @@ def test_one_model_tested_at_other_ways(tmp_path, data_root):
     """bench protonet-omniglot-20w1s tests the 5w1s recipe's model on 20-way tasks, as Snell et
     al. did; `eval --ways 20` on that run gives the same number."""
     runs, results = tmp_path / "runs", tmp_path / "results"
-    out = cli("bench", "protonet-omniglot-20w1s", "--seeds", 1, "--episodes", 10, "--iterations", 10,
-              "--set", "val_interval=10", *TINY, "--device", "cpu", "--no-progress",
-              "--data-root", data_root, "--runs-dir", runs, "--results-dir", results)
+    args = ["--seeds", 1, "--episodes", 10, "--iterations", 10, "--set", "val_interval=10", *TINY, "--device", "cpu",
+            "--no-progress", "--data-root", data_root, "--runs-dir", runs, "--results-dir", results]
+    assert cli("bench", "protonet-omniglot-5w1s", *args).exit_code == 0
+    out = cli("bench", "protonet-omniglot-20w1s", *args)  # no --resume needed: it reuses the 5w1s runs
     assert out.exit_code == 0, out.output
-    (record,) = [json.loads(p.read_text()) for p in results.glob("*.json")]
+    assert "resuming" not in out.output + out.stderr  # the trained seed is taken as it is
+    (record,) = [json.loads(p.read_text()) for p in results.glob("protonet-omniglot-20w1s-*.json")]
     assert record["recipe"] == "protonet-omniglot-20w1s" and record["trained_as"] == "protonet-omniglot-5w1s"
     assert record["ways"] == 20 and record["config"]["ways"] == 5
     (seed_dir,) = (runs / "protonet-omniglot-5w1s").glob("bench-*/seed-1")

@@ -67,7 +67,7 @@ def bench_recipe(name, seeds, episodes, assignments=(), max_minutes=None, device
         with _locked(home / f"seed-{seed}.lock") as mine:
             if mine:
                 seed_cfg = dataclasses.replace(cfg, seed=seed, device=str(dev))
-                _seed_result(trainer.name, seed_cfg, home / f"seed-{seed}", dev, data_root, progress, max_minutes)
+                _train_seed(trainer.name, seed_cfg, home / f"seed-{seed}", dev, data_root, progress, max_minutes)
     busy = [seed for seed in range(1, seeds + 1) if not (home / f"seed-{seed}" / "result.json").is_file()]
     if busy:
         raise BenchPending(f"{name}: seed(s) {', '.join(map(str, busy))} still training in another bench process "
@@ -177,11 +177,11 @@ def _tested_as(name, cfg, run_dir, device, data_root, progress):
     return {key: result[key] for key in ("accuracy", "ci95", "loss", "episodes", "eval_seconds")}
 
 
-def _seed_result(name, cfg, run_dir, device, data_root, progress, max_minutes):
-    """The test result of one seed's run in `run_dir`: read when tested already, else trained
-    (from its checkpoint, if any) and tested."""
+def _train_seed(name, cfg, run_dir, device, data_root, progress, max_minutes):
+    """Train (from its checkpoint, if any) and test one seed's run in `run_dir`, writing its
+    result.json, unless it is tested already."""
     if (run_dir / "result.json").is_file():
-        return json.loads((run_dir / "result.json").read_text())
+        return
     options = dict(data_root=data_root, progress=progress, max_minutes=max_minutes)
     if (run_dir / "ckpt.pt").is_file():
         run = harness.Run.resume(run_dir, device, **options)
@@ -194,10 +194,10 @@ def _seed_result(name, cfg, run_dir, device, data_root, progress, max_minutes):
             shutil.rmtree(run_dir)
         run = harness.Run(run_dir, name, cfg, device, **options)
     registry.get_recipe(name).load_module().train(cfg, run)
-    return harness.meta_test(run_dir, device=str(device), data_root=data_root, progress=progress,
-                             out_name="result.json", train_seconds=round(time.time() - run.started, 1),
-                             iterations_done=run.iterations_done, stopped_by_time_budget=run.stopped_early,
-                             ended_by_stopping_rule=run.ended)
+    harness.meta_test(run_dir, device=str(device), data_root=data_root, progress=progress,
+                      out_name="result.json", train_seconds=round(time.time() - run.started, 1),
+                      iterations_done=run.iterations_done, stopped_by_time_budget=run.stopped_early,
+                      ended_by_stopping_rule=run.ended)
 
 
 def display(metric):

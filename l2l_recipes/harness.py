@@ -600,9 +600,15 @@ def evaluate(predictor, tasks, shots, desc="eval", progress=True):
         logits = predictor.predict(sx, sy, qx)
         scores.append(((logits.argmax(dim=1) == qy).float().mean().item(),
                        torch.nn.functional.cross_entropy(logits.float(), qy).item()))
-    accuracies, losses = zip(*gather(scores)) if len(tasks) else ((), ())
+    return summarise(scores)
+
+
+def summarise(scores):
+    """evaluate()'s result from this process's (accuracy, loss) per task, gathered over the
+    processes: mean accuracy, its 95% CI, mean loss."""
+    accuracies, losses = zip(*gather(scores))
     accuracy, ci95 = mean_ci95(accuracies)
-    return {"accuracy": accuracy, "ci95": ci95, "loss": statistics.fmean(losses) if losses else float("nan")}
+    return {"accuracy": accuracy, "ci95": ci95, "loss": statistics.fmean(losses)}
 
 
 def read_checkpoint(path):

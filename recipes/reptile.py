@@ -30,7 +30,6 @@ Reproduce:
     l2l-recipes run reptile-omniglot-5w1s --device cuda
 """
 import copy
-import statistics
 import sys
 from dataclasses import dataclass
 
@@ -42,7 +41,7 @@ from l2l_recipes import data, fast, fast_reptile, models
 from l2l_recipes.config import check, validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
-from l2l_recipes.harness import gather, mean_ci95, seed_everything, share, sum_in_place
+from l2l_recipes.harness import seed_everything, share, sum_in_place, summarise
 from l2l_recipes.registry import Published, register
 
 
@@ -185,10 +184,7 @@ class Predictor(_Predictor):
         if self.cfg.engine == "reference":
             return super().evaluate(tasks, desc, progress)
         # as harness.evaluate, with the tasks adapted in chunks
-        scores = self.task_scores(tasks, share(range(len(tasks))), progress)
-        accuracies, losses = zip(*gather(scores)) if len(tasks) else ((), ())
-        accuracy, ci95 = mean_ci95(accuracies)
-        return {"accuracy": accuracy, "ci95": ci95, "loss": statistics.fmean(losses) if losses else float("nan")}
+        return summarise(self.task_scores(tasks, share(range(len(tasks))), progress))
 
 
 def train(cfg, run):

@@ -384,3 +384,42 @@ def anil_meta_batch(model, tasks, fast_lr, steps, first_order, scale):
         grads = torch.autograd.grad(_loss_sum(_head(support, *head), sy), head, create_graph=not first_order)
         head = [torch.add(w, g, alpha=-fast_lr) for w, g in zip(head, grads)]
     return _query_backward(_head(query, *head), qy, scale)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def maml_predict(model, support_x, support_y, query_x, fast_lr, steps):
+    """Test-time MAML (or Meta-SGD, with `fast_lr` its rate tensors) for many tasks at once: each
+    task's copy of `model` takes `steps` SGD steps on its own support set (first order: nothing
+    is differentiated afterwards), then scores its query set. Logits [tasks, queries, ways]; batch
+    norm on each set's own statistics, as the per-task `MAML.clone()` loop in train mode."""
+    structure = conv4_layers(model)
+    params = parameters_in_order(structure)
+    rates = _rates_in_order(model, params, fast_lr)
+    weights = [p.detach().unsqueeze(0).expand(len(support_x), *p.shape).requires_grad_() for p in params]
+    with torch.enable_grad():
+        for _ in range(steps):
+            grads = torch.autograd.grad(_loss_sum(grouped_forward(structure, weights, support_x), support_y), weights)
+            with torch.no_grad():
+                weights = [(w - rate.detach() * g if torch.is_tensor(rate) else torch.add(w, g, alpha=-rate))
+                           .requires_grad_() for w, g, rate in zip(weights, grads, rates)]
+    with torch.no_grad():
+        return grouped_forward(structure, weights, query_x)
+
+
+def anil_predict(model, support_x, support_y, query_x, fast_lr, steps):
+    """Test-time ANIL for many tasks at once: the body's features of each task's support and query
+    sets (batch norm on each set's own statistics), then each task's copy of the head takes `steps`
+    SGD steps on its support features. Logits [tasks, queries, ways]."""
+    structure = conv4_layers(model)
+    params = [p.detach().unsqueeze(0).expand(len(support_x), *p.shape) for p in parameters_in_order(structure)]
+    with torch.no_grad():
+        support, query = (grouped_features(structure, params[:-2], x) for x in (support_x, query_x))
+    head = [w.requires_grad_() for w in params[-2:]]
+    with torch.enable_grad():
+        for _ in range(steps):
+            grads = torch.autograd.grad(_loss_sum(_head(support, *head), support_y), head)
+            with torch.no_grad():
+                head = [torch.add(w, g, alpha=-fast_lr).requires_grad_() for w, g in zip(head, grads)]
+    with torch.no_grad():
+        return _head(query, *head)

@@ -532,6 +532,7 @@ class Predictor:
     """
     metric = "accuracy"  # the key of evaluate()'s result that selects the best weights
     higher_is_better = True
+    batched = False  # True where predict_tasks adapts many tasks at once (evaluate then uses it)
 
     def __init__(self, cfg, model, device, data_root=None):
         self.cfg = cfg
@@ -549,6 +550,11 @@ class Predictor:
 
     def predict(self, support_x, support_y, query_x):
         """Logits [len(query_x), ways] for a task whose support labels are 0..ways-1."""
+        raise NotImplementedError
+
+    def predict_tasks(self, support_x, support_y, query_x):
+        """`predict` for several tasks of one shape at once (each part with a leading task
+        dimension): logits [tasks, queries, ways]. Only where `batched` is True."""
         raise NotImplementedError
 
     def test_tasks(self, episodes, seed):
@@ -592,15 +598,37 @@ def evaluate(predictor, tasks, shots, desc="eval", progress=True):
     """{"accuracy": mean query accuracy over `tasks` (a finite Taskset), "ci95": its 95% CI
     (fractions), "loss": mean query cross-entropy}. Under torchrun each process scores its
     `share` of the tasks; the per-task values are gathered."""
-    my_tasks = share(range(len(tasks)))
-    scores = []  # (accuracy, loss) per task
-    for i in tqdm(my_tasks, desc=desc, leave=False, disable=not progress):
-        x, y = tasks[i]
-        sx, sy, qx, qy = data.split_support_query(x.to(predictor.device), y.to(predictor.device), shots)
-        logits = predictor.predict(sx, sy, qx)
-        scores.append(((logits.argmax(dim=1) == qy).float().mean().item(),
-                       torch.nn.functional.cross_entropy(logits.float(), qy).item()))
-    return summarise(scores)
+    return summarise(task_scores(predictor, tasks, share(range(len(tasks))), shots, desc, progress))
+
+
+# batched evaluation: as many tasks at once as keep one layer's activations under this many floats
+ACTIVATIONS_AT_ONCE = 2 ** 26
+
+
+def task_scores(predictor, tasks, indices, shots, desc="eval", progress=False):
+    """(query accuracy, query cross-entropy) of each task tasks[i], i in `indices`: task by task
+    with `predictor.predict`, or in chunks of tasks with `predict_tasks` where the predictor is
+    `batched` (the same per-task values up to float rounding)."""
+    chunk = 1
+    if predictor.batched and indices:
+        n, channels, height, width = tasks[indices[0]][0].shape
+        hidden = getattr(predictor.cfg, "hidden_size", 64)
+        chunk = max(1, ACTIVATIONS_AT_ONCE // (n * max(channels, hidden) * height * width))
+    scores = []
+    with tqdm(total=len(indices), desc=desc, leave=False, disable=not progress) as bar:
+        for start in range(0, len(indices), chunk):
+            x, y = map(torch.stack, zip(*(tasks[i] for i in indices[start:start + chunk])))
+            sx, sy, qx, qy = data.split_support_query(x.to(predictor.device), y.to(predictor.device), shots)
+            if predictor.batched:
+                logits = predictor.predict_tasks(sx, sy, qx)
+            else:
+                logits = predictor.predict(sx[0], sy[0], qx[0])[None]
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 (amp) scored in float32
+            accuracies = (logits.argmax(-1) == qy).float().mean(1)
+            losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), qy, reduction="none").mean(1)
+            scores += zip(accuracies.tolist(), losses.tolist())
+            bar.update(len(qy))
+    return scores
 
 
 def summarise(scores):

@@ -35,13 +35,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from l2l_recipes import data, fast, fast_reptile, models
 from l2l_recipes.config import check, validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
-from l2l_recipes.harness import seed_everything, share, sum_in_place, summarise
+from l2l_recipes.harness import seed_everything, sum_in_place
 from l2l_recipes.registry import Published, register
 
 
@@ -136,8 +135,9 @@ def outer_step(model, adapted, outer_lr, meta_batch_size):
 
 
 class Predictor(_Predictor):
-    # engine=fast: test tasks adapted at once, up to this many activations (floats) per layer
-    ACTIVATIONS_AT_ONCE = 2 ** 26
+    @property
+    def batched(self):  # engine=fast: validation and test adapt many tasks at once (l2l_recipes.fast_reptile)
+        return self.cfg.engine == "fast"
 
     def _check_ways(self, support_y):
         ways = int(support_y.max()) + 1
@@ -157,34 +157,10 @@ class Predictor(_Predictor):
             return learner(query_x)
 
     def predict_tasks(self, support_x, support_y, query_x):
-        """`predict` for several tasks of one shape at once (each part with a leading task
-        dimension): logits [tasks, queries, ways], on the fast path."""
         self._check_ways(support_y)
         order = torch.randperm(support_y.shape[1], generator=torch.Generator().manual_seed(0))
         return fast_reptile.predict(self.model, support_x, support_y, query_x, order.to(support_y.device),
                                     self.cfg.test_adaptation_steps, self.cfg.test_batch_size, self.cfg.inner_lr)
-
-    def task_scores(self, tasks, indices, progress=False):
-        """(query accuracy, query cross-entropy) of each task tasks[i], i in `indices`, adapted
-        in chunks of tasks at once (engine=fast)."""
-        cfg = self.cfg
-        size = data.dataset_module(cfg.dataset).SIZE
-        chunk = max(1, self.ACTIVATIONS_AT_ONCE // (cfg.ways * cfg.queries * cfg.hidden_size * size * size))
-        scores = []
-        for start in tqdm(range(0, len(indices), chunk), leave=False, disable=not progress):
-            x, y = map(torch.stack, zip(*(tasks[i] for i in indices[start:start + chunk])))
-            sx, sy, qx, qy = data.split_support_query(x.to(self.device), y.to(self.device), cfg.shots)
-            logits = self.predict_tasks(sx, sy, qx).float()
-            accuracies = (logits.argmax(-1) == qy).float().mean(1)
-            losses = F.cross_entropy(logits.transpose(1, 2), qy, reduction="none").mean(1)
-            scores += zip(accuracies.tolist(), losses.tolist())
-        return scores
-
-    def evaluate(self, tasks, desc="eval", progress=True):
-        if self.cfg.engine == "reference":
-            return super().evaluate(tasks, desc, progress)
-        # as harness.evaluate, with the tasks adapted in chunks
-        return summarise(self.task_scores(tasks, share(range(len(tasks))), progress))
 
 
 def train(cfg, run):

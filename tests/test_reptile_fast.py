@@ -89,16 +89,16 @@ def test_float32_fast_is_as_close_to_float64_as_the_loop(splits):
                 assert fast_error <= 2 * reference_error + 1e-7, name
 
 
-def test_batched_evaluation_scores_each_task_as_the_loop(splits):
+def test_batched_evaluation_scores_each_task_as_the_loop(splits, monkeypatch):
     """engine=fast adapts chunks of tasks at once (here 3 per chunk, 7 tasks); each task's
     query accuracy is the loop's (engine=reference, task by task), its loss within rounding."""
     cfg = dataclasses.replace(reptile.Config(), test_adaptation_steps=20)
     tasks = data.fixed_taskset(splits["val"], cfg.ways, cfg.shots, cfg.queries, 7, 1)
     model = _model(torch.float32)
     fast = reptile.Predictor(cfg, model, torch.device("cpu"))
-    fast.ACTIVATIONS_AT_ONCE = 3 * cfg.ways * cfg.queries * cfg.hidden_size * 28 * 28
     reference = reptile.Predictor(dataclasses.replace(cfg, engine="reference"), model, torch.device("cpu"))
-    got = fast.task_scores(tasks, list(range(7)))
+    monkeypatch.setattr(harness, "ACTIVATIONS_AT_ONCE", 3 * 80 * cfg.hidden_size * 28 * 28)  # 3 tasks of 80 images
+    got = harness.task_scores(fast, tasks, list(range(7)), cfg.shots)
     expected = []
     for i in range(7):
         sx, sy, qx, qy = data.split_support_query(*tasks[i], cfg.shots)

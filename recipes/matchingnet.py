@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from l2l_recipes import data, models
-from l2l_recipes.config import validate
+from l2l_recipes.config import check, validate
 from l2l_recipes.harness import Predictor as _Predictor
 from l2l_recipes.harness import seed_everything
 from l2l_recipes.registry import Published, register
@@ -59,6 +59,7 @@ class Config:
     hidden_size: int = 64
     fce: bool = False  # full context embeddings
     fce_steps: int = 5  # attention-LSTM steps over the support set for each query
+    distance: str = "cosine"  # attention over: cosine (the paper) or l2 (negative squared Euclidean distance)
     cosine_scale: float = 1.0  # softmax over scale x cosine (the paper: 1; Chen et al.'s code: 100)
     # optimisation
     iterations: int = 20000  # Adam steps (of meta_batch_size training episodes each)
@@ -77,6 +78,7 @@ class Config:
 
     def __post_init__(self):
         validate(self)
+        check(self.distance in ("cosine", "l2"), f"distance={self.distance!r} is out of range: use cosine or l2")
 
 
 class MatchingNet(torch.nn.Module):
@@ -85,7 +87,8 @@ class MatchingNet(torch.nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.embed = models.conv4_embedding(cfg.dataset, cfg.hidden_size)
-        self.fce, self.fce_steps, self.cosine_scale = cfg.fce, cfg.fce_steps, cfg.cosine_scale
+        self.fce, self.fce_steps = cfg.fce, cfg.fce_steps
+        self.distance, self.cosine_scale = cfg.distance, cfg.cosine_scale
         if cfg.fce:
             dim = models.conv4_embedding_size(cfg.dataset, cfg.hidden_size)
             self.support_lstm = torch.nn.LSTM(dim, dim, bidirectional=True, batch_first=True)
@@ -95,8 +98,11 @@ class MatchingNet(torch.nn.Module):
         support, query = self.embed(support_x), self.embed(query_x)
         if self.fce:
             support, query = self.full_context(support, query)
-        similarity = F.normalize(query, dim=1) @ F.normalize(support, dim=1).t()  # cosine
-        attention = (self.cosine_scale * similarity).softmax(dim=1)
+        if self.distance == "cosine":
+            similarity = self.cosine_scale * (F.normalize(query, dim=1) @ F.normalize(support, dim=1).t())
+        else:  # l2: minus the squared Euclidean distance
+            similarity = -(query.unsqueeze(1) - support.unsqueeze(0)).pow(2).sum(2)
+        attention = similarity.softmax(dim=1)
         probabilities = attention @ F.one_hot(support_y, ways).to(attention.dtype)
         return probabilities.clamp_min(1e-8).log()
 

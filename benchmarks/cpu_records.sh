@@ -77,3 +77,7 @@ for name in matchingnet-omniglot-5w1s transfer-omniglot-5w1s transfer-omniglot-5
     maml-sine-5s matchingnet-omniglot-5w5s matchingnet-omniglot-20w1s matchingnet-omniglot-20w5s; do
   bench "$name" --seeds 1 --resume --runs-dir /root/l2l-long/bench
 done
+# 2026-12-04, session 8: the investigation of Matching Nets' shortfall (notes/matchingnet-omniglot-5w1s.md),
+# commit 1248c75, beside the MAML run; the queue continued at 57e8ee9 (transfer-omniglot-5w5s finished,
+# then the Matching Nets rows in long_runs.sh's new order)
+bench matchingnet-omniglot-5w1s --seeds 1 --set distance=l2 --resume --runs-dir /root/l2l-long/bench

@@ -193,6 +193,7 @@ def _train_seed(name, cfg, run_dir, device, data_root, progress, max_minutes):
         if run_dir.exists():
             shutil.rmtree(run_dir)
         run = harness.Run(run_dir, name, cfg, device, **options)
+    harness.keep_freed_memory()  # this process trains: keep its freed activation buffers
     registry.get_recipe(name).load_module().train(cfg, run)
     harness.meta_test(run_dir, device=str(device), data_root=data_root, progress=progress,
                       out_name="result.json", train_seconds=round(time.time() - run.started, 1),
@@ -252,6 +253,9 @@ def _budget(record):
     text = f"{done} it, early-stopped" if ended else f"{done} / {b['recipe_iterations']} it"
     if b["max_minutes"]:
         text += f", ≤ {b['max_minutes']:g} min/seed"
+    changed = [o for o in b.get("overrides", []) if o.split("=", 1)[0] not in SAME_NUMBERS]
+    if changed and not b["reduced"]:  # the full budget of a modified recipe
+        return f"full, modified ({', '.join(changed)}): " + text
     return ("**reduced**: " if b["reduced"] else "full: ") + text
 
 

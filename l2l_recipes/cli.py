@@ -119,6 +119,7 @@ def recipes_run(name, resume_dir, data_root, download, device, seed, out, assign
 
 
 def _train_and_test(run, progress):
+    harness.keep_freed_memory()  # this process trains: keep its freed activation buffers
     if distributed.is_main():
         world = distributed.world_size()
         processes = f", {world} processes ({distributed.backend()})" if world > 1 else ""
@@ -279,7 +280,7 @@ def recipes_bench_table(results_dir):
               help="Folder for the record (JSON).")
 def recipes_speed(iterations, tiny, data_root, out):
     """Time learn2learn's plain MAML and ProtoNet loops against the fast path, side by side (CPU)."""
-    from l2l_recipes import speed
+    from l2l_recipes.lab import speed
     settings = speed.TINY if tiny else speed.Settings(iterations=iterations)
     record = speed.measure(settings, data_root, progress=click.echo)
     click.echo(speed.report(record))

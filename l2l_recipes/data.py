@@ -54,11 +54,11 @@ def read_split(name, split):
 # name -> module holding load_split(split, root, download), transform(pil_image),
 # classes(split) and CHANNELS; imported on first use.
 DATASETS = {
-    "omniglot": "l2l_recipes.omniglot",
-    "mini-imagenet": "l2l_recipes.mini_imagenet",
-    "tiered-imagenet": "l2l_recipes.tiered_imagenet",
-    "cifar-fs": "l2l_recipes.cifar_fs",
-    "fc100": "l2l_recipes.fc100",
+    "omniglot": "l2l_recipes.datasets.omniglot",
+    "mini-imagenet": "l2l_recipes.datasets.mini_imagenet",
+    "tiered-imagenet": "l2l_recipes.datasets.tiered_imagenet",
+    "cifar-fs": "l2l_recipes.datasets.cifar_fs",
+    "fc100": "l2l_recipes.datasets.fc100",
 }
 
 

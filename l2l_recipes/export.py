@@ -342,7 +342,7 @@ class Source:
         if isinstance(stmt, ast.Import):
             for a in stmt.names:
                 root = a.name.split(".")[0]
-                if root == "recipes":
+                if _is_recipe_module(a.name):
                     raise ExportError(f"{self.label} line {stmt.lineno} imports {a.name}: a recipe may not "
                                       f"import another recipe")
                 bound = a.asname or root
@@ -360,7 +360,7 @@ class Source:
             self.future += [a.name for a in stmt.names]
             return
         root = module.split(".")[0]
-        if root == "recipes":
+        if _is_recipe_module(module) or (module == PACKAGE and "recipes" in [a.name for a in stmt.names]):
             raise ExportError(f"{self.label} line {stmt.lineno} imports {module}: a recipe may not import "
                               f"another recipe")
         for a in stmt.names:
@@ -369,12 +369,23 @@ class Source:
             bound = a.asname or a.name
             if root != PACKAGE:
                 self.bindings[bound] = ("import", ("from", module, a.name, a.asname))
-            elif module == PACKAGE and importlib.util.find_spec(f"{PACKAGE}.{a.name}") is not None:
-                self.bindings[bound] = ("module", f"{PACKAGE}.{a.name}")
+            elif _is_submodule(module, a.name):
+                self.bindings[bound] = ("module", f"{module}.{a.name}")
             else:
                 self.bindings[bound] = ("item", module, a.name)
                 if bound != a.name:
                     self.aliases[(module, a.name)] = bound
+
+
+def _is_recipe_module(module):
+    """Whether `module` is a recipe module (or their package): l2l_recipes.recipes[.x], or recipes[.x]."""
+    return any(module == p or module.startswith(p + ".") for p in ("recipes", f"{PACKAGE}.recipes"))
+
+
+def _is_submodule(package, name):
+    """Whether `from package import name` imports a module (l2l_recipes.data, l2l_recipes.datasets.omniglot)."""
+    return (hasattr(importlib.import_module(package), "__path__")
+            and importlib.util.find_spec(f"{package}.{name}") is not None)
 
 
 def _is_main_block(stmt):
@@ -435,7 +446,7 @@ class _Exporter:
             if spec is None or spec.origin is None:
                 raise ExportError(f"cannot export: no source for module {module}")
             path = Path(spec.origin)
-            label = f"{PACKAGE}/{path.name}" if module.startswith(PACKAGE) else module
+            label = module.replace(".", "/") + ".py" if module.startswith(PACKAGE) else module
             self.sources[module] = Source(module, path.read_text(encoding="utf-8"), label)
         return self.sources[module]
 
@@ -553,14 +564,15 @@ class _Exporter:
 
     def _dataset_module_text(self):
         attrs = self._dataset_attrs()
-        modules = [data.DATASETS[d].rsplit(".", 1)[-1] for d in self.datasets]
+        pairs = [data.DATASETS[d].rsplit(".", 1) for d in self.datasets]  # (package, module)
+        modules = [m for _, m in pairs]
         lines = ["from types import SimpleNamespace", ""]
-        if modules:
-            lines.append(f"from {PACKAGE} import {', '.join(modules)}")
+        for parent in dict.fromkeys(p for p, _ in pairs):
+            lines.append(f"from {parent} import {', '.join(m for p, m in pairs if p == parent)}")
         lines += [f"from {PACKAGE}.errors import UserError", ""]
         if self.datasets:
             lines += ["# The datasets this file reads: name -> its loader's functions and constants, inlined above",
-                      "# (in the package, the module l2l_recipes.<dataset>).",
+                      "# (in the package, the module l2l_recipes.datasets.<dataset>).",
                       "DATASETS = {"]
             for d, short in zip(self.datasets, modules):
                 src = self.source(data.DATASETS[d])
@@ -624,7 +636,7 @@ class _Exporter:
         `dataset_module(...)` result (directly, or through a variable holding it)."""
         attrs = list(DATASET_INTERFACE)
         package = Path(data.__file__).parent
-        sources = [self.rsrc] + [self.source(f"{PACKAGE}.{m.name}") for m in pkgutil.iter_modules([str(package)])]
+        sources = [self.rsrc] + [self.source(m.name) for m in pkgutil.walk_packages([str(package)], f"{PACKAGE}.")]
         for src in sources:
             for stmt in src.tree.body:
                 nodes = list(ast.walk(stmt))
@@ -1156,6 +1168,7 @@ def main(argv=None):
                 print(f"override: {text}")
             run = harness.Run.create(args.out, RECIPE, cfg, harness.resolve_device(cfg.device), **options)
         print(f"run directory: {run.path}  (device {run.device})")
+        harness.keep_freed_memory()  # this process trains: keep its freed activation buffers
         try:
             train(run.cfg, run)
         except BaseException:

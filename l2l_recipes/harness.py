@@ -206,7 +206,6 @@ class Run:
         self.best_val = float("-inf")
         self.max_minutes = max_minutes  # wall-time budget for training, None for none
         self.checkpoint_every = checkpoint_every  # iterations between checkpoints (also at each validation)
-        keep_freed_memory()
         self.iterations_done = 0
         self.stopped_early = False  # by the time budget
         self.ended = False  # by the recipe's stopping rule (end_training)

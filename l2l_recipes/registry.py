@@ -2,7 +2,7 @@
 
 A variant is a function decorated with `@register`; its name, with '_' read as '-',
 is the registry key and it returns the family's config. Built-in families are the
-modules of the `recipes` package; other packages add families through the entry-point
+modules of the `recipes/` folder, installed as the package `l2l_recipes.recipes`; other packages add families through the entry-point
 group `l2l_recipes.recipes`.
 """
 import difflib
@@ -79,9 +79,9 @@ def _discover():
     if _discovered:
         return
     _discovered = True
-    import recipes
+    from l2l_recipes import recipes
     for info in pkgutil.iter_modules(recipes.__path__):
-        importlib.import_module(f"recipes.{info.name}")
+        importlib.import_module(f"{recipes.__name__}.{info.name}")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         ep.load()
 

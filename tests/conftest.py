@@ -23,7 +23,7 @@ def data_root():
 @pytest.fixture(scope="session")
 def omniglot_images(data_root):
     """(character names, uint8 images [1623, 20, 28, 28]) through the real cache."""
-    from l2l_recipes import omniglot
+    from l2l_recipes.datasets import omniglot
     return omniglot.load_omniglot(data_root, progress=False)
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from l2l_recipes import data, omniglot
+from l2l_recipes import data
+from l2l_recipes.datasets import omniglot
 from l2l_recipes.errors import UserError
 
 

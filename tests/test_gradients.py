@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from recipes import maml as recipe
-from recipes import metasgd
+from l2l_recipes.recipes import maml as recipe
+from l2l_recipes.recipes import metasgd
 
 
 def tiny_model():

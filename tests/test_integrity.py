@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import cli
-from l2l_recipes import omniglot
+from l2l_recipes.datasets import omniglot
 from test_data import _tiny_omniglot
 from test_resume import ARGS, _rows
 

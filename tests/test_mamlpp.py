@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from l2l_recipes import data, harness, registry
 from l2l_recipes.errors import UserError
-from recipes import mamlpp as recipe
+from l2l_recipes.recipes import mamlpp as recipe
 
 STEPS = 3
 

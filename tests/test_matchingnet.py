@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from l2l_recipes.errors import UserError
-from recipes import matchingnet
+from l2l_recipes.recipes import matchingnet
 
 
 @pytest.mark.parametrize("distance,scale", [("cosine", 1.0), ("cosine", 100.0), ("l2", 1.0)])

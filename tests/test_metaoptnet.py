@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import cli
 from l2l_recipes import harness, registry
 from l2l_recipes.errors import UserError
-from recipes import metaoptnet as recipe
+from l2l_recipes.recipes import metaoptnet as recipe
 
 
 def episode(ways, shots, queries, dim, seed=0):

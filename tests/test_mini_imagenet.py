@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from l2l_recipes import data, mini_imagenet
+from l2l_recipes import data
+from l2l_recipes.datasets import mini_imagenet
 from l2l_recipes.errors import UserError
 
 WNIDS = {"train": ["n01000001", "n01000002", "n01000003"], "val": ["n02000001", "n02000002"],

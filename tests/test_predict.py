@@ -10,7 +10,8 @@ import torch
 
 import l2l_recipes
 from conftest import cli
-from l2l_recipes import harness, mini_imagenet, predict, registry
+from l2l_recipes import harness, predict, registry
+from l2l_recipes.datasets import mini_imagenet
 
 CLASSIFIERS = ["protonet", "matchingnet", "maml", "fomaml", "anil", "metasgd", "reptile", "transfer",
                "mamlpp", "metaoptnet-svm", "metaoptnet-ridge", "snail"]

@@ -8,7 +8,7 @@ import torch
 
 from l2l_recipes import harness, registry
 from l2l_recipes.errors import UserError
-from recipes import snail
+from l2l_recipes.recipes import snail
 
 FEATURES = 64  # conv4's feature size on Omniglot
 

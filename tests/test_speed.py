@@ -3,7 +3,8 @@ import json
 
 from click.testing import CliRunner
 
-from l2l_recipes import cli, speed
+from l2l_recipes import cli
+from l2l_recipes.lab import speed
 
 
 def test_speed_benchmark_tiny(tmp_path):

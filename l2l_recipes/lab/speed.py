@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from l2l_recipes import data, fast, harness, models, omniglot, registry
+from l2l_recipes import data, fast, harness, models, registry
+from l2l_recipes.datasets import omniglot
 
 
 @dataclass(frozen=True)

@@ -41,9 +41,10 @@ Where ours differs, and why:
     validation characters.
   - CIFAR-FS, FC100, tiered-ImageNet: Finn's mini-ImageNet settings; Bertinetto et al.'s
     MAML protocol on CIFAR-FS is not checked (test queries and tasks left at 15 and 1000).
-The full Omniglot 5w1s budget takes ~3 hours on a 2-core CPU on the fast path (0.17-0.21 s
-per meta-iteration in `l2l-recipes speed`; ~13 hours on learn2learn's loop), validation not
-counted; pass `--set iterations=N` for a shorter run.
+The full Omniglot 5w1s budget takes ~3.3 hours of one CPU core on the fast path (measured
+inside `bench` on a 2-core AMD EPYC, validation included: 0.20 s per meta-iteration with one
+thread, 0.14-0.17 s with two on an otherwise idle machine; ~13 hours on learn2learn's loop);
+pass `--set iterations=N` for a shorter run.
 
 The meta-batch runs on `l2l_recipes.fast` by default (all tasks adapted at once as one
 grouped network, same meta-gradient: tests/test_fast.py); `--set engine=reference` runs

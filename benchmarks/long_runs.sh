@@ -46,5 +46,5 @@ start 19 protonet-omniglot-5w1s --seeds 3 --episodes 1000
 if [ "${QUEUE:-1}" = 1 ]; then  # the cheaper rows, one seed each, one after another
   queue matchingnet-omniglot-5w1s transfer-omniglot-5w1s transfer-omniglot-5w5s matchingnet-omniglot-5w5s \
     matchingnet-omniglot-20w1s matchingnet-omniglot-20w5s metaoptnet-ridge-omniglot-5w1s maml-sine-5s \
-    fomaml-omniglot-5w1s metasgd-omniglot-5w1s anil-omniglot-5w1s
+    fomaml-omniglot-5w1s metasgd-omniglot-5w1s anil-omniglot-5w1s snail-omniglot-5w1s
 fi

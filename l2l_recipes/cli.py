@@ -201,11 +201,14 @@ def recipes_publish(run_dir, dest):
 @click.option("--force", is_flag=True, help="Overwrite DEST if it exists.")
 @click.option("--all-datasets", is_flag=True,
               help="Include the loaders of every dataset the recipe's family uses (default: the variant's).")
-def recipes_export(name, dest, force, all_datasets):
+@click.option("--fast", is_flag=True,
+              help="Keep the recipe's fast path (engine=fast); by default the file holds the plain loop only.")
+def recipes_export(name, dest, force, all_datasets, fast):
     """Write recipe NAME as one Python file, DEST or DEST/<name>.py, that needs only learn2learn,
-    torch and torchvision: its config at the top, then the package code it uses, inlined."""
+    torch and torchvision: its config at the top, then the package code it uses, inlined. The
+    file trains with the recipe's plain loop (as `run NAME --set engine=reference`) unless --fast."""
     from l2l_recipes import export
-    path = export.export_recipe(name, dest, force=force, all_datasets=all_datasets)
+    path = export.export_recipe(name, dest, force=force, all_datasets=all_datasets, fast=fast)
     lines = len(path.read_text().splitlines())
     click.echo(f"wrote {path} ({lines} lines); run it with: python {path} --data-root DIR [--set key=value ...]")
 

@@ -9,6 +9,8 @@ takes `l2l-recipes run`'s options --data-root, --download, --device, --seed, --o
 says to resume it with `python FILE --resume RUN_DIR`.
 
 How it is built, with `ast` and source positions (no source strings run, no import tricks):
+- Unless `fast`, the recipe's fast path is taken out first (`plain_source`): the file holds
+  the loop `--set engine=reference` runs.
 - The recipe module's source is kept verbatim with its comments, minus its l2l_recipes
   imports, its registered variants (and helpers only they use) and its `__main__` block.
   Uses of the package (`data.taskset`, an import alias such as `_Predictor`) are rewritten
@@ -63,11 +65,12 @@ class ExportError(UserError):
     """The recipe uses something the exporter cannot turn into plain code."""
 
 
-def export_recipe(name, dest, force=False, all_datasets=False):
+def export_recipe(name, dest, force=False, all_datasets=False, fast=False):
     """Write recipe `name` as one Python file; returns its path.
 
     `dest` is a .py path or an existing directory (then `dest/<name with - as _>.py`); an
-    existing file is replaced only with `force`.
+    existing file is replaced only with `force`. Without `fast` the file holds the plain loop
+    (`plain_source`); with it, the recipe's fast path too.
 
     Example:
         path = export_recipe("protonet-omniglot-5w1s", "my_project/")
@@ -81,8 +84,8 @@ def export_recipe(name, dest, force=False, all_datasets=False):
         raise UserError(f"{path} exists: pass --force to overwrite it")
     if not path.parent.is_dir():
         raise UserError(f"no directory {path.parent}: create it first")
-    command = f"l2l-recipes export {name} {dest}" + " --all-datasets" * all_datasets
-    source = export_source(name, all_datasets, command)
+    command = f"l2l-recipes export {name} {dest}" + " --all-datasets" * all_datasets + " --fast" * fast
+    source = export_source(name, all_datasets, command, fast)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         tmp.write_text(source)
@@ -93,10 +96,68 @@ def export_recipe(name, dest, force=False, all_datasets=False):
     return path
 
 
-def export_source(name, all_datasets=False, command=None):
+def export_source(name, all_datasets=False, command=None, fast=False):
     """The text of the exported file of recipe `name` (see the module docstring)."""
     recipe = registry.get_recipe(name)
-    return _Exporter(recipe, all_datasets, command or f"l2l-recipes export {name} DEST").build()
+    return _Exporter(recipe, all_datasets, command or f"l2l-recipes export {name} DEST", fast).build()
+
+
+# ----------------------------------------------------------------------------- the plain loop
+
+FAST_ONLY_METHODS = ("batched", "predict_tasks")  # a Predictor's batched evaluation (engine=fast)
+
+
+def _is_fast_test(node):
+    """`cfg.engine == "fast"` (or `self.cfg.engine == ...`): the test of a recipe's fast-path branch."""
+    return (isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], ast.Eq)
+            and isinstance(node.left, ast.Attribute) and node.left.attr == "engine"
+            and isinstance(node.comparators[0], ast.Constant) and node.comparators[0].value == "fast")
+
+
+def _dedent(lines, by):
+    return [line[min(by, len(line) - len(line.lstrip(" "))):] for line in lines]
+
+
+def plain_source(text):
+    """A recipe's source with its fast path taken out: each `if cfg.engine == "fast": A else: B`
+    becomes B, each `A if cfg.engine == "fast" else B` becomes B, and the Predictor's batched
+    evaluation (FAST_ONLY_METHODS) and the comment lines about engine=fast go. What is left is
+    the engine=reference loop."""
+    while True:
+        tree = ast.parse(text)
+        lines = text.splitlines(keepends=True)
+        edit = None  # the last candidate in the file: editing from the end keeps earlier positions
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and _is_fast_test(node.test):
+                if node.orelse and isinstance(node.orelse[0], ast.If) and node.orelse[0].col_offset == node.col_offset:
+                    raise ExportError(f"line {node.lineno}: an `elif` after the fast-path test cannot be exported "
+                                      f"plain: use --fast")
+                body = (_dedent(lines[node.orelse[0].lineno - 1:node.orelse[-1].end_lineno],
+                                node.orelse[0].col_offset - node.col_offset) if node.orelse else [])
+                candidate = (node.lineno - 1, 0, node.end_lineno - 1, None, "".join(body))
+            elif isinstance(node, ast.IfExp) and _is_fast_test(node.test):
+                start, end = lines[node.lineno - 1], lines[node.end_lineno - 1]
+                candidate = (node.lineno - 1, _char_col(start, node.col_offset), node.end_lineno - 1,
+                             _char_col(end, node.end_col_offset), ast.get_source_segment(text, node.orelse))
+            elif isinstance(node, ast.FunctionDef) and node.name in FAST_ONLY_METHODS and node.col_offset > 0:
+                first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                last = node.end_lineno
+                if last < len(lines) and not lines[last].strip():  # and the blank line after it
+                    last += 1
+                candidate = (first - 1, 0, last - 1, None, "")
+            else:
+                continue
+            if edit is None or candidate[:2] > edit[:2]:
+                edit = candidate
+        if edit is None:  # and the comment lines that explain the fast path
+            return "".join(line for line in text.splitlines(keepends=True)
+                           if not (line.lstrip().startswith("#") and "engine=fast" in line))
+        first, col, last, end_col, replacement = edit
+        if end_col is None:  # whole lines
+            lines[first:last + 1] = [replacement]
+        else:
+            lines[first:last + 1] = [lines[first][:col] + replacement + lines[last][end_col:]]
+        text = "".join(lines)
 
 
 # ----------------------------------------------------------------------------- brace patterns
@@ -427,15 +488,19 @@ def _char_col(line, byte_col):
 # ----------------------------------------------------------------------------- the exporter
 
 class _Exporter:
-    def __init__(self, recipe, all_datasets, command):
+    def __init__(self, recipe, all_datasets, command, fast=False):
         self.recipe = recipe
         self.command = command
         self.module = recipe.load_module()
         self.cfg = recipe.config()
         self.sources = {}
         path = Path(self.module.__file__)
-        self.rsrc = Source(self.module.__name__, path.read_text(encoding="utf-8"),
-                           f"{path.parent.name}/{path.name}")
+        text = path.read_text(encoding="utf-8")
+        self.plain = not fast and hasattr(self.cfg, "engine")
+        if self.plain:  # the plain loop, which engine=reference runs in the package
+            text = plain_source(text)
+            self.cfg = dataclasses.replace(self.cfg, engine="reference")
+        self.rsrc = Source(self.module.__name__, text, f"{path.parent.name}/{path.name}")
         self.datasets = self._datasets(all_datasets)
 
     # -- sources and lookups
@@ -524,7 +589,8 @@ class _Exporter:
         while changed:
             changed = False
             for item in rsrc.items:
-                if item not in dropped and item not in protected and users[item] and users[item] <= dropped:
+                if item not in dropped and item not in protected and users[item] <= dropped and (
+                        users[item] or self.plain and item.node is not None and not isinstance(item.node, ast.Assign)):
                     dropped.add(item)
                     changed = True
         self.recipe_items = [item for item in rsrc.items if item not in dropped and item is not self.config_item]

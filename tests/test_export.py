@@ -145,6 +145,11 @@ def trained(metrics, result):
     return result[metric] > before if result.get("higher_is_better", True) else result[metric] < before
 
 
+def plain(cfg):
+    """The config a default (plain) export writes: the variant's, on the reference engine."""
+    return dataclasses.replace(cfg, engine="reference") if hasattr(cfg, "engine") else cfg
+
+
 def tiny_budget(name):
     """The TINY budget for the fields that `name`'s Config has, and as `--set` options."""
     fields = {f.name for f in dataclasses.fields(registry.get_recipe(name).config())}
@@ -189,8 +194,9 @@ def test_exported_recipe_trains_and_tests_without_the_package(tmp_path, exported
     config, defaults = config_defaults(tree)
     first = next(n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)))
     assert first is config
-    variant = dataclasses.asdict(registry.get_recipe(name).config())
+    variant = dataclasses.asdict(plain(registry.get_recipe(name).config()))
     assert defaults == {k: v for k, v in variant.items() if k in defaults}
+    assert "engine" not in defaults or ("class DeviceEpisodes" not in source and 'engine == "fast"' not in source)
 
     budget, _ = tiny_budget(name)
     assert status == 0, stderr[-3000:]
@@ -208,7 +214,8 @@ def test_exported_recipe_trains_and_tests_without_the_package(tmp_path, exported
 
 
 def test_exported_protonet_reproduces_the_package_run(tmp_path, data_root, exported_runs):
-    """Same config and seed: the exported file (its blocked run above) and `l2l-recipes run` log the
+    """Same config and seed: the exported file (its blocked run above) and `l2l-recipes run
+    --set engine=reference` log the
     same losses and test on the same tasks to the same accuracy (the inlined split, tasks and model
     are the package's)."""
     name = "protonet-omniglot-5w1s"
@@ -218,7 +225,7 @@ def test_exported_protonet_reproduces_the_package_run(tmp_path, data_root, expor
     # threads sums convolutions in another order, and training amplifies that (1e-3 seen)
     package = subprocess.run([sys.executable, "-m", "l2l_recipes.cli", "run", name, "--data-root", str(data_root),
                               "--device", "cpu", "--out", str(tmp_path / "package"), "--no-progress",
-                              *tiny_budget(name)[1]], cwd=tmp_path, capture_output=True, text=True,
+                              "--set", "engine=reference", *tiny_budget(name)[1]], cwd=tmp_path, capture_output=True, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert package.returncode == 0, package.stderr[-3000:]
     runs = [next((folder / name).iterdir()) for folder in (exported, tmp_path / "package")]
@@ -249,7 +256,7 @@ def test_config_at_the_top_holds_the_variants_values(family):
         return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
     name = max((n for n in registry.list_recipes() if registry.get_recipe(n).family == family),
                key=lambda n: len(changed(n)))
-    cfg = registry.get_recipe(name).config()
+    cfg = plain(registry.get_recipe(name).config())
     _, defaults = config_defaults(ast.parse(export.export_source(name)))
     assert {k: defaults.get(k) for k in changed(name)} == {k: getattr(cfg, k) for k in changed(name)}
     assert defaults == {k: v for k, v in dataclasses.asdict(cfg).items() if k in defaults}
@@ -300,3 +307,48 @@ def test_split_patterns_expand_to_the_shipped_splits():
             assert [n for p in patterns for n in export.expand_braces(p)] == names
             if name == "omniglot-vinyals":  # one pattern per alphabet (Gurmukhi spans train and test)
                 assert len(patterns) == len({n.split("/")[0] for n in names})
+
+
+@pytest.mark.parametrize("name", ["maml-omniglot-5w1s", "reptile-omniglot-5w1s", "protonet-omniglot-5w1s"])
+def test_plain_export_drops_the_fast_path_and_fast_keeps_it(name):
+    """By default the file is the plain loop (`run --set engine=reference`); --fast keeps the fast path."""
+    plain_source, fast_source = export.export_source(name), export.export_source(name, fast=True)
+    assert "l2l_recipes/fast.py:" not in plain_source and "l2l_recipes/fast_reptile.py:" not in plain_source
+    assert "def maml_meta_batch" not in plain_source and "class DeviceEpisodes" not in plain_source
+    assert "class DeviceEpisodes" in fast_source and 'engine == "fast"' in fast_source
+    assert len(plain_source.splitlines()) < len(fast_source.splitlines())
+    _, defaults = config_defaults(ast.parse(plain_source))
+    assert defaults["engine"] == "reference"
+
+
+def test_plain_source_keeps_the_reference_branch():
+    text = ('''def f(cfg):
+    # engine=fast: explained
+    x = fast_thing() if cfg.engine == "fast" else plain_thing()
+    if cfg.engine == "fast":  # all at once
+        y = 1
+    else:  # one by one
+        for i in range(2):
+            y = i  # kept
+    return x, y
+
+
+class Predictor:
+    @property
+    def batched(self):
+        return True
+
+    def predict(self):
+        return 0
+''')
+    assert export.plain_source(text) == ('''def f(cfg):
+    x = plain_thing()
+    for i in range(2):
+        y = i  # kept
+    return x, y
+
+
+class Predictor:
+    def predict(self):
+        return 0
+''')

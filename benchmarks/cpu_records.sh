@@ -81,3 +81,5 @@ done
 # commit 1248c75, beside the MAML run; the queue continued at 57e8ee9 (transfer-omniglot-5w5s finished,
 # then the Matching Nets rows in long_runs.sh's new order)
 bench matchingnet-omniglot-5w1s --seeds 1 --set distance=l2 --resume --runs-dir /root/l2l-long/bench
+# the queue (long_runs.sh, commit 57e8ee9) also finished matchingnet-omniglot-5w5s at the paper's protocol:
+bench matchingnet-omniglot-5w5s --seeds 1 --resume --runs-dir /root/l2l-long/bench

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -120,9 +120,9 @@ def _git_commit():
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                cwd=here, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        return None
+        out = None
+    if out is None or out.returncode != 0:  # no git, or a copy without its history: the sender may say
+        return os.environ.get("L2L_RECIPES_GIT_COMMIT")
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
@@ -236,6 +236,7 @@ class Run:
         run = cls(run_dir, state["recipe"], cfg, device, **options)
         run.resume_state = state
         if distributed.is_main():
+            _note_continuation(run_dir, state["iteration"], device)
             for partial in run_dir.glob(".*.tmp*"):  # writes cut short by a crash
                 partial.unlink()
         return run
@@ -679,6 +680,29 @@ def _resumable(run_dir):
             raise UserError(f"{path} disagrees with {run_dir / 'ckpt.pt'} on {', '.join(changed)}: a run resumes "
                             f"with its checkpoint's recipe and config; restore config.json, or start a new run")
     return state
+
+
+def _note_continuation(run_dir, iteration, device):
+    """Add to env.json's `continued` list where, when and with what the run continues after
+    `iteration` (it may be another machine and device than the one that started it)."""
+    env = json.loads((run_dir / "env.json").read_text())
+    here = environment(device)
+    keep = ("device", "gpu", "processor", "cpu_count", "hostname", "torch", "git_commit", "command")
+    env.setdefault("continued", []).append({"after_iteration": iteration,
+                                            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                            **{key: here[key] for key in keep if key in here}})
+    write_json(run_dir / "env.json", env)
+
+
+def machines(env):
+    """The machines a run trained on, in order, from its env.json: 'NVIDIA H200',
+    'AMD EPYC (2 cores)' (each once)."""
+    names = []
+    for part in [env, *env.get("continued", [])]:
+        name = part.get("gpu") or f"{part['processor']} ({part['cpu_count']} cores)"
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def _recorded_root(state):

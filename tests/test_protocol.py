@@ -173,7 +173,7 @@ def test_two_bench_processes_share_the_seeds_and_write_one_record(tmp_path, data
     args = ["bench", "protonet-omniglot-5w1s", "--seeds", 2, "--episodes", 10, "--iterations", 5,
             *[a for o in overrides for a in ("--set", o)], "--device", "cpu", "--no-progress",
             "--data-root", data_root, "--runs-dir", runs, "--results-dir", results, "--resume"]
-    home = bench.bench_dir(runs, "protonet-omniglot-5w1s", 10, ["iterations=5", *overrides], None, "cpu")
+    home = bench.bench_dir(runs, "protonet-omniglot-5w1s", 10, ["iterations=5", *overrides], None)
     home.mkdir(parents=True)
     with open(home / "seed-1.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # another process is training seed 1
@@ -188,6 +188,39 @@ def test_two_bench_processes_share_the_seeds_and_write_one_record(tmp_path, data
     assert [s["seed"] for s in record["seeds"]] == [1, 2]
     again = cli(*args)
     assert again.exit_code == 0 and len(list(results.glob("*.json"))) == 1  # no second record
+
+
+def test_a_seed_started_on_another_machine_is_finished_here_and_both_are_recorded(tmp_path, data_root):
+    """A bench's runs do not depend on the device (a seed started on a GPU machine continues on a
+    CPU with the same command plus --resume); env.json and the record name every machine."""
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    args = ["bench", "protonet-omniglot-5w1s", "--seeds", 1, "--episodes", 10, "--iterations", 4,
+            "--set", "train_ways=10", "--set", "val_interval=2", "--set", "val_episodes=10", "--no-progress",
+            "--data-root", data_root, "--runs-dir", runs, "--results-dir", results, "--resume"]
+    assert cli(*args, "--device", "cpu").exit_code == 0
+    (first,) = [json.loads(p.read_text()) for p in results.glob("*.json")]
+    home = bench.bench_dir(runs, "protonet-omniglot-5w1s", 10, ["iterations=4", "train_ways=10", "val_interval=2",
+                                                                "val_episodes=10"], None)
+    seed = home / "seed-1"
+    # make it a run that a GPU machine trained and that stopped before its test
+    env = json.loads((seed / "env.json").read_text())
+    (seed / "env.json").write_text(json.dumps({**env, "device": "cuda", "gpu": "NVIDIA H200", "cpu_count": 16}))
+    config = json.loads((seed / "config.json").read_text())
+    (seed / "config.json").write_text(json.dumps({**config, "device": "cuda"}))
+    state = torch.load(seed / "ckpt.pt", weights_only=True)
+    state["config"]["device"] = "cuda"
+    torch.save(state, seed / "ckpt.pt")
+    for done in [seed / "result.json", *home.glob("record-*.txt"), *results.iterdir()]:
+        done.unlink()
+    out = cli(*args, "--device", "auto")  # auto: the CPU here
+    assert out.exit_code == 0, out.output
+    (record,) = [json.loads(p.read_text()) for p in results.glob("*.json")]
+    here = f"{env['processor']} ({env['cpu_count']} cores)"
+    assert record["machines"] == record["seeds"][0]["machines"] == ["NVIDIA H200", here]
+    (continued,) = json.loads((seed / "env.json").read_text())["continued"]
+    assert continued["device"] == "cpu" and continued["after_iteration"] == 4 and "gpu" not in continued
+    assert record["seeds"][0]["accuracy"] == first["seeds"][0]["accuracy"]  # the same weights, the same tasks
+    assert f"| NVIDIA H200 + {here}, " in (results.parent / "README.md").read_text()
 
 
 def test_bench_refuses_folders_it_cannot_write_before_training(tmp_path, data_root):

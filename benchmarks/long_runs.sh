@@ -17,19 +17,19 @@ git -C "$LONG/code" fetch -q "$(pwd)" "$COMMIT" && git -C "$LONG/code" checkout 
 [ -d .wheelhouse ] && cp -rn .wheelhouse "$LONG/code/"
 (cd "$LONG/code" && L2L_RECIPES_VENV="$LONG/venv" bash tools/bootstrap.sh)
 
-start() {  # start NICE NAME [bench options...], unless that bench is already running
+start() {  # start NICE "NAME..." [bench options...], unless that bench is already running
   local nice=$1 name=$2; shift 2
   if pgrep -f "bench $name .*--runs-dir $LONG/bench" >/dev/null; then echo "$name: running"; return; fi
   (cd "$LONG/code" && L2L_RECIPES_DATA="$DATA" OMP_NUM_THREADS=1 setsid nohup "$LONG/venv/bin/l2l-recipes" \
-    bench "$name" "$@" --device cpu --resume --runs-dir "$LONG/bench" \
-    --results-dir "$LONG/results" --no-progress >>"$LONG/logs/$name.log" 2>&1 </dev/null &)
+    bench $name "$@" --device cpu --resume --runs-dir "$LONG/bench" \
+    --results-dir "$LONG/results" --no-progress >>"$LONG/logs/${name%% *}.log" 2>&1 </dev/null &)
   sleep 1
   # setsid puts each run in a scheduling autogroup of its own, where plain `nice` has no effect
   # against other groups: lower the group's priority instead (Linux with autogroup; else nice)
   for pid in $(pgrep -f "bench $name .*--runs-dir $LONG/bench"); do
     echo "$nice" 2>/dev/null >"/proc/$pid/autogroup" || renice -n "$nice" -p "$pid" >/dev/null
   done
-  echo "$name: started, priority $nice (log $LONG/logs/$name.log)"
+  echo "$name: started, priority $nice (log $LONG/logs/${name%% *}.log)"
 }
 
 queue() {  # queue NAME...: one background process benching these one after another (one seed each)
@@ -42,7 +42,9 @@ queue() {  # queue NAME...: one background process benching these one after anot
 # the paper's protocols (issue 15), most valuable first; ProtoNet (hours per seed) takes what the
 # others and a working session leave
 start 0 maml-omniglot-5w1s --seeds 1
-start 19 protonet-omniglot-5w1s --seeds 3 --episodes 1000
+# (seeds started on a GPU with benchmarks/gpu_bench.sh continue here: the runs do not depend on the device)
+start 19 "protonet-omniglot-5w1s protonet-omniglot-20w1s" --seeds 3 --episodes 1000
+start 19 "protonet-omniglot-5w5s protonet-omniglot-20w5s" --seeds 3 --episodes 1000
 if [ "${QUEUE:-1}" = 1 ]; then  # the cheaper rows, one seed each, one after another
   queue matchingnet-omniglot-5w1s transfer-omniglot-5w1s transfer-omniglot-5w5s matchingnet-omniglot-5w5s \
     matchingnet-omniglot-20w1s matchingnet-omniglot-20w5s metaoptnet-ridge-omniglot-5w1s maml-sine-5s \

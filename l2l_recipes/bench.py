@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import statistics
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -56,12 +57,7 @@ def bench_recipe(name, seeds, episodes, assignments=(), max_minutes=None, device
         raise UserError(f"this bench was started before, its runs are in {home}: continue it with --resume "
                         f"(or remove that folder to start again)")
     for folder, option in ((Path(results_dir), "--results-dir"), (home, "--runs-dir")):  # before any training
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / ".write-test").touch()
-            (folder / ".write-test").unlink()
-        except OSError as e:
-            raise UserError(f"cannot write {option} {folder} ({e.strerror}): pass a folder you can write") from None
+        check_writable(folder, option)
     harness.write_json(home / "bench.json", {"recipe": trainer.name, "command": command, "episodes": episodes,
                                              "overrides": list(assignments), "max_minutes": max_minutes})
     for seed in range(1, seeds + 1):  # each seed trained by the first bench process that locks it
@@ -81,6 +77,16 @@ def bench_recipe(name, seeds, episodes, assignments=(), max_minutes=None, device
                          max_minutes, assignments, results_dir, command)
         written.write_text(str(Path(results_dir).resolve() / f"{record['curve'][:-4]}.json") + "\n")
         return record
+
+
+def check_writable(folder, option):
+    """Create `folder` if needed and write a file in it, or raise a UserError naming `option`.
+    The file has a name of its own: other bench processes may be checking the same folder."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UserError(f"cannot write {option} {folder} ({e.strerror}): pass a folder you can write") from None
 
 
 class BenchPending(UserError):

@@ -223,6 +223,20 @@ def test_a_seed_started_on_another_machine_is_finished_here_and_both_are_recorde
     assert f"| NVIDIA H200 + {here}, " in (results.parent / "README.md").read_text()
 
 
+def test_bench_processes_checking_one_results_folder_at_once_all_pass(tmp_path):
+    """Several bench processes share --results-dir; each one's write check must not trip the others'
+    (a shared probe file name did: one process removed it under another)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(_):
+        for _ in range(200):
+            bench.check_writable(tmp_path / "results", "--results-dir")
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(check, range(8)))  # re-raises any UserError
+    assert not list((tmp_path / "results").iterdir())
+
+
 def test_bench_refuses_folders_it_cannot_write_before_training(tmp_path, data_root):
     blocker = tmp_path / "a-file"
     blocker.write_text("")

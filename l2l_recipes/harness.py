@@ -532,7 +532,11 @@ class Predictor:
     """
     metric = "accuracy"  # the key of evaluate()'s result that selects the best weights
     higher_is_better = True
-    batched = False  # True where predict_tasks adapts many tasks at once (evaluate then uses it)
+    head = None  # a fixed-head family's name ("MAML"): its models take tasks of cfg.ways ways only
+    # recipes with a fast path define predict_tasks(support_x, support_y, query_x): `predict` for
+    # several tasks of one shape at once (each part with a leading task dimension), logits
+    # [tasks, queries, ways]
+    predict_tasks = None
 
     def __init__(self, cfg, model, device, data_root=None):
         self.cfg = cfg
@@ -548,13 +552,19 @@ class Predictor:
     def test_classes(self):
         return data.dataset_module(self.cfg.dataset).classes("test", self.data_root)
 
+    @property
+    def batched(self):
+        """Whether evaluation adapts many tasks at once: engine=fast and a recipe's predict_tasks."""
+        return getattr(self.cfg, "engine", None) == "fast" and self.predict_tasks is not None
+
+    def check_ways(self, support_y):
+        """A UserError when a fixed-head model (`head`) gets a task of other ways than its own."""
+        ways = int(support_y.max()) + 1
+        if self.head and ways != self.cfg.ways:
+            raise UserError(f"this {self.head} model has a {self.cfg.ways}-way head; got a {ways}-way task")
+
     def predict(self, support_x, support_y, query_x):
         """Logits [len(query_x), ways] for a task whose support labels are 0..ways-1."""
-        raise NotImplementedError
-
-    def predict_tasks(self, support_x, support_y, query_x):
-        """`predict` for several tasks of one shape at once (each part with a leading task
-        dimension): logits [tasks, queries, ways]. Only where `batched` is True."""
         raise NotImplementedError
 
     def test_tasks(self, episodes, seed):

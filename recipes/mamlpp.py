@@ -54,7 +54,6 @@ import torch.nn.functional as F
 
 from l2l_recipes import data
 from l2l_recipes.config import check, validate
-from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
 from l2l_recipes.harness import seed_everything
 from l2l_recipes.registry import Published, register
@@ -184,10 +183,10 @@ def fast_adapt(model, support_x, support_y, query_x, query_y, step_weights, seco
 
 
 class Predictor(_Predictor):
+    head = "MAML++"
+
     def predict(self, support_x, support_y, query_x):
-        ways = int(support_y.max()) + 1
-        if ways != self.cfg.ways:
-            raise UserError(f"this MAML++ model has a {self.cfg.ways}-way head; got a {ways}-way task")
+        self.check_ways(support_y)
         steps = self.cfg.test_adaptation_steps
         with torch.enable_grad():  # as in training, on the support set's statistics; first-order
             for fast in inner_loop(self.model, support_x, support_y, steps, False, "batch"):

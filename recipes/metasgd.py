@@ -43,7 +43,6 @@ import torch.nn.functional as F
 
 from l2l_recipes import data, fast, models
 from l2l_recipes.config import check, validate
-from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
 from l2l_recipes.harness import seed_everything
 from l2l_recipes.registry import Published, register
@@ -130,22 +129,15 @@ def fast_adapt(learner, support_x, support_y, query_x, query_y, steps):
 
 
 class Predictor(_Predictor):
-    @property
-    def batched(self):  # engine=fast: validation and test adapt many tasks at once (l2l_recipes.fast)
-        return self.cfg.engine == "fast"
-
-    def _check_ways(self, support_y):
-        ways = int(support_y.max()) + 1
-        if ways != self.cfg.ways:
-            raise UserError(f"this Meta-SGD model has a {self.cfg.ways}-way head; got a {ways}-way task")
+    head = "Meta-SGD"
 
     def predict_tasks(self, support_x, support_y, query_x):
-        self._check_ways(support_y)
+        self.check_ways(support_y)
         return fast.maml_predict(self.model.module, support_x, support_y, query_x, list(self.model.lrs),
                                  self.cfg.test_adaptation_steps)
 
     def predict(self, support_x, support_y, query_x):
-        self._check_ways(support_y)
+        self.check_ways(support_y)
         self.model.train()  # batch statistics at test time too, as in MAML
         learner = self.model.clone()
         with torch.enable_grad():

@@ -38,7 +38,6 @@ import torch.nn.functional as F
 
 from l2l_recipes import data, fast, fast_reptile, models
 from l2l_recipes.config import check, validate
-from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
 from l2l_recipes.harness import seed_everything, sum_in_place
 from l2l_recipes.registry import Published, register
@@ -135,19 +134,12 @@ def outer_step(model, adapted, outer_lr, meta_batch_size):
 
 
 class Predictor(_Predictor):
-    @property
-    def batched(self):  # engine=fast: validation and test adapt many tasks at once (l2l_recipes.fast_reptile)
-        return self.cfg.engine == "fast"
-
-    def _check_ways(self, support_y):
-        ways = int(support_y.max()) + 1
-        if ways != self.cfg.ways:
-            raise UserError(f"this Reptile model has a {self.cfg.ways}-way head; got a {ways}-way task")
+    head = "Reptile"
 
     def predict(self, support_x, support_y, query_x):
         if self.cfg.engine == "fast":
             return self.predict_tasks(support_x[None], support_y[None], query_x[None])[0]
-        self._check_ways(support_y)
+        self.check_ways(support_y)
         learner = copy.deepcopy(self.model).train()  # batch statistics: transductive, as in the paper
         generator = torch.Generator().manual_seed(0)  # the same fine-tuning order every time
         with torch.enable_grad():
@@ -157,7 +149,7 @@ class Predictor(_Predictor):
             return learner(query_x)
 
     def predict_tasks(self, support_x, support_y, query_x):
-        self._check_ways(support_y)
+        self.check_ways(support_y)
         order = torch.randperm(support_y.shape[1], generator=torch.Generator().manual_seed(0))
         return fast_reptile.predict(self.model, support_x, support_y, query_x, order.to(support_y.device),
                                     self.cfg.test_adaptation_steps, self.cfg.test_batch_size, self.cfg.inner_lr)

@@ -194,8 +194,9 @@ def _train_seed(name, cfg, run_dir, device, data_root, progress, max_minutes):
     options = dict(data_root=data_root, progress=progress, max_minutes=max_minutes)
     if (run_dir / "ckpt.pt").is_file():
         run = harness.Run.resume(run_dir, device, **options)
-        if dataclasses.replace(run.cfg, device=cfg.device) != cfg:  # another device may continue it
-            changed = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(run.cfg, f.name)]
+        trained = dataclasses.replace(run.cfg, device=cfg.device)  # another device may continue it
+        if trained != cfg:
+            changed = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(trained, f.name)]
             raise UserError(f"{run_dir} was trained with other settings ({', '.join(changed)} differ: the recipe's "
                             f"defaults changed since?): finish it with the commit that started it, or remove it")
     else:  # never started, or stopped before its first checkpoint
@@ -304,7 +305,7 @@ def _rank(record):
 
 
 def _row(r, notes_dir):
-    device = " + ".join(r.get("machines") or [r["gpu"] or f"{r['processor']} ({r['cpu_count']} cores)"])
+    device = " + ".join(r.get("machines") or harness.machines(r))  # older records: the machine of seed 1
     tested = f" (the `{r['trained_as']}` model)" if r.get("trained_as", r["recipe"]) != r["recipe"] else ""
     return (f"| `{r['recipe']}`{tested} | {_pct(r['published'])} | {_pct(r['learn2learn'])} | {summary(r)} | "
             f"{verdict(r, notes_dir)} | {_budget(r)}, {seconds_per_iteration(r):.2f} s/it | "

@@ -104,7 +104,7 @@ def export_source(name, all_datasets=False, command=None, fast=False):
 
 # ----------------------------------------------------------------------------- the plain loop
 
-FAST_ONLY_METHODS = ("batched", "predict_tasks")  # a Predictor's batched evaluation (engine=fast)
+FAST_ONLY_METHODS = ("predict_tasks",)  # a Predictor's batched evaluation (engine=fast)
 
 
 def _is_fast_test(node):

@@ -334,9 +334,8 @@ def test_plain_source_keeps_the_reference_branch():
 
 
 class Predictor:
-    @property
-    def batched(self):
-        return True
+    def predict_tasks(self):
+        return 1
 
     def predict(self):
         return 0

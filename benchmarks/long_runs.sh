@@ -53,6 +53,6 @@ start 19 "protonet-omniglot-5w1s protonet-omniglot-20w1s" --seeds 3 --episodes 1
 start 19 "protonet-omniglot-5w5s protonet-omniglot-20w5s" --seeds 3 --episodes 1000
 if [ "${QUEUE:-1}" = 1 ]; then  # the cheaper rows, one seed each, one after another
   queue 10 matchingnet-omniglot-5w1s transfer-omniglot-5w1s transfer-omniglot-5w5s matchingnet-omniglot-5w5s \
-    matchingnet-omniglot-20w1s matchingnet-omniglot-20w5s maml-sine-5s metaoptnet-ridge-omniglot-5w1s \
+    matchingnet-omniglot-20w1s metaoptnet-ridge-omniglot-5w1s maml-sine-5s matchingnet-omniglot-20w5s \
     metasgd-omniglot-5w1s anil-omniglot-5w1s snail-omniglot-5w1s
 fi

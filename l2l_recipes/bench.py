@@ -73,8 +73,9 @@ def bench_recipe(name, seeds, episodes, assignments=(), max_minutes=None, device
         written = home / f"record-{name}.txt"
         if written.is_file() and Path(written.read_text().strip()).is_file():
             return json.loads(Path(written.read_text().strip()).read_text())
-        record = _record(name, recipe, trainer, cfg, default, tested, seeds, home, dev, data_root, progress,
-                         max_minutes, assignments, results_dir, command)
+        bench = Bench(name, recipe, trainer, cfg, default, tested, seeds, home, dev, data_root, progress,
+                      max_minutes, tuple(assignments), Path(results_dir), command)
+        record = _record(bench)
         written.write_text(str(Path(results_dir).resolve() / f"{record['curve'][:-4]}.json") + "\n")
         return record
 
@@ -109,29 +110,56 @@ def _locked(path, wait=False):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _record(name, recipe, trainer, cfg, default, tested, seeds, home, dev, data_root, progress, max_minutes,
-            assignments, results_dir, command):
+@dataclasses.dataclass(frozen=True)
+class Bench:
+    """What a bench's record is made from: the variant tested and its trainer (the same recipe
+    unless `tested_from`), their configs, the seeds' folder and the options of the command."""
+    name: str
+    recipe: registry.Recipe
+    trainer: registry.Recipe
+    cfg: object  # the trainer's config as trained
+    default: object  # the trainer's defaults
+    tested: object  # the variant's config as tested
+    seeds: int
+    home: Path
+    device: object  # torch.device
+    data_root: str | None
+    progress: bool
+    max_minutes: float | None
+    assignments: tuple
+    results_dir: Path
+    command: str
+
+
+def _seed_entry(bench, seed):
+    """One seed's entry of the record, its validation curve, its env.json and (metric, higher is better)."""
+    run_dir = bench.home / f"seed-{seed}"
+    result = json.loads((run_dir / "result.json").read_text())
+    if bench.trainer is not bench.recipe:  # the trained model tested at this variant's ways and shots
+        result = {**result, **_tested_as(bench.name, bench.tested, run_dir, bench.device, bench.data_root,
+                                         bench.progress)}
+    metric, higher = result["metric"], result["higher_is_better"]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = [(m["iteration"], m[f"val_{metric}"]) for m in metrics if f"val_{metric}" in m]
+    best = (max if higher else min)(curve, key=lambda point: point[1])
+    env = json.loads((run_dir / "env.json").read_text())
+    entry = {"seed": seed, metric: result[metric], "ci95": result["ci95"], "machines": harness.machines(env),
+             "episodes": result["episodes"], "iterations_done": result["iterations_done"],
+             "stopped_by_time_budget": result["stopped_by_time_budget"],
+             "ended_by_stopping_rule": result["ended_by_stopping_rule"],
+             "best_val_iteration": best[0], f"best_val_{metric}": best[1],
+             "train_seconds": result["train_seconds"], "eval_seconds": result["eval_seconds"],
+             "run_dir": str(run_dir), **{k: v for k, v in result.items() if k.startswith("before_")}}
+    return entry, curve, env, (metric, higher)
+
+
+def _record(bench):
     """Write the record and curve of a bench whose seeds are all tested; return the record."""
-    runs, curves = [], {}
-    for seed in range(1, seeds + 1):
-        run_dir = home / f"seed-{seed}"
-        result = json.loads((run_dir / "result.json").read_text())
-        if trainer is not recipe:  # the trained model tested at this variant's ways and shots
-            result = {**result, **_tested_as(name, tested, run_dir, dev, data_root, progress)}
-        metric, higher = result["metric"], result["higher_is_better"]
-        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        curves[seed] = [(m["iteration"], m[f"val_{metric}"]) for m in metrics if f"val_{metric}" in m]
-        best = (max if higher else min)(curves[seed], key=lambda point: point[1])
-        runs.append({"seed": seed, metric: result[metric], "ci95": result["ci95"],
-                     "machines": harness.machines(json.loads((run_dir / "env.json").read_text())),
-                     "episodes": result["episodes"], "iterations_done": result["iterations_done"],
-                     "stopped_by_time_budget": result["stopped_by_time_budget"],
-                     "ended_by_stopping_rule": result["ended_by_stopping_rule"],
-                     "best_val_iteration": best[0], f"best_val_{metric}": best[1],
-                     "train_seconds": result["train_seconds"], "eval_seconds": result["eval_seconds"],
-                     "run_dir": str(run_dir), **{k: v for k, v in result.items() if k.startswith("before_")}})
+    name, recipe, cfg, default, tested = bench.name, bench.recipe, bench.cfg, bench.default, bench.tested
+    runs, curves, envs, metrics = zip(*(_seed_entry(bench, seed) for seed in range(1, bench.seeds + 1)))
+    env, (metric, higher) = envs[0], metrics[0]  # seed 1's versions and metric
+    assignments, max_minutes, results_dir = bench.assignments, bench.max_minutes, bench.results_dir
     values = [r[metric] for r in runs]
-    env = json.loads((Path(runs[0]["run_dir"]) / "env.json").read_text())
     stamp = datetime.now(timezone.utc)
     protocol_overrides = [a for a in assignments if a.split("=", 1)[0].strip() not in SAME_NUMBERS]
     protocol_overrides += ["test_episodes"] * (tested.test_episodes != recipe.config().test_episodes)
@@ -139,20 +167,20 @@ def _record(name, recipe, trainer, cfg, default, tested, seeds, home, dev, data_
     record = {
         "recipe": name,
         "date": stamp.isoformat(timespec="seconds"),
-        "command": command,
+        "command": bench.command,
         "git_commit": env["git_commit"],
         "device": env["device"], "processor": env["processor"], "cpu_count": env["cpu_count"],
         "gpu": env.get("gpu"), "hostname": env["hostname"],
         "machines": list(dict.fromkeys(m for r in runs for m in r["machines"])),  # all that trained a seed
         "versions": {k: env[k] for k in ("python", "torch", "torchvision", "learn2learn")},
         **{key: getattr(tested, key) for key in ("ways", "shots", "queries") if hasattr(tested, key)},
-        "trained_as": trainer.name,
+        "trained_as": bench.trainer.name,
         "split": "test", "metric": metric, "higher_is_better": higher,
         "budget": {"iterations": cfg.iterations, "recipe_iterations": default.iterations,
                    "max_minutes": max_minutes, "overrides": list(assignments), "reduced": reduced},
         # the paper's protocol: the recipe's defaults, trained to their end, tested on test_episodes tasks
         "protocol": "paper" if not reduced and not protocol_overrides else "modified",
-        "seeds": runs,
+        "seeds": list(runs),
         f"mean_{metric}": statistics.fmean(values),
         "seed_std": statistics.stdev(values) if len(values) > 1 else None,
         "mean_ci95": statistics.fmean(r["ci95"] for r in runs),
@@ -161,13 +189,12 @@ def _record(name, recipe, trainer, cfg, default, tested, seeds, home, dev, data_
         "learn2learn": dataclasses.asdict(recipe.learn2learn) if recipe.learn2learn else None,
         "config": dataclasses.asdict(cfg),
     }
-    results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     device_tag = "cuda" if record["gpu"] else "cpu"
     stem = f"{name}-{device_tag}-torch{env['torch'].split('+')[0]}-{stamp:%Y%m%d-%H%M%S}"
     record["curve"] = f"{stem}.png"
     harness.write_json(results_dir / f"{stem}.json", record)
-    plot_curves(curves, results_dir / f"{stem}.png", f"{name}: validation {metric} ({record['device']})", metric)
+    plot_curves(dict(enumerate(curves, 1)), results_dir / f"{stem}.png", f"{name}: validation {metric} ({record['device']})", metric)
     return record
 
 

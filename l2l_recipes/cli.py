@@ -281,8 +281,21 @@ def recipes_bench_table(results_dir):
 @click.option("--data-root", type=click.Path(file_okay=False), default=None)
 @click.option("--out", type=click.Path(file_okay=False), default="benchmarks/speed", show_default=True,
               help="Folder for the record (JSON).")
-def recipes_speed(iterations, tiny, data_root, out):
-    """Time learn2learn's plain MAML and ProtoNet loops against the fast path, side by side (CPU)."""
+@click.option("--recipes", "pattern", default=None, metavar="PATTERN",
+              help="Instead: time the training loop of each recipe matching PATTERN (e.g. '*-omniglot-5w1s') "
+                   "on both engines and project its paper budget.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --recipes: threads per timed process.")
+def recipes_speed(iterations, tiny, data_root, out, pattern, threads):
+    """Time learn2learn's plain MAML and ProtoNet loops against the fast path, side by side (CPU);
+    with --recipes, every recipe's own loop on both engines."""
+    if pattern is not None:
+        from l2l_recipes.lab import recipe_speed
+        record = recipe_speed.measure(pattern, iterations=iterations, threads=threads, tiny=tiny,
+                                      data_root=data_root, progress=click.echo)
+        click.echo(recipe_speed.report(record))
+        click.echo(f"record: {recipe_speed.write_record(record, Path(out))}")
+        return
     from l2l_recipes.lab import speed
     settings = speed.TINY if tiny else speed.Settings(iterations=iterations)
     record = speed.measure(settings, data_root, progress=click.echo)

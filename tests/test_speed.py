@@ -4,7 +4,7 @@ import json
 from click.testing import CliRunner
 
 from l2l_recipes import cli
-from l2l_recipes.lab import speed
+from l2l_recipes.lab import recipe_speed, speed
 
 
 def test_speed_benchmark_tiny(tmp_path):
@@ -30,3 +30,27 @@ def test_speed_benchmark_tiny(tmp_path):
     # ProtoNet's fast path reorders ReLU and max-pool: the same gradient, bit for bit
     assert record["proto_max_abs_grad_difference"] == 0
     assert record["environment"]["git_commit"] is not None
+
+
+def test_recipe_speed_times_both_engines_in_turns(tmp_path, data_root):
+    """`speed --recipes`: each engine's own loop timed (warm-up, timed and validating iterations),
+    the paper budget projected from them; a recipe without engines has the one loop."""
+    result = CliRunner().invoke(cli.cli, ["speed", "--recipes", "maml-omniglot-5w1s", "--tiny", "--iterations", "2",
+                                          "--data-root", str(data_root), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (path,) = tmp_path.glob("recipes-*.json")
+    (row,) = json.loads(path.read_text())["recipes"]
+    assert row["recipe"] == "maml-omniglot-5w1s" and row["budget_iterations"] == 60000
+    assert set(row["engines"]) == {"fast", "reference"}
+    for engine in row["engines"].values():
+        assert engine["timed_iterations"] == 2 and engine["seconds_per_iteration"] > 0
+        assert engine["projected_hours"] >= engine["seconds_per_iteration"] * 60000 / 3600
+    assert "| `maml-omniglot-5w1s` | 60,000 |" in result.output
+    seconds = recipe_speed.time_recipe("matchingnet-omniglot-5w1s", warmup=1, iterations=3, changes=recipe_speed.TINY,
+                                       data_root=data_root)
+    assert list(seconds) == [None] and len(seconds[None]) == 1 + 3 + 1
+
+
+def test_recipe_speed_refuses_an_empty_pattern():
+    result = CliRunner().invoke(cli.cli, ["speed", "--recipes", "nothing-*"])
+    assert result.exit_code == 1 and "no recipe matches 'nothing-*'" in result.output

@@ -34,7 +34,8 @@ def test_speed_benchmark_tiny(tmp_path):
 
 def test_recipe_speed_times_both_engines_in_turns(tmp_path, data_root):
     """`speed --recipes`: each engine's own loop timed (warm-up, timed and validating iterations),
-    the paper budget projected from them; a recipe without engines has the one loop."""
+    the paper budget projected from them; a recipe without engines has the one loop; ProtoNet
+    (early stopping) runs too."""
     result = CliRunner().invoke(cli.cli, ["speed", "--recipes", "maml-omniglot-5w1s", "--tiny", "--iterations", "2",
                                           "--data-root", str(data_root), "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -46,9 +47,14 @@ def test_recipe_speed_times_both_engines_in_turns(tmp_path, data_root):
         assert engine["timed_iterations"] == 2 and engine["seconds_per_iteration"] > 0
         assert engine["projected_hours"] >= engine["seconds_per_iteration"] * 60000 / 3600
     assert "| `maml-omniglot-5w1s` | 60,000 |" in result.output
-    seconds = recipe_speed.time_recipe("matchingnet-omniglot-5w1s", warmup=1, iterations=3, changes=recipe_speed.TINY,
+    seconds = recipe_speed.time_recipe("protonet-omniglot-5w1s", warmup=1, iterations=3, changes=recipe_speed.TINY,
                                        data_root=data_root)
-    assert list(seconds) == [None] and len(seconds[None]) == 1 + 3 + 1
+    assert set(seconds) == {"fast", "reference"} and len(seconds["fast"]) == 1 + 3 + 1
+    # a recipe whose length a stopping rule decides is projected at that length, not its cap
+    assert recipe_speed.summary("protonet-omniglot-5w1s", seconds, 1)["budget_iterations"] == 60_000
+    seconds = recipe_speed.time_recipe("matchingnet-omniglot-5w1s", warmup=1, iterations=1, changes=recipe_speed.TINY,
+                                       data_root=data_root)
+    assert set(recipe_speed.summary("matchingnet-omniglot-5w1s", seconds, 1)["engines"]) == {"plain"}
 
 
 def test_recipe_speed_refuses_an_empty_pattern():

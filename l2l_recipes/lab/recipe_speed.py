@@ -63,7 +63,7 @@ def _serve(connection, name, engine, warmup, iterations, threads, changes, data_
     cfg = recipe.config()
     total = warmup + iterations + 1  # + the last, validating one
     fields = {f.name for f in dataclasses.fields(cfg)}
-    settings = {k: v for k, v in {**changes, "iterations": total, "val_interval": total, "patience": 0,
+    settings = {k: v for k, v in {**changes, "iterations": total, "val_interval": total,
                                   "log_interval": total, "engine": engine}.items() if k in fields}
     cfg = dataclasses.replace(cfg, **settings)
     with tempfile.TemporaryDirectory() as folder, open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):

@@ -340,7 +340,7 @@ def _row(r, notes_dir):
             f"`{r['command']}` | [curve](results/{r['curve']}) |")
 
 
-def table_rows(records, notes_dir=None):
+def table_rows(records, notes_dir=None, speeds=()):
     """(rows, history, reproduced count): one row per recipe from its most faithful record, one
     per unmeasured recipe; the other records as history lines."""
     by_recipe = {}
@@ -350,7 +350,7 @@ def table_rows(records, notes_dir=None):
     for name in registry.list_recipes():
         recipe = registry.get_recipe(name)
         if name not in by_recipe:
-            cost = _cost(name, by_recipe)
+            cost = _cost(name, by_recipe, speeds)
             rows.append(f"| `{name}` | {_pct(recipe.published and dataclasses.asdict(recipe.published))} | "
                         f"{_pct(recipe.learn2learn and dataclasses.asdict(recipe.learn2learn))} | "
                         f"not measured on this machine | not measured{cost} | – | – | – | "
@@ -366,20 +366,46 @@ def table_rows(records, notes_dir=None):
     return rows, history, reproduced
 
 
-def _cost(name, by_recipe):
-    """': ~X h on this machine (...)' from a record of the same family and dataset (the same
-    ways and shots preferred), where one exists."""
-    cfg = registry.get_recipe(name).config()
-    family, dataset = registry.get_recipe(name).family, getattr(cfg, "dataset", None)
-    related = [r for other, rs in by_recipe.items() for r in rs
-               if registry.get_recipe(other).family == family and r["config"].get("dataset") == dataset]
-    if not related or not hasattr(cfg, "iterations"):
+def _cost(name, by_recipe, speeds=()):
+    """': ~X h on this machine (...)': from `l2l-recipes speed --recipes` measurements (`speeds`,
+    their rows; the recipe itself, else its family on the same dataset), else from a bench record
+    of the same family and dataset (the same ways and shots preferred), where one exists."""
+    recipe = registry.get_recipe(name)
+    cfg = recipe.config()
+    dataset = getattr(cfg, "dataset", None)
+    if not hasattr(cfg, "iterations"):
         return ""
     same = lambda r: (r.get("ways"), r.get("shots")) == (getattr(cfg, "ways", None), getattr(cfg, "shots", None))
+    timed = [(row, date) for row, date in speeds if registry.get_recipe(row["recipe"]).family == recipe.family
+             and registry.get_recipe(row["recipe"]).config().dataset == dataset]
+    if timed:
+        row, date = max(timed, key=lambda t: (t[0]["recipe"] == name, t[1]))
+        engine, timing = next(iter(row["engines"].items()))  # the default engine comes first
+        per_it = timing["seconds_per_iteration"]
+        if row["recipe"] == name:  # its own paper budget, validations and test included
+            return (f": ~{timing['projected_hours']:.1f} h on this machine ({per_it:.2f} s/it x "
+                    f"{row['budget_iterations']} it + validation and test, `speed --recipes` {date[:10]}, "
+                    f"{engine} engine)")
+        return (f": ~{per_it * cfg.iterations / 3600:.1f} h on this machine ({per_it:.2f} s/it of "
+                f"`{row['recipe']}` x {cfg.iterations} it, `speed --recipes` {date[:10]}, {engine} engine)")
+    related = [r for other, rs in by_recipe.items() for r in rs
+               if registry.get_recipe(other).family == recipe.family and r["config"].get("dataset") == dataset]
+    if not related:
+        return ""
     record = max(related, key=lambda r: (same(r), r["date"]))
     per_it = seconds_per_iteration(record)
     return (f": ~{per_it * cfg.iterations / 3600:.1f} h on this machine ({per_it:.2f} s/it of "
             f"`{record['recipe']}` x {cfg.iterations} it)")
+
+
+def speed_rows(speed_dir):
+    """(row, date) of every recipe timed by `l2l-recipes speed --recipes` (records in `speed_dir`)."""
+    rows = []
+    for path in sorted(Path(speed_dir).glob("recipes-*.json")):
+        record = json.loads(path.read_text())
+        if not record.get("tiny"):
+            rows += [(row, record["environment"]["date"]) for row in record["recipes"]]
+    return rows
 
 
 def write_table(results_dir="benchmarks/results", readme="benchmarks/README.md"):
@@ -387,7 +413,8 @@ def write_table(results_dir="benchmarks/results", readme="benchmarks/README.md")
     records = [json.loads(p.read_text()) for p in sorted(Path(results_dir).glob("*.json"))]
     records = [r for r in records if "seeds" in r]  # accuracy records, not speed records
     readme = Path(readme)
-    rows, history, reproduced = table_rows(records, readme.parent / "notes")
+    speeds = speed_rows(Path(results_dir).parent / "speed")
+    rows, history, reproduced = table_rows(records, readme.parent / "notes", speeds)
     with_published = sum(1 for name in registry.list_recipes() if registry.get_recipe(name).published)
     header = ("| recipe | published | learn2learn's claim | ours: mean ± 95% CI (seeds) | verdict | budget | "
               "wall time | device, date, commit | command | curve |\n" + "|---" * 10 + "|")

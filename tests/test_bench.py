@@ -70,3 +70,24 @@ def test_verdict_needs_the_papers_protocol_and_the_published_ci(tmp_path):
     assert bench.verdict({**record, "protocol": "modified"}).startswith("short by 0.30 points not at the paper's")
     assert "reproduced" not in bench.verdict({k: v for k, v in record.items() if k != "protocol"})
     assert bench.verdict({**record, "published": None}) == "no published number"
+
+
+def test_unmeasured_rows_cost_comes_from_speed_measurements(tmp_path):
+    """A row without a record shows its cost from `speed --recipes` (its own projection, else a
+    sibling's s/it x its budget), before any bench record of the family."""
+    from l2l_recipes import bench
+    timing = {"seconds_per_iteration": 0.1, "validation_seconds": 2.0, "projected_hours": 1.9}
+    row = {"recipe": "maml-omniglot-5w1s", "budget_iterations": 60000, "engines": {"fast": timing}}
+    folder = tmp_path / "speed"
+    folder.mkdir()
+    (folder / "recipes-x.json").write_text(json.dumps(
+        {"tiny": False, "environment": {"date": "2026-12-04T17:00:00"}, "recipes": [row]}))
+    (folder / "recipes-tiny.json").write_text(json.dumps(
+        {"tiny": True, "environment": {"date": "2026-12-05T17:00:00"}, "recipes": [row]}))
+    speeds = bench.speed_rows(folder)
+    assert len(speeds) == 1  # tiny runs only check the command
+    own = bench._cost("maml-omniglot-5w1s", {}, speeds)
+    assert own.startswith(": ~1.9 h on this machine (0.10 s/it x 60000 it + validation and test")
+    sibling = bench._cost("maml-omniglot-5w5s", {}, speeds)
+    assert sibling.startswith(": ~1.7 h on this machine (0.10 s/it of `maml-omniglot-5w1s` x 60000 it")
+    assert bench._cost("protonet-omniglot-5w5s", {}, speeds) == ""  # another family, no record

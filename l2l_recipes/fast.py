@@ -234,11 +234,14 @@ class BatchNormReLU(torch.autograd.Function):
     """relu(training-mode batch norm of x [n, C, H, W] per channel, scaled by w, shifted by b).
     PyTorch's batch norm kernels (they accumulate in double: float32 meta-gradients summed
     from primitive operations were up to 1e-3 off at some weights); the derivative of the
-    backward, needed for second-order MAML, is `BatchNormReLUBackward`."""
+    backward, needed for second-order MAML, is `BatchNormReLUBackward`. `batch`, if given, is
+    two tensors [C] that receive the batch's mean and unbiased variance (the values batch norm
+    folds into running statistics)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, eps):
-        z, mean, inv_std = torch.ops.aten.native_batch_norm(x, w, b, None, None, True, 0.0, eps)
+    def forward(ctx, x, w, b, eps, batch=None):
+        # momentum 1: the kernel's running-statistics update leaves exactly the batch's values
+        z, mean, inv_std = torch.ops.aten.native_batch_norm(x, w, b, *(batch or (None, None)), True, 1.0, eps)
         y = z.relu_()
         ctx.save_for_backward(x, w, mean, inv_std, y)
         ctx.eps = eps
@@ -247,10 +250,10 @@ class BatchNormReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         if torch.is_grad_enabled():  # create_graph: this gradient will be differentiated
-            return *BatchNormReLUBackward.apply(grad_y, *ctx.saved_tensors, ctx.eps), None
+            return *BatchNormReLUBackward.apply(grad_y, *ctx.saved_tensors, ctx.eps), None, None
         x, w, mean, inv_std, y = ctx.saved_tensors
         g = torch.ops.aten.threshold_backward(grad_y, y, 0)
-        return *_batch_norm_backward(g, x, w, mean, inv_std, ctx.eps), None
+        return *_batch_norm_backward(g, x, w, mean, inv_std, ctx.eps), None, None
 
 
 class BatchNormReLUBackward(torch.autograd.Function):

@@ -51,7 +51,7 @@ def grouped_logits(model, weights, x, step, stats="batch", record=None):
             h = fast.first_conv(x, w, b, CONV)
         else:
             h = fast.GroupedConv.apply(h, w, b, CONV.stride, CONV.padding)
-        h = F.max_pool2d(_batch_norm_relu(model, h, i, k, stats, record), 2)
+        h = fast.MaxPool.apply(_batch_norm_relu(model, h, i, k, stats, record), 2)
     features = h.view(n, tasks, -1, h.shape[2] * h.shape[3]).flatten(2)  # each task's [C, H, W] flattened
     return fast._head(features, weights["head_weight"], weights["head_bias"])
 

@@ -188,6 +188,19 @@ def test_batch_norm_relu_derivatives():
     assert torch.autograd.gradgradcheck(ours, (x, w, b))
 
 
+def test_max_pool_equals_pytorch_with_its_derivatives():
+    """Values, indices and second derivatives of F.max_pool2d's, on a ReLU's output with rows of
+    ties (a constant background), where a window's gradient must go to its first maximum."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64).relu_()
+    x[:, :, :3] = 0.5
+    x.requires_grad_()
+    assert torch.equal(fast.MaxPool.apply(x, 2), F.max_pool2d(x, 2))
+    got = _second_derivatives(lambda x: torch.tanh(fast.MaxPool.apply(x, 2)) * x[:, :, ::2, ::2], (x,))
+    expected = _second_derivatives(lambda x: torch.tanh(F.max_pool2d(x, 2)) * x[:, :, ::2, ::2], (x,))
+    assert torch.equal(got[0], expected[0])
+
+
 def _random_tasks(count, ways, shots, queries, shape, seed):
     g = torch.Generator().manual_seed(seed)
     tasks = []

@@ -1,7 +1,9 @@
 """MAML++ (recipes/mamlpp.py): meta-gradients against an independent computation and finite
 differences, the MSL schedule, per-step batch norm, a short real run on Omniglot, and resume."""
+import copy
 import dataclasses
 import json
+import random
 
 import pytest
 import torch
@@ -278,3 +280,28 @@ def test_fast_meta_batch_equals_the_loop(channels, size, ways, shots, step_weigh
     if second_order:  # second order really differs from first order
         first = _fast(ours, tasks, step_weights, False)[0]
         assert max((first[n] - got[0][n]).abs().max() for n in first) > 1e-4
+
+
+def test_fast_meta_gradient_float32(data_root):
+    """Real Omniglot 5w1s tasks, 64 filters, meta-batch 8, 5 steps, MSL uniform, second order, in
+    float32: measured against float64, the fast path's meta-gradient and running statistics are
+    no farther off than the loop's own (plus 1e-6; the loop's float32 running means were 1.6e-6
+    off at values of 0.01, the fast path's 0.8e-6)."""
+    tasks_ = data.taskset(data.load_split("omniglot", "train", data_root), 5, 1, 1)
+    random.seed(0)
+    tasks = [data.split_support_query(*tasks_.sample(), 1) for _ in range(8)]
+    cfg = recipe.Config(device="cpu")
+    torch.manual_seed(0)
+    model = recipe.build_model(cfg)
+    ours, model64 = copy.deepcopy(model), copy.deepcopy(model).double()
+    step_weights = recipe.msl_weights(1, cfg.adaptation_steps, cfg.msl_iterations)
+    reference, got = _loop(model, tasks, step_weights, True)[0], _fast(ours, tasks, step_weights, True)[0]
+    exact = _loop(model64, [tuple(t.double() if t.is_floating_point() else t for t in task) for task in tasks],
+                  step_weights, True)[0]
+    for statistics in ("running_mean", "running_var"):
+        reference[statistics], got[statistics], exact[statistics] = (getattr(m, statistics)
+                                                                     for m in (model, ours, model64))
+    for name in exact:
+        fast_error = (got[name].double() - exact[name]).abs().max().item()
+        reference_error = (reference[name].double() - exact[name]).abs().max().item()
+        assert fast_error <= reference_error + 1e-6, name

@@ -42,6 +42,10 @@ Published (Antoniou et al. 2019, Table 1, Omniglot): 5w1s 99.47, 5w5s 99.93, 20w
 Not checked against the paper's PDF (not reachable offline): Papers with Code lists the same
 Omniglot numbers except 99.85 for 5w5s, and 52.40 / 67.15 for mini-ImageNet.
 
+The meta-batch runs on `l2l_recipes.fast_mamlpp` by default (all tasks adapted at once as one
+grouped network: the same meta-gradient and running statistics, tests/test_mamlpp.py);
+`--set engine=reference` runs the loop below, `fast_adapt` task by task.
+
 Reproduce:
     l2l-recipes run mamlpp-omniglot-20w1s --device cuda
     l2l-recipes run mamlpp-mini-imagenet-5w1s --device cuda

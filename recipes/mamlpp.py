@@ -42,6 +42,10 @@ Published (Antoniou et al. 2019, Table 1, Omniglot): 5w1s 99.47, 5w5s 99.93, 20w
 Not checked against the paper's PDF (not reachable offline): Papers with Code lists the same
 Omniglot numbers except 99.85 for 5w5s, and 52.40 / 67.15 for mini-ImageNet.
 
+The meta-batch runs on `l2l_recipes.fast_mamlpp` by default (all tasks adapted at once as one
+grouped network: the same meta-gradient and running statistics, tests/test_mamlpp.py);
+`--set engine=reference` runs the loop below, `fast_adapt` task by task.
+
 Reproduce:
     l2l-recipes run mamlpp-omniglot-20w1s --device cuda
     l2l-recipes run mamlpp-mini-imagenet-5w1s --device cuda
@@ -52,7 +56,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from l2l_recipes import data
+from l2l_recipes import data, fast, fast_mamlpp
 from l2l_recipes.config import check, validate
 from l2l_recipes.harness import Predictor as _Predictor
 from l2l_recipes.harness import seed_everything
@@ -90,12 +94,14 @@ class Config:
     test_episodes: int = 1000
     test_seed: int = 0
     # system
+    engine: str = "fast"  # fast: l2l_recipes.fast_mamlpp (same meta-gradient); reference: the loop below
     seed: int = 42
     device: str = "auto"
     log_interval: int = 10
 
     def __post_init__(self):
         validate(self)
+        check(self.engine in ("fast", "reference"), f"engine={self.engine!r} is out of range: use fast or reference")
         check(0 <= self.min_meta_lr <= self.meta_lr, "need 0 <= min_meta_lr <= meta_lr: lower --set min_meta_lr")
         check(0 < self.bn_momentum <= 1, "need 0 < bn_momentum <= 1: fix --set bn_momentum")
         for name in ("msl_iterations", "first_order_iterations", "grad_clamp"):
@@ -185,6 +191,11 @@ def fast_adapt(model, support_x, support_y, query_x, query_y, step_weights, seco
 class Predictor(_Predictor):
     head = "MAML++"
 
+    def predict_tasks(self, support_x, support_y, query_x):
+        self.check_ways(support_y)
+        return fast_mamlpp.predict(self.model, support_x, support_y, query_x, self.cfg.test_adaptation_steps,
+                                   self.cfg.transductive)
+
     def predict(self, support_x, support_y, query_x):
         self.check_ways(support_y)
         steps = self.cfg.test_adaptation_steps
@@ -207,6 +218,8 @@ def train(cfg, run):
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)  # weights, BN weights, rates
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.iterations, eta_min=cfg.min_meta_lr)
     run.track(model, optimizer, scheduler=scheduler)  # checkpointed; restored by --resume
+    # engine=fast builds the same tasks from the split's images held on the device
+    loader = fast.DeviceEpisodes(train_tasks, train_set, device) if cfg.engine == "fast" else train_tasks
     for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
         # this iteration's MSL step weights and derivative order (DA)
         step_weights = msl_weights(iteration, cfg.adaptation_steps, cfg.msl_iterations)
@@ -217,14 +230,21 @@ def train(cfg, run):
         # share of them (all of them in one process), accumulating the mean MSL loss's gradient
         optimizer.zero_grad(set_to_none=True)
         tasks = [data.draw(train_tasks) for _ in range(cfg.meta_batch_size)]
-        meta_loss = meta_acc = 0.0
-        for task in run.share(tasks):
-            x, y = train_tasks.get_task(task)
-            sx, sy, qx, qy = data.split_support_query(x.to(device), y.to(device), cfg.shots)
-            loss, acc = fast_adapt(model, sx, sy, qx, qy, step_weights, second_order)
-            (loss / cfg.meta_batch_size).backward()
-            meta_loss += loss.item() / cfg.meta_batch_size
-            meta_acc += acc.item() / cfg.meta_batch_size
+        tasks = run.share(tasks)
+        if cfg.engine == "fast":  # all tasks at once, one grouped network (l2l_recipes.fast_mamlpp)
+            batch = data.split_support_query(*loader.get_tasks(tasks), cfg.shots)  # [tasks, ...] each
+            meta_loss, meta_acc = fast_mamlpp.meta_batch(model, batch, step_weights, second_order,
+                                                         1 / cfg.meta_batch_size)
+            meta_loss, meta_acc = meta_loss / cfg.meta_batch_size, meta_acc / cfg.meta_batch_size
+        else:  # task by task
+            meta_loss = meta_acc = 0.0
+            for task in tasks:
+                x, y = loader.get_task(task)
+                sx, sy, qx, qy = data.split_support_query(x.to(device), y.to(device), cfg.shots)
+                loss, acc = fast_adapt(model, sx, sy, qx, qy, step_weights, second_order)
+                (loss / cfg.meta_batch_size).backward()
+                meta_loss += loss.item() / cfg.meta_batch_size
+                meta_acc += acc.item() / cfg.meta_batch_size
         run.reduce_gradients(model.parameters())  # sum of the processes' shares
         if cfg.grad_clamp:  # the authors' code clamps mini-ImageNet's meta-gradients
             for p in model.parameters():

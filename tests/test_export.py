@@ -309,11 +309,12 @@ def test_split_patterns_expand_to_the_shipped_splits():
                 assert len(patterns) == len({n.split("/")[0] for n in names})
 
 
-@pytest.mark.parametrize("name", ["maml-omniglot-5w1s", "reptile-omniglot-5w1s", "protonet-omniglot-5w1s"])
+@pytest.mark.parametrize("name", ["maml-omniglot-5w1s", "reptile-omniglot-5w1s", "protonet-omniglot-5w1s",
+                                  "mamlpp-omniglot-5w1s"])
 def test_plain_export_drops_the_fast_path_and_fast_keeps_it(name):
     """By default the file is the plain loop (`run --set engine=reference`); --fast keeps the fast path."""
     plain_source, fast_source = export.export_source(name), export.export_source(name, fast=True)
-    assert "l2l_recipes/fast.py:" not in plain_source and "l2l_recipes/fast_reptile.py:" not in plain_source
+    assert not [m for m in ("fast", "fast_reptile", "fast_mamlpp") if f"l2l_recipes/{m}.py:" in plain_source]
     assert "def maml_meta_batch" not in plain_source and "class DeviceEpisodes" not in plain_source
     assert "class DeviceEpisodes" in fast_source and 'engine == "fast"' in fast_source
     assert len(plain_source.splitlines()) < len(fast_source.splitlines())

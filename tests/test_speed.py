@@ -51,10 +51,25 @@ def test_recipe_speed_times_both_engines_in_turns(tmp_path, data_root):
                                        data_root=data_root)
     assert set(seconds) == {"fast", "reference"} and len(seconds["fast"]) == 1 + 3 + 1
     # a recipe whose length a stopping rule decides is projected at that length, not its cap
-    assert recipe_speed.summary("protonet-omniglot-5w1s", seconds, 1)["budget_iterations"] == 60_000
+    assert recipe_speed.phases("protonet-omniglot-5w1s") == [(60_000, {})]
     seconds = recipe_speed.time_recipe("matchingnet-omniglot-5w1s", warmup=1, iterations=1, changes=recipe_speed.TINY,
                                        data_root=data_root)
-    assert set(recipe_speed.summary("matchingnet-omniglot-5w1s", seconds, 1)["engines"]) == {"plain"}
+    assert set(recipe_speed.summary("matchingnet-omniglot-5w1s", [(20_000, seconds)], 1)["engines"]) == {"plain"}
+
+
+def test_recipe_speed_projects_each_phase_of_a_changing_schedule():
+    """MAML++ costs more per step once second order: each part of its schedule timed apart and
+    projected at its length; the validation's cost is the last iteration's excess."""
+    assert recipe_speed.phases("mamlpp-omniglot-5w1s") == [
+        (5_000, {}), (20_000, {"msl_iterations": 0}), (25_000, {"msl_iterations": 0, "first_order_iterations": 0})]
+    timed = [(5_000, {"fast": [9.0, 0.5, 0.5, 0.5, 20.5]}), (20_000, {"fast": [9.0, 0.3, 0.3, 0.3, 9.0]}),
+             (25_000, {"fast": [9.0, 1.0, 1.0, 1.0, 9.0]})]
+    fast = recipe_speed.summary("mamlpp-omniglot-5w1s", timed, 1)["engines"]["fast"]
+    train = 5_000 * 0.5 + 20_000 * 0.3 + 25_000 * 1.0
+    assert fast["seconds_per_iteration"] == round(train / 50_000, 4) and fast["validation_seconds"] == 20.0
+    validations, test = 50_000 // 500, 20.0 * 1000 / 200  # val_interval 500, 200 validation and 1000 test tasks
+    assert fast["projected_hours"] == round((train + 20.0 * validations + test) / 3600, 2)
+    assert [p["seconds_per_iteration"] for p in fast["phases"]] == [0.5, 0.3, 1.0]
 
 
 def test_recipe_speed_refuses_an_empty_pattern():

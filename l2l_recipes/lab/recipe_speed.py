@@ -31,6 +31,14 @@ DEFAULT_PATTERN = "*-omniglot-5w1s"
 # epochs): 2 x best + ~40,000 episodes; the GPU-started seeds' best epochs (34-158 so far) give
 # 47,000-72,000, of which 60,000 here.
 STOPPING_RULE_BUDGET = {"protonet": 60_000}
+# Recipes whose step costs change over the run: (iterations, settings that make a fresh run's
+# first iterations cost what that part of the schedule costs) per part. MAML++: first order with
+# the multi-step loss's every query pass, then first order with the last step's only, then
+# second order (derivative-order annealing).
+PHASES = {"mamlpp": lambda cfg: [
+    (cfg.msl_iterations, {}),
+    (cfg.first_order_iterations - cfg.msl_iterations, {"msl_iterations": 0}),
+    (cfg.iterations - cfg.first_order_iterations, {"msl_iterations": 0, "first_order_iterations": 0})]}
 TINY = {"meta_batch_size": 2, "val_episodes": 2, "train_ways": 5, "hidden_size": 8, "adaptation_steps": 1,
         "test_adaptation_steps": 1, "batch_size": 8}
 
@@ -107,21 +115,34 @@ def _receive(name, engine, connection):
         raise RuntimeError(f"the process timing {name} (engine {engine}) failed: its traceback is above") from None
 
 
-def summary(name, seconds, warmup):
-    """A recipe's timings, the validation's cost and the projected hours of its paper budget."""
+def phases(name):
+    """[(iterations, settings)]: the parts of `name`'s paper budget timed apart (one for most)."""
     recipe = registry.get_recipe(name)
     cfg = recipe.config()
     budget = STOPPING_RULE_BUDGET.get(recipe.family, cfg.iterations)
+    return [(n, changes) for n, changes in PHASES[recipe.family](cfg) if n > 0] if recipe.family in PHASES \
+        else [(budget, {})]
+
+
+def summary(name, timed, warmup):
+    """A recipe's timings, the validation's cost and the projected hours of its paper budget, from
+    `timed` = [(iterations, {engine: per-iteration seconds})], one per phase."""
+    recipe = registry.get_recipe(name)
+    cfg = recipe.config()
+    budget = sum(n for n, _ in timed)
     validations = budget // cfg.val_interval
     engines = {}
-    for engine, times in seconds.items():
-        median = statistics.median(times[warmup:-1])
-        validation = max(times[-1] - median, 0.0)
+    for engine in timed[0][1]:
+        medians = [statistics.median(seconds[engine][warmup:-1]) for _, seconds in timed]
+        validation = max(timed[0][1][engine][-1] - medians[0], 0.0)
+        train = sum(n * median for (n, _), median in zip(timed, medians))
         test = validation * cfg.test_episodes / cfg.val_episodes
-        hours = (median * budget + validation * validations + test) / 3600
-        engines[engine or "plain"] = {"seconds_per_iteration": round(median, 4), "timed_iterations": len(times) - warmup - 1,
-                                      "validation_seconds": round(validation, 2),
-                                      "projected_hours": round(hours, 2)}
+        engines[engine or "plain"] = {
+            "seconds_per_iteration": round(train / budget, 4), "timed_iterations": len(timed[0][1][engine]) - warmup - 1,
+            "validation_seconds": round(validation, 2), "projected_hours": round((train + validation * validations
+                                                                                 + test) / 3600, 2),
+            **({"phases": [{"iterations": n, "seconds_per_iteration": round(m, 4)} for (n, _), m in zip(timed, medians)]}
+               if len(timed) > 1 else {})}
     return {"recipe": name, "family": recipe.family, "budget_iterations": budget,
             "budget_from": "stopping rule (projected)" if recipe.family in STOPPING_RULE_BUDGET else "iterations",
             "val_interval": cfg.val_interval, "val_episodes": cfg.val_episodes, "test_episodes": cfg.test_episodes,
@@ -136,8 +157,9 @@ def measure(pattern=DEFAULT_PATTERN, warmup=2, iterations=10, threads=1, tiny=Fa
         raise UserError(f"no recipe matches {pattern!r}: see `l2l-recipes list`")
     rows = []
     for name in names:
-        seconds = time_recipe(name, warmup, iterations, threads, TINY if tiny else None, data_root)
-        rows.append(summary(name, seconds, warmup))
+        timed = [(n, time_recipe(name, warmup, iterations, threads, {**changes, **(TINY if tiny else {})}, data_root))
+                 for n, changes in phases(name)]
+        rows.append(summary(name, timed, warmup))
         progress(format_row(rows[-1]))
     return {"pattern": pattern, "threads": threads, "warmup": warmup, "iterations": iterations, "tiny": tiny,
             "timing": f"one process per engine, {threads} thread(s), taking turns of {TURN} iterations; "

@@ -379,7 +379,10 @@ def _cost(name, by_recipe, speeds=()):
     timed = [(row, date) for row, date in speeds if registry.get_recipe(row["recipe"]).family == recipe.family
              and registry.get_recipe(row["recipe"]).config().dataset == dataset]
     if timed:
-        row, date = max(timed, key=lambda t: (t[0]["recipe"] == name, t[1]))
+        def closeness(t):  # the recipe itself, else the sibling whose config differs least (MAML vs FOMAML)
+            other = registry.get_recipe(t[0]["recipe"]).config()
+            return (-sum(getattr(other, f.name) != getattr(cfg, f.name) for f in dataclasses.fields(cfg)), t[1])
+        row, date = max(timed, key=closeness)
         engine, timing = next(iter(row["engines"].items()))  # the default engine comes first
         per_it = timing["seconds_per_iteration"]
         if row["recipe"] == name:  # its own paper budget, validations and test included

@@ -91,3 +91,10 @@ def test_unmeasured_rows_cost_comes_from_speed_measurements(tmp_path):
     sibling = bench._cost("maml-omniglot-5w5s", {}, speeds)
     assert sibling.startswith(": ~1.7 h on this machine (0.10 s/it of `maml-omniglot-5w1s` x 60000 it")
     assert bench._cost("protonet-omniglot-5w5s", {}, speeds) == ""  # another family, no record
+    # of two siblings, the one whose config is closest: FOMAML 5w5s from FOMAML 5w1s, not MAML 5w1s
+    fomaml = {**row, "recipe": "fomaml-omniglot-5w1s", "engines": {"fast": {**timing, "seconds_per_iteration": 0.05}}}
+    (folder / "recipes-y.json").write_text(json.dumps(
+        {"tiny": False, "environment": {"date": "2026-12-03T17:00:00"}, "recipes": [fomaml]}))
+    speeds = bench.speed_rows(folder)
+    assert "0.05 s/it of `fomaml-omniglot-5w1s`" in bench._cost("fomaml-omniglot-5w5s", {}, speeds)
+    assert "0.10 s/it of `maml-omniglot-5w1s`" in bench._cost("maml-omniglot-5w5s", {}, speeds)

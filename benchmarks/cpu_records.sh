@@ -83,3 +83,8 @@ done
 bench matchingnet-omniglot-5w1s --seeds 1 --set distance=l2 --resume --runs-dir /root/l2l-long/bench
 # the queue (long_runs.sh, commit 57e8ee9) also finished matchingnet-omniglot-5w5s at the paper's protocol:
 bench matchingnet-omniglot-5w5s --seeds 1 --resume --runs-dir /root/l2l-long/bench
+# 2026-12-04, session 10 (commit 30b1bdc, long_runs.sh): FOMAML at the paper's protocol on a core of its
+# own (priority 0), the queue at priority 10 (MetaOptNet-ridge and MAML sine before Matching Nets
+# 20w5s), ProtoNet 5w1s at 5 and 5w5s at 19 (their seeds started on a GPU: benchmarks/gpu_bench.sh)
+bench fomaml-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
+bench protonet-omniglot-5w5s protonet-omniglot-20w5s --seeds 3 --episodes 1000 --resume --runs-dir /root/l2l-long/bench

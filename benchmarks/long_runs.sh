@@ -46,13 +46,14 @@ queue() {  # queue NICE NAME...: one background process benching these one after
 
 # the paper's protocols (issue 15), most valuable first; ProtoNet (hours per seed) takes what the
 # others and a working session leave
-# (maml-omniglot-5w1s seed 1: done, reproduced; FOMAML costs a third of its time per iteration)
-start 0 fomaml-omniglot-5w1s --seeds 1
+# (maml-omniglot-5w1s seed 1: done, reproduced). One seed each, one after another, the rows with a
+# published number first: FOMAML ~2.4 h, Meta-SGD ~4.2 h on one thread (docs/speed.md)
+start 0 "fomaml-omniglot-5w1s metasgd-omniglot-5w1s" --seeds 1
 # (seeds started on a GPU with benchmarks/gpu_bench.sh continue here: the runs do not depend on the device)
-start 19 "protonet-omniglot-5w1s protonet-omniglot-20w1s" --seeds 3 --episodes 1000
+start 5 "protonet-omniglot-5w1s protonet-omniglot-20w1s" --seeds 3 --episodes 1000
 start 19 "protonet-omniglot-5w5s protonet-omniglot-20w5s" --seeds 3 --episodes 1000
 if [ "${QUEUE:-1}" = 1 ]; then  # the cheaper rows, one seed each, one after another
   queue 10 matchingnet-omniglot-5w1s transfer-omniglot-5w1s transfer-omniglot-5w5s matchingnet-omniglot-5w5s \
     matchingnet-omniglot-20w1s metaoptnet-ridge-omniglot-5w1s maml-sine-5s matchingnet-omniglot-20w5s \
-    metasgd-omniglot-5w1s anil-omniglot-5w1s snail-omniglot-5w1s
+    snail-omniglot-5w1s anil-omniglot-5w1s
 fi

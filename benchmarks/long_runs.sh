@@ -46,14 +46,16 @@ queue() {  # queue NICE NAME...: one background process benching these one after
 
 # the paper's protocols (issue 15), most valuable first; ProtoNet (hours per seed) takes what the
 # others and a working session leave
-# (maml-omniglot-5w1s seed 1: done, reproduced). One seed each, one after another, the rows with a
-# published number first: FOMAML ~2.4 h, Meta-SGD ~4.2 h on one thread (docs/speed.md)
+# (MAML and FOMAML omniglot-5w1s seed 1: done, reproduced; the chain returns from FOMAML at once.)
+# One seed each, one after another, the rows with a published number first: Meta-SGD ~4.2 h on
+# one thread (docs/speed.md)
 start 0 "fomaml-omniglot-5w1s metasgd-omniglot-5w1s" --seeds 1
 # (seeds started on a GPU with benchmarks/gpu_bench.sh continue here: the runs do not depend on the device)
-start 5 "protonet-omniglot-5w1s protonet-omniglot-20w1s" --seeds 3 --episodes 1000
+start 19 "protonet-omniglot-5w1s protonet-omniglot-20w1s" --seeds 3 --episodes 1000
 start 19 "protonet-omniglot-5w5s protonet-omniglot-20w5s" --seeds 3 --episodes 1000
-if [ "${QUEUE:-1}" = 1 ]; then  # the cheaper rows, one seed each, one after another
+if [ "${QUEUE:-1}" = 1 ]; then  # one seed each, one after another (finished ones return at once):
+  # SNAIL (published 99.07, ~2.8 h) first, then the cheaper rows
   queue 10 matchingnet-omniglot-5w1s transfer-omniglot-5w1s transfer-omniglot-5w5s matchingnet-omniglot-5w5s \
-    matchingnet-omniglot-20w1s metaoptnet-ridge-omniglot-5w1s maml-sine-5s matchingnet-omniglot-20w5s \
-    snail-omniglot-5w1s anil-omniglot-5w1s
+    matchingnet-omniglot-20w1s snail-omniglot-5w1s metaoptnet-ridge-omniglot-5w1s maml-sine-5s \
+    anil-omniglot-5w1s matchingnet-omniglot-20w5s
 fi

@@ -376,21 +376,21 @@ def _cost(name, by_recipe, speeds=()):
     if not hasattr(cfg, "iterations"):
         return ""
     same = lambda r: (r.get("ways"), r.get("shots")) == (getattr(cfg, "ways", None), getattr(cfg, "shots", None))
-    timed = [(row, date) for row, date in speeds if registry.get_recipe(row["recipe"]).family == recipe.family
+    timed = [(row, date, threads) for row, date, threads in speeds if registry.get_recipe(row["recipe"]).family == recipe.family
              and registry.get_recipe(row["recipe"]).config().dataset == dataset]
     if timed:
         def closeness(t):  # the recipe itself, else the sibling whose config differs least (MAML vs FOMAML)
             other = registry.get_recipe(t[0]["recipe"]).config()
             return (-sum(getattr(other, f.name) != getattr(cfg, f.name) for f in dataclasses.fields(cfg)), t[1])
-        row, date = max(timed, key=closeness)
+        row, date, threads = max(timed, key=closeness)
+        measured = f"`speed --recipes` {date[:10]}, {threads} thread{'s' * (threads > 1)}"
         engine, timing = next(iter(row["engines"].items()))  # the default engine comes first
         per_it = timing["seconds_per_iteration"]
         if row["recipe"] == name:  # its own paper budget, validations and test included
             return (f": ~{timing['projected_hours']:.1f} h on this machine ({per_it:.2f} s/it x "
-                    f"{row['budget_iterations']} it + validation and test, `speed --recipes` {date[:10]}, "
-                    f"{engine} engine)")
+                    f"{row['budget_iterations']} it + validation and test, {measured}, {engine} engine)")
         return (f": ~{per_it * cfg.iterations / 3600:.1f} h on this machine ({per_it:.2f} s/it of "
-                f"`{row['recipe']}` x {cfg.iterations} it, `speed --recipes` {date[:10]}, {engine} engine)")
+                f"`{row['recipe']}` x {cfg.iterations} it, {measured}, {engine} engine)")
     related = [r for other, rs in by_recipe.items() for r in rs
                if registry.get_recipe(other).family == recipe.family and r["config"].get("dataset") == dataset]
     if not related:
@@ -402,12 +402,12 @@ def _cost(name, by_recipe, speeds=()):
 
 
 def speed_rows(speed_dir):
-    """(row, date) of every recipe timed by `l2l-recipes speed --recipes` (records in `speed_dir`)."""
+    """(row, date, threads) of every recipe timed by `l2l-recipes speed --recipes` (records in `speed_dir`)."""
     rows = []
     for path in sorted(Path(speed_dir).glob("recipes-*.json")):
         record = json.loads(path.read_text())
         if not record.get("tiny"):
-            rows += [(row, record["environment"]["date"]) for row in record["recipes"]]
+            rows += [(row, record["environment"]["date"], record.get("threads", 1)) for row in record["recipes"]]
     return rows
 
 

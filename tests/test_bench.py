@@ -81,13 +81,14 @@ def test_unmeasured_rows_cost_comes_from_speed_measurements(tmp_path):
     folder = tmp_path / "speed"
     folder.mkdir()
     (folder / "recipes-x.json").write_text(json.dumps(
-        {"tiny": False, "environment": {"date": "2026-12-04T17:00:00"}, "recipes": [row]}))
+        {"tiny": False, "threads": 2, "environment": {"date": "2026-12-04T17:00:00"}, "recipes": [row]}))
     (folder / "recipes-tiny.json").write_text(json.dumps(
         {"tiny": True, "environment": {"date": "2026-12-05T17:00:00"}, "recipes": [row]}))
     speeds = bench.speed_rows(folder)
     assert len(speeds) == 1  # tiny runs only check the command
     own = bench._cost("maml-omniglot-5w1s", {}, speeds)
     assert own.startswith(": ~1.9 h on this machine (0.10 s/it x 60000 it + validation and test")
+    assert "2026-12-04, 2 threads" in own
     sibling = bench._cost("maml-omniglot-5w5s", {}, speeds)
     assert sibling.startswith(": ~1.7 h on this machine (0.10 s/it of `maml-omniglot-5w1s` x 60000 it")
     assert bench._cost("protonet-omniglot-5w5s", {}, speeds) == ""  # another family, no record
@@ -96,5 +97,6 @@ def test_unmeasured_rows_cost_comes_from_speed_measurements(tmp_path):
     (folder / "recipes-y.json").write_text(json.dumps(
         {"tiny": False, "environment": {"date": "2026-12-03T17:00:00"}, "recipes": [fomaml]}))
     speeds = bench.speed_rows(folder)
-    assert "0.05 s/it of `fomaml-omniglot-5w1s`" in bench._cost("fomaml-omniglot-5w5s", {}, speeds)
+    assert "0.05 s/it of `fomaml-omniglot-5w1s` x 60000 it, `speed --recipes` 2026-12-03, 1 thread," in bench._cost(
+        "fomaml-omniglot-5w5s", {}, speeds)
     assert "0.10 s/it of `maml-omniglot-5w1s`" in bench._cost("maml-omniglot-5w5s", {}, speeds)

@@ -289,14 +289,14 @@ def recipes_bench_table(results_dir):
 def recipes_speed(iterations, tiny, data_root, out, pattern, threads):
     """Time learn2learn's plain MAML and ProtoNet loops against the fast path, side by side (CPU);
     with --recipes, every recipe's own loop on both engines."""
+    from l2l_recipes.lab import speed
     if pattern is not None:
         from l2l_recipes.lab import recipe_speed
         record = recipe_speed.measure(pattern, iterations=iterations, threads=threads, tiny=tiny,
                                       data_root=data_root, progress=click.echo)
         click.echo(recipe_speed.report(record))
-        click.echo(f"record: {recipe_speed.write_record(record, Path(out))}")
+        click.echo(f"record: {speed.write_record(record, out, prefix='recipes')}")
         return
-    from l2l_recipes.lab import speed
     settings = speed.TINY if tiny else speed.Settings(iterations=iterations)
     record = speed.measure(settings, data_root, progress=click.echo)
     click.echo(speed.report(record))

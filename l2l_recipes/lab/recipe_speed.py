@@ -17,11 +17,11 @@ import os
 import statistics
 import tempfile
 import time
-from datetime import datetime
 
 import torch
 
 from l2l_recipes import harness, registry
+from l2l_recipes.lab import speed
 from l2l_recipes.errors import UserError
 
 TURN = 2  # iterations per turn
@@ -96,23 +96,16 @@ def time_recipe(name, warmup=2, iterations=10, threads=1, changes=None, data_roo
             process.start()
             workers[engine] = (process, connection)
         # each process loads its data and stops before its first turn; then they take turns
-        last = {engine: _receive(name, engine, connection) for engine, (_, connection) in workers.items()}
+        last = {engine: speed.receive(f"{name} (engine {engine})", connection) for engine, (_, connection) in workers.items()}
         while any(message == "turn" for message in last.values()):
             for engine, (_, connection) in workers.items():
                 if last[engine] == "turn":
                     connection.send("go")
-                    last[engine] = _receive(name, engine, connection)  # after its turn
+                    last[engine] = speed.receive(f"{name} (engine {engine})", connection)  # after its turn
     finally:
         for process, _ in workers.values():
             process.join(timeout=60)
     return {engine: message[1] for engine, message in last.items()}
-
-
-def _receive(name, engine, connection):
-    try:
-        return connection.recv()
-    except EOFError:
-        raise RuntimeError(f"the process timing {name} (engine {engine}) failed: its traceback is above") from None
 
 
 def phases(name):
@@ -164,8 +157,7 @@ def measure(pattern=DEFAULT_PATTERN, warmup=2, iterations=10, threads=1, tiny=Fa
     return {"pattern": pattern, "threads": threads, "warmup": warmup, "iterations": iterations, "tiny": tiny,
             "timing": f"one process per engine, {threads} thread(s), taking turns of {TURN} iterations; "
                       f"medians; the last iteration validates", "recipes": rows,
-            "environment": {**harness.environment(torch.device("cpu")),
-                            "date": datetime.now().isoformat(timespec="seconds"), "load_average": list(os.getloadavg())},
+            "environment": speed.environment(),
             "wall_seconds": round(time.time() - started, 1)}
 
 
@@ -193,11 +185,3 @@ def report(record):
         lines.append(f"| `{row['recipe']}` | {budget} | {ms(fast)} | {ms(plain)} | {speedup} | "
                      f"{both('validation_seconds')} | {both('projected_hours')} |")
     return "\n".join(lines)
-
-
-def write_record(record, folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = folder / f"recipes-{os.uname().nodename or 'host'}-torch{torch.__version__.split('+')[0]}-{stamp}.json"
-    harness.write_json(path, record)
-    return path

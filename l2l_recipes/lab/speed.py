@@ -19,6 +19,7 @@ FLOPs of one iteration (torch's FlopCounterMode) / time, next to the float32 mat
 import copy
 import json
 import multiprocessing
+import os
 import platform
 import random
 import statistics
@@ -237,13 +238,13 @@ def interleaved_seconds(s, data_root):
             process = context.Process(target=_serve, args=(child, name, s, data_root), daemon=True)
             process.start()
             workers[name] = (process, connection)
-        steps = {name: _receive(name, connection) for name, (_, connection) in workers.items()}
+        steps = {name: receive(LOOPS[name], connection) for name, (_, connection) in workers.items()}
         times = {name: {step: [] for step in steps[name]} for name in workers}
         for done in range(0, s.iterations, TURN):
             for name, (_, connection) in workers.items():
                 for step in steps[name]:
                     connection.send((step, min(TURN, s.iterations - done)))
-                    times[name][step] += _receive(name, connection)
+                    times[name][step] += receive(LOOPS[name], connection)
     finally:
         for process, connection in workers.values():
             if process.is_alive():
@@ -252,11 +253,12 @@ def interleaved_seconds(s, data_root):
     return {name: {step: statistics.median(t) for step, t in by_step.items()} for name, by_step in times.items()}
 
 
-def _receive(name, connection):
+def receive(what, connection):
+    """The next message of the timing process of `what`; its failure as one error."""
     try:
         return connection.recv()
     except EOFError:
-        raise RuntimeError(f"the process timing {LOOPS[name]} failed (its traceback is above)") from None
+        raise RuntimeError(f"the process timing {what} failed (its traceback is above)") from None
 
 
 def measure(settings=Settings(), data_root=None, progress=print):
@@ -339,18 +341,19 @@ def measure(settings=Settings(), data_root=None, progress=print):
     record["proto_speedup_vs_cache"] = record["reference_default_malloc"]["proto_seconds"] / proto_seconds
     record["maml_speedup_vs_tuned_malloc"] = record["reference"]["maml_seconds"] / maml_seconds
     record["proto_speedup_vs_tuned_malloc"] = record["reference"]["proto_seconds"] / proto_seconds
-    record["environment"] = {**harness.environment(torch.device("cpu")), "date": datetime.now().isoformat(timespec="seconds"),
-                             "load_average": list(_load_average())}
+    record["environment"] = environment()
     record["wall_seconds"] = round(time.time() - started, 1)
     return record
 
 
-def _load_average():
+def environment():
+    """The CPU run's environment, with the date and the load average at the end of the timing."""
     try:
-        import os
-        return os.getloadavg()
+        load = list(os.getloadavg())
     except OSError:
-        return ()
+        load = []
+    return {**harness.environment(torch.device("cpu")), "date": datetime.now().isoformat(timespec="seconds"),
+            "load_average": load}
 
 
 def report(record):
@@ -388,10 +391,11 @@ def report(record):
     return "\n".join(lines)
 
 
-def write_record(record, folder):
+def write_record(record, folder, prefix="speed"):
+    """Write `record` as `folder/<prefix>-<host>-torch<version>-<time>.json`; returns the path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = folder / f"speed-{platform.node() or 'host'}-torch{torch.__version__.split('+')[0]}-{stamp}.json"
+    path = folder / f"{prefix}-{platform.node() or 'host'}-torch{torch.__version__.split('+')[0]}-{stamp}.json"
     harness.write_json(path, record)
     return path

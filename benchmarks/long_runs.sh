@@ -51,11 +51,11 @@ queue() {  # queue NICE NAME...: one background process benching these one after
 # one thread (docs/speed.md)
 start 0 "fomaml-omniglot-5w1s metasgd-omniglot-5w1s" --seeds 1
 # (seeds started on a GPU with benchmarks/gpu_bench.sh continue here: the runs do not depend on the device)
-start 19 "protonet-omniglot-5w1s protonet-omniglot-20w1s" --seeds 3 --episodes 1000
+start 5 "protonet-omniglot-5w1s protonet-omniglot-20w1s" --seeds 3 --episodes 1000
 start 19 "protonet-omniglot-5w5s protonet-omniglot-20w5s" --seeds 3 --episodes 1000
 if [ "${QUEUE:-1}" = 1 ]; then  # one seed each, one after another (finished ones return at once):
-  # SNAIL (published 99.07, ~2.8 h) first, then the cheaper rows
+  # the rows issue 15 lists first, then SNAIL (published 99.07, ~2.8 h)
   queue 10 matchingnet-omniglot-5w1s transfer-omniglot-5w1s transfer-omniglot-5w5s matchingnet-omniglot-5w5s \
-    matchingnet-omniglot-20w1s snail-omniglot-5w1s metaoptnet-ridge-omniglot-5w1s maml-sine-5s \
-    anil-omniglot-5w1s matchingnet-omniglot-20w5s
+    matchingnet-omniglot-20w1s metaoptnet-ridge-omniglot-5w1s maml-sine-5s anil-omniglot-5w1s \
+    matchingnet-omniglot-20w5s snail-omniglot-5w1s
 fi

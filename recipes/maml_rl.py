@@ -36,7 +36,7 @@ from tqdm import tqdm
 from l2l_recipes.config import check, validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
-from l2l_recipes.harness import mean_ci95, seed_everything
+from l2l_recipes.plain import mean_ci95, seed_everything
 from l2l_recipes.registry import register
 
 

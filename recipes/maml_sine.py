@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from l2l_recipes.config import check, validate
 from l2l_recipes.harness import Predictor as _Predictor
-from l2l_recipes.harness import gather, mean_ci95, seed_everything, share
+from l2l_recipes.harness import gather, share
+from l2l_recipes.plain import mean_ci95, seed_everything
 from l2l_recipes.registry import register
 
 

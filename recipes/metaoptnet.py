@@ -68,7 +68,7 @@ from l2l_recipes import data, models
 from l2l_recipes.config import check, validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
-from l2l_recipes.harness import seed_everything
+from l2l_recipes.plain import seed_everything
 from l2l_recipes.registry import Published, register
 
 

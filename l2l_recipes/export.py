@@ -65,6 +65,7 @@ RULE = "# " + "-" * 77  # the house section header: RULE + " name"
 BUILTIN_NAMES = frozenset(dir(builtins)) | {"__file__"}
 # What a dataset module offers (data.DATASETS); uses found in the package are added.
 DATASET_INTERFACE = ("CHANNELS", "SIZE", "transform", "classes", "load_split")
+PLAIN_MODULES = ("data", "models", "plain")  # the package modules a plain loop reaches for its data
 
 
 class ExportError(UserError):
@@ -658,12 +659,13 @@ class _Exporter:
         lines += [f"from {PACKAGE}.errors import UserError", ""]
         if self.datasets:
             lines += ["# The datasets this file reads: name -> its loader's functions and constants, inlined above",
-                      "# (in the package, the module l2l_recipes.datasets.<dataset>).",
                       "DATASETS = {"]
             for d, short in zip(self.datasets, modules):
                 src = self.source(data.DATASETS[d])
                 present = [a for a in attrs if a in src.defs or src.bindings.get(a, ("",))[0] == "item"]
-                lines += [f'    "{d}": SimpleNamespace(', *(f"        {a}={short}.{a}," for a in present), "    ),"]
+                one_line = f'    "{d}": SimpleNamespace({", ".join(f"{a}={short}.{a}" for a in present)}),'
+                lines += [one_line] if len(one_line) <= 120 else [
+                    f'    "{d}": SimpleNamespace(', *(f"        {a}={short}.{a}," for a in present), "    ),"]
             lines.append("}")
         else:
             lines.append("DATASETS = {}  # this recipe reads no image dataset")
@@ -718,10 +720,14 @@ class _Exporter:
 
     def _dataset_attrs(self):
         """DATASET_INTERFACE plus every attribute the package and the recipe read from a
-        `dataset_module(...)` result (directly, or through a variable holding it)."""
-        attrs = list(DATASET_INTERFACE)
-        package = Path(data.__file__).parent
-        sources = [self.rsrc] + [self.source(m.name) for m in pkgutil.walk_packages([str(package)], f"{PACKAGE}.")]
+        `dataset_module(...)` result (directly, or through a variable holding it); for a plain
+        file only those the recipe and the modules of a plain loop (PLAIN_MODULES) read."""
+        if self.plain:
+            attrs, modules = [], [f"{PACKAGE}.{m}" for m in PLAIN_MODULES]
+        else:
+            attrs, package = list(DATASET_INTERFACE), Path(data.__file__).parent
+            modules = [m.name for m in pkgutil.walk_packages([str(package)], f"{PACKAGE}.")]
+        sources = [self.rsrc] + [self.source(m) for m in modules]
         for src in sources:
             for stmt in src.tree.body:
                 nodes = list(ast.walk(stmt))
@@ -1028,8 +1034,9 @@ class _Exporter:
             group = "<export>" if item.src.module == "<export>" else item.src
             if previous is None or group != previous[0]:
                 if item.src.module == "<export>":
-                    title = ("---- written for this file: the package's data.dataset_module, data.read_split and "
-                             "harness.recipe_module look outside it")
+                    title = ("---- written for this file: the package's data.dataset_module imports its dataset's "
+                             "module" if self.plain else "---- written for this file: the package's "
+                             "data.dataset_module, data.read_split and harness.recipe_module look outside it")
                 else:
                     summary = " ".join((ast.get_docstring(item.src.tree) or "").split("\n\n")[0].split())
                     title = f"---- {item.src.label}" + (f": {summary}" if summary else "")

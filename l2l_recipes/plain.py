@@ -39,8 +39,7 @@ def mean_ci95(values):
 
 
 def query_scores(logits, query_y):
-    """[(query accuracy, query cross-entropy)] of each task: logits [tasks, queries, ways]
-    (bf16/fp16 scored in float32), query_y [tasks, queries]."""
+    """[(query accuracy, query cross-entropy)] per task of logits [tasks, queries, ways] (in float32)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     accuracies = (logits.argmax(-1) == query_y).float().mean(1)
     losses = F.cross_entropy(logits.transpose(1, 2), query_y, reduction="none").mean(1)
@@ -127,21 +126,15 @@ class EarlyStopping:
 
 class PlainRun:
     """A run in one process, written to folder `path`: config.json, metrics.jsonl, ckpt.pt
-    (the latest weights), best.pt (the weights of the best validation) and result.json (test)."""
+    (the latest weights), best.pt (the best validation's) and result.json (the test)."""
 
     def __init__(self, path, recipe_name, cfg, device, data_root=None, download=False):
-        self.path = Path(path)
-        self.recipe = recipe_name
-        self.cfg = cfg
-        self.device = device
-        self.data_root = data_root
-        self.download = download
+        self.path, self.recipe, self.cfg, self.device = Path(path), recipe_name, cfg, device
+        self.data_root, self.download = data_root, download
         self.progress = False  # no progress bars
-        self.started = time.time()
-        self.best_val = float("-inf")
+        self.started, self.best_val = time.time(), float("-inf")
         self.tracked = None  # (model, optimizer, {name: object}) given to track()
-        self.stopped_early = False  # (harness.Run: by its time budget)
-        self.ended = False  # by the recipe's stopping rule (end_training)
+        self.stopped_early = self.ended = False  # by a time budget (harness.Run); by end_training()
 
     def track(self, model, optimizer=None, **stateful):
         """Name what checkpoints hold (here the model's weights)."""
@@ -155,10 +148,9 @@ class PlainRun:
                 return
 
     def end_training(self):
-        """Stop after the current iteration (a recipe's stopping rule)."""
         self.ended = True
 
-    # The meta-batch in one process is all of it; harness.Run shares it out under torchrun.
+    # One process trains the whole meta-batch; harness.Run shares it out under torchrun.
     def share(self, items):
         return items
 
@@ -175,27 +167,22 @@ class PlainRun:
         return shares[0] if len(shares) == 1 else shares
 
     def validation_due(self, iteration, interval, total):
-        """True every `interval` iterations and at the last one."""
         return iteration % interval == 0 or iteration == total
 
     def log(self, iteration, **metrics):
-        """Append one line to metrics.jsonl and print it."""
+        """Append a line to metrics.jsonl and print it."""
         row = {"iteration": iteration, "time": round(time.time() - self.started, 3), **metrics}
-        self.write("metrics.jsonl", json.dumps(row) + "\n", "a")
+        with open(self.folder() / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
-    def write(self, name, text, mode="w"):
-        """Write `text` to file `name` of the run."""
-        self.make_folder()
-        with open(self.path / name, mode) as f:
-            f.write(text)
-
-    def make_folder(self):
-        """Make the run's folder with its config.json, once."""
+    def folder(self):
+        """The run's folder, made with its config.json on first use."""
         if not (self.path / "config.json").exists():
             self.path.mkdir(parents=True, exist_ok=True)
-            config = json.dumps({"recipe": self.recipe, **dataclasses.asdict(self.cfg)}, indent=2)
-            (self.path / "config.json").write_text(config + "\n")
+            config = {"recipe": self.recipe, **dataclasses.asdict(self.cfg)}
+            (self.path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return self.path
 
     def evaluate(self, predictor, tasks):
         return predictor.evaluate(tasks)
@@ -217,26 +204,24 @@ class PlainRun:
         return result
 
     def checkpoint(self, iteration):
-        """Write ckpt.pt: the tracked model's weights after `iteration`."""
         self.save("ckpt.pt", self.tracked[0], iteration)
 
     def save(self, name, model, iteration, **extra):
         """Write checkpoint `name`: the recipe, its config, the iteration and the model's weights."""
-        self.make_folder()
         torch.save({"recipe": self.recipe, "config": dataclasses.asdict(self.cfg), "iteration": iteration,
-                    "model": model.state_dict(), **extra}, self.path / name)
+                    "model": model.state_dict(), **extra}, self.folder() / name)
 
     def test(self, predictor):
-        """Test the weights of best.pt (else the latest) on the fixed test tasks; write and return
-        result.json's dict, and print it."""
+        """Test the weights of best.pt (else ckpt.pt) on the fixed test tasks; write result.json,
+        print the result and return it."""
         cfg, name = self.cfg, "best.pt" if (self.path / "best.pt").is_file() else "ckpt.pt"
         predictor.model.load_state_dict(torch.load(self.path / name, map_location="cpu", weights_only=True)["model"])
-        tasks = predictor.test_tasks(cfg.test_episodes, cfg.test_seed)
         result = {"recipe": self.recipe, "metric": predictor.metric, "higher_is_better": predictor.higher_is_better,
-                  **predictor.evaluate(tasks), "episodes": cfg.test_episodes,
+                  **predictor.evaluate(predictor.test_tasks(cfg.test_episodes, cfg.test_seed)),
+                  "episodes": cfg.test_episodes,
                   **{key: getattr(cfg, key) for key in ("ways", "shots", "queries") if hasattr(cfg, key)},
                   "split": "test", "test_seed": cfg.test_seed, "seed": cfg.seed, "checkpoint": name}
-        self.write("result.json", json.dumps(result, indent=2) + "\n")
+        (self.folder() / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         metric, value, ci95 = result["metric"], result[result["metric"]], result["ci95"]
         shown = f"{100 * value:.2f}% ± {100 * ci95:.2f}%" if metric == "accuracy" else f"{value:.4g} ± {ci95:.2g}"
         print(f"{self.recipe}: test {metric} {shown} (95% CI, {cfg.test_episodes} tasks, weights of {name})")

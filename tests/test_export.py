@@ -272,6 +272,27 @@ def test_exported_recipe_reproduces_the_package_run(exported_runs, package_runs,
     assert results[0][metric] == pytest.approx(results[1][metric], rel=1e-4, abs=0.01 * (metric == "accuracy"))
 
 
+# The most lines of a family's default export of an Omniglot or mini-ImageNet variant: today's
+# lengths, as a ratchet (lower them as exports shrink, never raise them). Issue #17 asks for
+# 350, and 450 for MetaOptNet, SNAIL and MAML++; the package's data loading (the dataset's
+# loader, its cache, learn2learn's episodes: ~280 lines), the config's checks and --set (~100)
+# and l2l_recipes.plain (~180) keep them above.
+LINE_LIMITS = {"maml": 800, "protonet": 870, "matchingnet": 810, "anil": 800, "metasgd": 820, "reptile": 820,
+               "transfer": 820, "metaoptnet": 910, "snail": 940, "mamlpp": 890}
+
+
+def test_every_default_export_is_within_its_line_limit(tmp_path):
+    lengths = {}
+    for name in registry.list_recipes():
+        recipe = registry.get_recipe(name)
+        if recipe.family in LINE_LIMITS and getattr(recipe.config(), "dataset", None) in ("omniglot", "mini-imagenet"):
+            path = export.export_recipe(name, tmp_path, force=True)
+            lengths[name] = (recipe.family, len(path.read_text().splitlines()))
+    assert {family for family, _ in lengths.values()} == set(LINE_LIMITS)
+    too_long = {name: n for name, (family, n) in lengths.items() if n > LINE_LIMITS[family]}
+    assert not too_long, too_long
+
+
 def test_the_block_makes_the_package_unimportable(tmp_path):
     script = tmp_path / "uses_package.py"
     script.write_text("import l2l_recipes\nprint('imported', l2l_recipes.__file__)\n")

@@ -461,7 +461,6 @@ class Run(plain.PlainRun):
         return predictor.evaluate(tasks, desc="val", progress=self.progress)
 
 
-
 class Predictor(plain.Predictor):
     """A trained model that adapts to a support set and scores a query set (plain.Predictor),
     evaluated in batches of tasks and over torchrun's processes.

@@ -1,18 +1,21 @@
-"""What a recipe's plain loop calls, and nothing more: a run in one process that logs,
-validates on fixed tasks keeping the best weights and tests them; the base of the recipes'
-predictors; the fixed-task evaluation with its mean and 95% confidence interval; seeding.
+"""What a recipe's plain loop calls: a run in one process, predictors, evaluation with 95% CIs.
 
-`l2l-recipes export` copies the parts a recipe uses into its file. `harness.Run` extends
-PlainRun with run directories, resuming, stop signals, time budgets and torchrun;
-`harness.Predictor` extends Predictor with batched, distributed evaluation.
+PlainRun logs, validates on fixed tasks keeping the best weights and tests them; Predictor is
+the base of the recipes' predictors; `evaluate` scores the fixed tasks one by one with the
+mean and 95% confidence interval. `l2l-recipes export` copies the parts a recipe uses into
+its file. `harness.Run` extends PlainRun with run directories, resuming, stop signals, time
+budgets and torchrun; `harness.Predictor` extends Predictor with batched, distributed
+evaluation.
 """
 import dataclasses
 import json
 import math
+import random
 import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -22,9 +25,6 @@ from l2l_recipes.errors import UserError
 
 def seed_everything(seed):
     """Seed Python's `random` (learn2learn's task sampling), NumPy and torch."""
-    import random
-
-    import numpy as np
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -148,6 +148,7 @@ class PlainRun:
                 return
 
     def end_training(self):
+        """Stop after this iteration: the recipe's stopping rule ended training."""
         self.ended = True
 
     # One process trains the whole meta-batch; harness.Run shares it out under torchrun.

@@ -347,6 +347,15 @@ def test_export_into_a_directory_and_its_refusals(tmp_path):
     result = cli("export", "anil-omniglot-5w1s", tmp_path)
     assert result.exit_code == 0 and (tmp_path / "anil_omniglot_5w1s.py").is_file()
     assert "python " in result.output and "anil_omniglot_5w1s.py" in result.output
+    # the class splits beside the file: the shipped ones; an edited copy is replaced only with --force
+    split = tmp_path / "splits" / "omniglot-vinyals" / "test.txt"
+    assert split.read_text().split() == data.read_split("omniglot-vinyals", "test")
+    split.write_text("Hebrew/character01/rot000\n")
+    edited = cli("export", "maml-omniglot-5w1s", tmp_path)
+    assert edited.exit_code == 1 and f"{split} exists and differs from the shipped split" in edited.stderr
+    assert not (tmp_path / "maml_omniglot_5w1s.py").exists()
+    assert cli("export", "maml-omniglot-5w1s", tmp_path, "--force").exit_code == 0
+    assert split.read_text().split() == data.read_split("omniglot-vinyals", "test")
     unknown = cli("export", "protonet-omniglot-5w1", tmp_path)
     assert unknown.exit_code == 1 and "did you mean protonet-omniglot-5w1s" in unknown.stderr
     not_py = cli("export", "protonet-omniglot-5w1s", tmp_path / "notes.txt")

@@ -193,7 +193,7 @@ def train(cfg, run):
     policy = build_model(cfg).to(device)
     maml = l2l.algorithms.MAML(policy, lr=cfg.fast_lr, first_order=cfg.first_order)
     optimizer = torch.optim.Adam(maml.parameters(), lr=cfg.meta_lr)
-    run.track(policy, optimizer)  # checkpointed; restored by --resume
+    run.track(policy, optimizer)  # checkpointed (and restored by l2l-recipes run --resume)
     for iteration in run.iterations(cfg.iterations):
         # meta-batch: per goal, adapt on trajectories of the current policy, then the
         # policy-gradient loss of trajectories from the adapted policy is the meta-loss

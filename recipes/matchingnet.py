@@ -144,8 +144,8 @@ def train(cfg, run):
 
     model = build_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    run.track(model, optimizer)  # checkpointed; restored by --resume
-    for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
+    run.track(model, optimizer)  # checkpointed (and restored by l2l-recipes run --resume)
+    for iteration in run.iterations(cfg.iterations):  # (l2l-recipes run: or until its time budget)
         # meta-batch of training episodes (one by default): every process draws the same
         # episodes and trains its share of them (all of them in one process); the loss is the
         # negative log-likelihood of the attention's class probabilities

@@ -164,10 +164,10 @@ def train(cfg, run):
     val_tasks = data.fixed_taskset(val_set, cfg.ways, cfg.shots, cfg.queries, cfg.val_episodes, cfg.val_seed)
 
     model = build_model(cfg).to(device)
-    run.track(model)  # checkpointed; restored by --resume
+    run.track(model)  # checkpointed (and restored by l2l-recipes run --resume)
     # engine=fast builds the same tasks from the split's images held on the device
     loader = fast.DeviceEpisodes(train_tasks, train_set, device) if cfg.engine == "fast" else train_tasks
-    for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
+    for iteration in run.iterations(cfg.iterations):  # (l2l-recipes run: or until its time budget)
         # meta-batch: every process draws the same tasks and adapts a copy of the network to
         # each task of its share (all of them in one process); the adapted weights are averaged
         model.train()

@@ -277,8 +277,8 @@ def train(cfg, run):
 
     model = build_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr, fused=True)  # 3x faster step on CPU
-    run.track(model, optimizer)  # checkpointed; restored by --resume
-    for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
+    run.track(model, optimizer)  # checkpointed (and restored by l2l-recipes run --resume)
+    for iteration in run.iterations(cfg.iterations):  # (l2l-recipes run: or until its time budget)
         # a meta-batch of episodes (this process's share under torchrun), every query the end
         # of its own sequence; one forward pass (batch norm statistics over the share)
         model.train()

@@ -202,11 +202,14 @@ def recipes_publish(run_dir, dest):
 @click.option("--all-datasets", is_flag=True,
               help="Include the loaders of every dataset the recipe's family uses (default: the variant's).")
 @click.option("--fast", is_flag=True,
-              help="Keep the recipe's fast path (engine=fast); by default the file holds the plain loop only.")
+              help="Keep the recipe's fast path (engine=fast) and run's resume machinery; by default the file "
+                   "holds the plain loop only.")
 def recipes_export(name, dest, force, all_datasets, fast):
     """Write recipe NAME as one Python file, DEST or DEST/<name>.py, that needs only learn2learn,
     torch and torchvision: its config at the top, then the package code it uses, inlined. The
-    file trains with the recipe's plain loop (as `run NAME --set engine=reference`) unless --fast."""
+    file trains with the recipe's plain loop in one process (as `run NAME --set engine=reference`,
+    to the same numbers) and reads its class splits from splits/ beside it, written too; --fast
+    keeps the fast path and run's resume machinery, and the splits inside the file."""
     from l2l_recipes import export
     path = export.export_recipe(name, dest, force=force, all_datasets=all_datasets, fast=fast)
     lines = len(path.read_text().splitlines())

@@ -1,12 +1,15 @@
 """`l2l-recipes export NAME DEST`: a registered recipe as one Python file that needs only
 learn2learn, torch and torchvision (and numpy, PIL, tqdm, which they bring).
 
-The file, in order: the recipe's docstring plus one line saying what it was exported from;
-the imports; `RECIPE` and the recipe's Config dataclass with the variant's values as its
-defaults; the support code inlined from l2l_recipes; the recipe's code; `main()`, which
-takes `l2l-recipes run`'s options --data-root, --download, --device, --seed, --out, --set,
---progress and --resume, trains, meta-tests and writes the same run directory; a stopped run
-says to resume it with `python FILE --resume RUN_DIR`.
+The file, in order: the recipe's title and summary (with --fast its whole docstring) plus one
+line saying what it was exported from; the imports; `RECIPE` and the recipe's Config dataclass
+with the variant's values as its defaults; the support code inlined from l2l_recipes; the
+recipe's code; `main()`, which takes --data-root, --download, --device, --seed, --out and
+--set. By default the file is the recipe's plain loop in one process (`l2l_recipes.plain`:
+it logs, validates keeping the best weights and tests them), reading its dataset's class
+splits from `splits/` beside it. With --fast it keeps the fast path and `l2l-recipes run`'s
+whole run machinery: --progress, --resume, torchrun, the same run directory (a stopped run
+says to resume it with `python FILE --resume RUN_DIR`), the splits written into the file.
 
 How it is built, with `ast` and source positions (no source strings run, no import tricks):
 - Unless `fast`, the recipe's fast path is taken out first (`plain_source`): the file holds
@@ -26,7 +29,10 @@ How it is built, with `ast` and source positions (no source strings run, no impo
   recipe imports under an alias (`Predictor as _Predictor`) takes the alias. No new name
   collides with a builtin, an import, a recipe name or a local variable where it is used,
   and every reference is rewritten.
-- Three package functions that look outside the file are written anew for it:
+- In the plain file, the harness's Predictor is `plain.Predictor` (its base, evaluating task
+  by task in one process).
+- Three package functions that look outside the file are written anew for it (a plain
+  file reaches only the first: it reads the split files beside it and tests by itself):
   `data.dataset_module` (an importlib of l2l_recipes.<dataset>) becomes a table of the
   inlined loaders of the datasets the file includes: the variant's dataset or, with
   `all_datasets`, every dataset the family's variants use; `data.read_split` reads the
@@ -59,6 +65,7 @@ RULE = "# " + "-" * 77  # the house section header: RULE + " name"
 BUILTIN_NAMES = frozenset(dir(builtins)) | {"__file__"}
 # What a dataset module offers (data.DATASETS); uses found in the package are added.
 DATASET_INTERFACE = ("CHANNELS", "SIZE", "transform", "classes", "load_split")
+PLAIN_MODULES = ("data", "models", "plain")  # the package modules a plain loop reaches for its data
 
 
 class ExportError(UserError):
@@ -70,7 +77,9 @@ def export_recipe(name, dest, force=False, all_datasets=False, fast=False):
 
     `dest` is a .py path or an existing directory (then `dest/<name with - as _>.py`); an
     existing file is replaced only with `force`. Without `fast` the file holds the plain loop
-    (`plain_source`); with it, the recipe's fast path too.
+    (`plain_source`) and reads the class splits of its dataset from `splits/<split>/` beside
+    it, written too (the package's own files, l2l_recipes/splits); with `fast`, the recipe's
+    fast path and the resume machinery too, and the splits inside the file.
 
     Example:
         path = export_recipe("protonet-omniglot-5w1s", "my_project/")
@@ -85,14 +94,25 @@ def export_recipe(name, dest, force=False, all_datasets=False, fast=False):
     if not path.parent.is_dir():
         raise UserError(f"no directory {path.parent}: create it first")
     command = f"l2l-recipes export {name} {dest}" + " --all-datasets" * all_datasets + " --fast" * fast
-    source = export_source(name, all_datasets, command, fast)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(source)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path} ({e.strerror}): pass a DEST you can write") from None
+    exporter = _Exporter(registry.get_recipe(name), all_datasets, command, fast)
+    files = {path: exporter.build()}
+    if not fast:
+        for split in exporter.split_names():
+            for file in sorted((data.SPLITS_DIR / split).glob("*.txt")):
+                copy = path.parent / "splits" / split / file.name
+                if copy.is_file() and copy.read_text() != file.read_text() and not force:
+                    raise UserError(f"{copy} exists and differs from the shipped split: pass --force to "
+                                    f"overwrite it")
+                files[copy] = file.read_text()
+    for file, text in files.items():
+        tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text)
+            os.replace(tmp, file)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"cannot write {file} ({e.strerror}): pass a DEST you can write") from None
     return path
 
 
@@ -496,10 +516,11 @@ class _Exporter:
         self.sources = {}
         path = Path(self.module.__file__)
         text = path.read_text(encoding="utf-8")
-        self.plain = not fast and hasattr(self.cfg, "engine")
+        self.plain = not fast
         if self.plain:  # the plain loop, which engine=reference runs in the package
             text = plain_source(text)
-            self.cfg = dataclasses.replace(self.cfg, engine="reference")
+            if hasattr(self.cfg, "engine"):
+                self.cfg = dataclasses.replace(self.cfg, engine="reference")
         self.rsrc = Source(self.module.__name__, text, f"{path.parent.name}/{path.name}")
         self.datasets = self._datasets(all_datasets)
 
@@ -638,12 +659,13 @@ class _Exporter:
         lines += [f"from {PACKAGE}.errors import UserError", ""]
         if self.datasets:
             lines += ["# The datasets this file reads: name -> its loader's functions and constants, inlined above",
-                      "# (in the package, the module l2l_recipes.datasets.<dataset>).",
                       "DATASETS = {"]
             for d, short in zip(self.datasets, modules):
                 src = self.source(data.DATASETS[d])
                 present = [a for a in attrs if a in src.defs or src.bindings.get(a, ("",))[0] == "item"]
-                lines += [f'    "{d}": SimpleNamespace(', *(f"        {a}={short}.{a}," for a in present), "    ),"]
+                one_line = f'    "{d}": SimpleNamespace({", ".join(f"{a}={short}.{a}" for a in present)}),'
+                lines += [one_line] if len(one_line) <= 120 else [
+                    f'    "{d}": SimpleNamespace(', *(f"        {a}={short}.{a}," for a in present), "    ),"]
             lines.append("}")
         else:
             lines.append("DATASETS = {}  # this recipe reads no image dataset")
@@ -659,10 +681,9 @@ class _Exporter:
 
     def _read_split_text(self):
         splits = {}
-        for d in self.datasets:
-            for name in self._split_names(self.source(data.DATASETS[d])):
-                splits[name] = {s: _split_patterns(name, s) for s in (*data.SPLIT_NAMES, "trainval")
-                                if (data.SPLITS_DIR / name / f"{s}.txt").is_file()}
+        for name in self.split_names():
+            splits[name] = {s: _split_patterns(name, s) for s in (*data.SPLIT_NAMES, "trainval")
+                            if (data.SPLITS_DIR / name / f"{s}.txt").is_file()}
         lines = [
             f"from {PACKAGE}.data import SPLIT_NAMES",
             f"from {PACKAGE}.errors import UserError",
@@ -699,10 +720,14 @@ class _Exporter:
 
     def _dataset_attrs(self):
         """DATASET_INTERFACE plus every attribute the package and the recipe read from a
-        `dataset_module(...)` result (directly, or through a variable holding it)."""
-        attrs = list(DATASET_INTERFACE)
-        package = Path(data.__file__).parent
-        sources = [self.rsrc] + [self.source(m.name) for m in pkgutil.walk_packages([str(package)], f"{PACKAGE}.")]
+        `dataset_module(...)` result (directly, or through a variable holding it); for a plain
+        file only those the recipe and the modules of a plain loop (PLAIN_MODULES) read."""
+        if self.plain:
+            attrs, modules = [], [f"{PACKAGE}.{m}" for m in PLAIN_MODULES]
+        else:
+            attrs, package = list(DATASET_INTERFACE), Path(data.__file__).parent
+            modules = [m.name for m in pkgutil.walk_packages([str(package)], f"{PACKAGE}.")]
+        sources = [self.rsrc] + [self.source(m) for m in modules]
         for src in sources:
             for stmt in src.tree.body:
                 nodes = list(ast.walk(stmt))
@@ -713,6 +738,10 @@ class _Exporter:
                             isinstance(node.value, ast.Name) and node.value.id in holders)):
                         attrs.append(node.attr)
         return attrs
+
+    def split_names(self):
+        """The shipped splits (folders of l2l_recipes/splits) the file's datasets read."""
+        return sorted({n for d in self.datasets for n in self._split_names(self.source(data.DATASETS[d]))})
 
     def _split_names(self, src):
         names = []
@@ -729,8 +758,12 @@ class _Exporter:
         written = self._written_sources()
         self.rewritten = {(f"{PACKAGE}.{m}", n): written[n].defs[n] for m, n in
                           (("data", "dataset_module"), ("data", "read_split"), ("harness", "recipe_module"))}
+        if self.plain:  # the split files lie beside the file; predictors are evaluated task by task
+            del self.rewritten[(f"{PACKAGE}.data", "read_split")]
+            self.rewritten[(f"{PACKAGE}.harness", "Predictor")] = self.source(f"{PACKAGE}.plain").defs["Predictor"]
         self._recipe_parts()
-        main_src = Source("<main>", MAIN_TEMPLATE, "main", extern=self._recipe_names() | {"RECIPE"})
+        template = PLAIN_MAIN_TEMPLATE if self.plain else MAIN_TEMPLATE
+        main_src = Source("<main>", template, "main", extern=self._recipe_names() | {"RECIPE"})
         self.main_src = main_src
         roots = [self.config_item] + self.recipe_items + main_src.items
         closure = self._closure(roots)
@@ -960,6 +993,12 @@ class _Exporter:
         quote = raw[-3:]
         if quote not in ('"""', "'''"):
             raise ExportError(f"{self.rsrc.label}: the module docstring must be triple-quoted")
+        if self.plain:  # its title and summary; the protocol notes stay in the package
+            raw = "\n\n".join(raw[:-3].split("\n\n")[:2]) + "\n\n" + textwrap.fill(
+                f"The protocol, the published numbers and where ours differs: `l2l-recipes show {self.recipe.name}`"
+                f" ({self.rsrc.label} in l2l-recipes). Run: python {self.recipe.name.replace('-', '_')}.py "
+                f"--data-root DIR [--set key=value ...]", width=100, break_long_words=False,
+                break_on_hyphens=False) + quote
         return raw[:-3].rstrip() + f"\n\n{line}\n{quote}\n"
 
     def _render(self, support, names, imports):
@@ -995,8 +1034,9 @@ class _Exporter:
             group = "<export>" if item.src.module == "<export>" else item.src
             if previous is None or group != previous[0]:
                 if item.src.module == "<export>":
-                    title = ("---- written for this file: the package's data.dataset_module, data.read_split and "
-                             "harness.recipe_module look outside it")
+                    title = ("---- written for this file: the package's data.dataset_module imports its dataset's "
+                             "module" if self.plain else "---- written for this file: the package's "
+                             "data.dataset_module, data.read_split and harness.recipe_module look outside it")
                 else:
                     summary = " ".join((ast.get_docstring(item.src.tree) or "").split("\n\n")[0].split())
                     title = f"---- {item.src.label}" + (f": {summary}" if summary else "")
@@ -1246,4 +1286,43 @@ def main(argv=None):
     except UserError as e:
         sys.exit(f"Error: {e}")
     print(cli._result_line(result))
+'''
+
+
+# The plain file's command line: one process, no resuming (see MAIN_TEMPLATE).
+PLAIN_MAIN_TEMPLATE = '''\
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from l2l_recipes.config import apply_overrides
+from l2l_recipes.errors import UserError
+from l2l_recipes.harness import resolve_device
+from l2l_recipes.plain import PlainRun
+
+
+def main(argv=None):
+    """Train RECIPE with the Config above, keeping the weights of its best validation, then test
+    them on the fixed test tasks; the run's files go to <out>/<RECIPE>/<time>-s<seed>/."""
+    parser = argparse.ArgumentParser(description=f"Train and meta-test {RECIPE}.")
+    parser.add_argument("--data-root", help="folder holding the datasets (default: $L2L_RECIPES_DATA, "
+                        "else ~/.cache/l2l-recipes/data)")
+    parser.add_argument("--download", action="store_true", help="download the dataset if missing")
+    parser.add_argument("--device", help="auto, cpu or cuda (default: the config's)")
+    parser.add_argument("--seed", type=int, help="random seed (default: the config's)")
+    parser.add_argument("--out", default="runs", help="parent folder of run directories (default: runs)")
+    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a Config field (a Python literal); repeatable")
+    args = parser.parse_args(argv)
+    flags = [f"seed={args.seed}"] * (args.seed is not None) + [f"device='{args.device}'"] * bool(args.device)
+    try:
+        cfg = apply_overrides(Config(), flags + args.assignments)
+        device = resolve_device(cfg.device)
+        path = Path(args.out) / RECIPE / f"{time.strftime('%Y%m%d-%H%M%S')}-s{cfg.seed}"
+        run = PlainRun(path, RECIPE, cfg, device, args.data_root, args.download)
+        train(cfg, run)
+        run.test(Predictor(cfg, build_model(cfg), device, args.data_root))
+    except UserError as e:
+        sys.exit(f"Error: {e}")
 '''

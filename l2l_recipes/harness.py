@@ -23,7 +23,6 @@ import os
 import platform
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm, trange
 
-from l2l_recipes import data, distributed
+from l2l_recipes import data, distributed, plain
 from l2l_recipes.errors import UserError
 from l2l_recipes.registry import get_recipe
 
@@ -97,16 +96,6 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed):
-    """Seed Python's `random` (learn2learn's task sampling), NumPy and torch."""
-    import random
-
-    import numpy as np
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _git_commit():
@@ -180,7 +169,7 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
-class Run:
+class Run(plain.PlainRun):
     """A run directory being written: config, environment, metrics, checkpoints.
 
     create() makes the directory at once, empty; config.json, written with the first log line
@@ -193,25 +182,15 @@ class Run:
 
     def __init__(self, path, recipe_name, cfg, device, data_root=None, download=False, progress=True,
                  max_minutes=None, checkpoint_every=100, command="l2l-recipes run"):
-        self.path = Path(path)
-        self.recipe = recipe_name
-        self.cfg = cfg
-        self.device = device
-        self.data_root = data_root
-        self.download = download
+        super().__init__(path, recipe_name, cfg, device, data_root, download)
         self.progress = progress and distributed.is_main()
         data.PROGRESS["decoding"] = self.progress
         self.command = command
-        self.started = time.time()
-        self.best_val = float("-inf")
         self.max_minutes = max_minutes  # wall-time budget for training, None for none
         self.checkpoint_every = checkpoint_every  # iterations between checkpoints (also at each validation)
         self.iterations_done = 0
-        self.stopped_early = False  # by the time budget
-        self.ended = False  # by the recipe's stopping rule (end_training)
         self.resume_state = None  # the checkpoint a resumed run continues from
         self.start_iteration = 0
-        self.tracked = None  # (model, optimizer, {name: object}) given to track()
         self.stop_signal = None  # set by SIGINT / SIGTERM during iterations()
         self._checkpointed_at = None
         self._made_parents = []  # the folders above the run directory that create() made
@@ -245,7 +224,7 @@ class Run:
         """Name what checkpoints hold: model, optimizer and `stateful` objects with state_dict()
         (e.g. scheduler=...). On a resumed run, also load them and every random number
         generator state from the checkpoint."""
-        self.tracked = (model, optimizer, stateful)
+        super().track(model, optimizer, **stateful)
         state = self.resume_state
         if state is None:
             return
@@ -307,11 +286,6 @@ class Run:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def end_training(self):
-        """Called by a recipe whose stopping rule (e.g. early stopping) ends training at the
-        current iteration: `iterations()` checkpoints it and stops (also after a resume)."""
-        self.ended = True
-
     def _catch_stop_signals(self):
         def stop(signum, frame):
             if self.stop_signal:  # a second signal: stop at once
@@ -336,7 +310,7 @@ class Run:
         (on any process: all must validate together)."""
         if self.max_minutes is not None and distributed.any_rank(time.time() - self.started >= 60 * self.max_minutes):
             self.stopped_early = iteration < total
-        return iteration % interval == 0 or iteration == total or self.stopped_early
+        return super().validation_due(iteration, interval, total) or self.stopped_early
 
     @classmethod
     def create(cls, out, recipe_name, cfg, device, **options):
@@ -405,8 +379,11 @@ class Run:
         """The floats `shares` (this process's parts of a meta-batch's metrics) summed over the
         processes, each unchanged in one process; every process must call it. One float for one
         argument, else a tuple: `loss, accuracy = run.total(loss, accuracy)`."""
-        totals = distributed.all_reduce_floats(shares)
-        return totals[0] if len(totals) == 1 else tuple(totals)
+        return super().total(*distributed.all_reduce_floats(shares))
+
+    def sum_in_place(self, tensors):
+        """Sum each tensor in place over the processes (no-op in one process)."""
+        distributed.all_reduce(tensors)
 
     def log(self, iteration, **metrics):
         """Append one metrics line and print it (rank 0); a non-finite loss stops the run, naming
@@ -477,52 +454,16 @@ class Run:
                 if self.saved_iteration is not None else "no checkpoint was written yet")
         return UserError(f"{what} at iteration {iteration}: training diverged; {kept} (lower the learning rate)")
 
-    def validate(self, iteration, predictor, tasks, checkpoint=True):
-        """Evaluate on the fixed validation `tasks`, log `val_<key>` for each key of the result,
-        keep the best weights (by the predictor's metric) in best.pt and write ckpt.pt (unless
-        `checkpoint` is False: a recipe that updates tracked state from the result checkpoints
-        after that). Returns the result (the same on every process: the evaluation is gathered)."""
+    def evaluate(self, predictor, tasks):
+        """The validation of PlainRun.validate, the same on every process: the batch norm
+        statistics averaged, the evaluation split over the processes and gathered."""
         distributed.average_buffers(predictor.model)
-        result = predictor.evaluate(tasks, desc="val", progress=self.progress)
-        self.log(iteration, **{f"val_{key}": value for key, value in result.items()})
-        value = result[predictor.metric]
-        score = value if predictor.higher_is_better else -value
-        if score > self.best_val:
-            self.best_val = score
-            self.save("best.pt", predictor.model, iteration, best_val_score=score)
-        if checkpoint:
-            self.checkpoint(iteration)
-        return result
+        return predictor.evaluate(tasks, desc="val", progress=self.progress)
 
 
-class EarlyStopping:
-    """Stop when the validation loss has not improved for more than `patience` validations
-    (Snell et al.'s official code: patience 200 epochs). Checkpointed with the run (pass it to
-    `run.track`), so a resumed run stops where an uninterrupted one would."""
-
-    def __init__(self, patience):
-        self.patience = patience
-        self.best_loss = float("inf")
-        self.best_iteration = 0
-        self.wait = 0
-
-    def update(self, iteration, loss):
-        """Record the validation `loss` of `iteration`; True when patience is exceeded."""
-        if loss < self.best_loss:
-            self.best_loss, self.best_iteration, self.wait = loss, iteration, 0
-        else:
-            self.wait += 1
-        return self.wait > self.patience
-
-    def state_dict(self):
-        return {"best_loss": self.best_loss, "best_iteration": self.best_iteration, "wait": self.wait}
-
-    def load_state_dict(self, state):
-        self.best_loss, self.best_iteration, self.wait = state["best_loss"], state["best_iteration"], state["wait"]
-
-
-class Predictor:
-    """A trained model that adapts to a support set and scores a query set.
+class Predictor(plain.Predictor):
+    """A trained model that adapts to a support set and scores a query set (plain.Predictor),
+    evaluated in batches of tasks and over torchrun's processes.
 
     Attributes: `transform` (PIL image as read from the dataset's files -> input tensor, as
     in training), `test_classes` (the test split's class names), `cfg`, `model`, `device`.
@@ -530,19 +471,10 @@ class Predictor:
     (regression error, reinforcement-learning return) override `metric`, `higher_is_better`,
     `test_tasks` and `evaluate`.
     """
-    metric = "accuracy"  # the key of evaluate()'s result that selects the best weights
-    higher_is_better = True
-    head = None  # a fixed-head family's name ("MAML"): its models take tasks of cfg.ways ways only
     # recipes with a fast path define predict_tasks(support_x, support_y, query_x): `predict` for
     # several tasks of one shape at once (each part with a leading task dimension), logits
     # [tasks, queries, ways]
     predict_tasks = None
-
-    def __init__(self, cfg, model, device, data_root=None):
-        self.cfg = cfg
-        self.model = model.to(device)
-        self.device = device
-        self.data_root = data_root
 
     @property
     def transform(self):
@@ -557,34 +489,10 @@ class Predictor:
         """Whether evaluation adapts many tasks at once: engine=fast and a recipe's predict_tasks."""
         return getattr(self.cfg, "engine", None) == "fast" and self.predict_tasks is not None
 
-    def check_ways(self, support_y):
-        """A UserError when a fixed-head model (`head`) gets a task of other ways than its own."""
-        ways = int(support_y.max()) + 1
-        if self.head and ways != self.cfg.ways:
-            raise UserError(f"this {self.head} model has a {self.cfg.ways}-way head; got a {ways}-way task")
-
-    def predict(self, support_x, support_y, query_x):
-        """Logits [len(query_x), ways] for a task whose support labels are 0..ways-1."""
-        raise NotImplementedError
-
-    def test_tasks(self, episodes, seed):
-        """The fixed test tasks: `episodes` tasks of the test split, drawn with `seed`."""
-        cfg = self.cfg
-        split = data.load_split(cfg.dataset, "test", self.data_root)
-        return data.fixed_taskset(split, cfg.ways, cfg.shots, cfg.queries, episodes, seed)
-
     def evaluate(self, tasks, desc="eval", progress=True):
         """{metric: mean over `tasks`, "ci95": half-width of its 95% CI, "loss": mean query
         cross-entropy} (accuracy as a fraction)."""
         return evaluate(self, tasks, self.cfg.shots, desc=desc, progress=progress)
-
-
-def mean_ci95(values):
-    """Mean and half-width of the normal 95% confidence interval of the mean."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if len(t) < 2:
-        return float(t.mean()), float("nan")
-    return float(t.mean()), float(1.96 * t.std(unbiased=True) / math.sqrt(len(t)))
 
 
 def share(items):
@@ -597,11 +505,6 @@ def gather(values):
     """Every process's `values` (computed for its `share` of some items) merged in item order:
     the list one process would have computed."""
     return distributed.gather(values)
-
-
-def sum_in_place(tensors):
-    """Sum each tensor in place over the processes (no-op in one process)."""
-    distributed.all_reduce(tensors)
 
 
 def evaluate(predictor, tasks, shots, desc="eval", progress=True):
@@ -633,10 +536,7 @@ def task_scores(predictor, tasks, indices, shots, desc="eval", progress=False):
                 logits = predictor.predict_tasks(sx, sy, qx)
             else:
                 logits = predictor.predict(sx[0], sy[0], qx[0])[None]
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 (amp) scored in float32
-            accuracies = (logits.argmax(-1) == qy).float().mean(1)
-            losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), qy, reduction="none").mean(1)
-            scores += zip(accuracies.tolist(), losses.tolist())
+            scores += plain.query_scores(logits, qy)
             bar.update(len(qy))
     return scores
 
@@ -644,9 +544,7 @@ def task_scores(predictor, tasks, indices, shots, desc="eval", progress=False):
 def summarise(scores):
     """evaluate()'s result from this process's (accuracy, loss) per task, gathered over the
     processes: mean accuracy, its 95% CI, mean loss."""
-    accuracies, losses = zip(*gather(scores))
-    accuracy, ci95 = mean_ci95(accuracies)
-    return {"accuracy": accuracy, "ci95": ci95, "loss": statistics.fmean(losses)}
+    return plain.summary(gather(scores))
 
 
 def read_checkpoint(path):

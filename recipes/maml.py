@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from l2l_recipes import data, fast, models
 from l2l_recipes.config import check, validate
 from l2l_recipes.harness import Predictor as _Predictor
-from l2l_recipes.harness import seed_everything
+from l2l_recipes.plain import seed_everything
 from l2l_recipes.registry import Published, register
 
 
@@ -153,10 +153,10 @@ def train(cfg, run):
     model = build_model(cfg).to(device)
     maml = l2l.algorithms.MAML(model, lr=cfg.fast_lr, first_order=cfg.first_order)
     optimizer = torch.optim.Adam(maml.parameters(), lr=cfg.meta_lr)
-    run.track(model, optimizer)  # checkpointed; restored by --resume
+    run.track(model, optimizer)  # checkpointed (and restored by l2l-recipes run --resume)
     # engine=fast builds the same tasks from the split's images held on the device
     loader = fast.DeviceEpisodes(train_tasks, train_set, device) if cfg.engine == "fast" else train_tasks
-    for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
+    for iteration in run.iterations(cfg.iterations):  # (l2l-recipes run: or until its time budget)
         # meta-batch: every process draws the same tasks (one process: what sample() gives)
         # and adapts to its share of them (under torchrun; else to all)
         model.train()

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from l2l_recipes.config import check, validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
-from l2l_recipes.harness import mean_ci95, seed_everything
+from l2l_recipes.plain import mean_ci95, seed_everything
 from l2l_recipes.registry import register
 
 
@@ -193,7 +193,7 @@ def train(cfg, run):
     policy = build_model(cfg).to(device)
     maml = l2l.algorithms.MAML(policy, lr=cfg.fast_lr, first_order=cfg.first_order)
     optimizer = torch.optim.Adam(maml.parameters(), lr=cfg.meta_lr)
-    run.track(policy, optimizer)  # checkpointed; restored by --resume
+    run.track(policy, optimizer)  # checkpointed (and restored by l2l-recipes run --resume)
     for iteration in run.iterations(cfg.iterations):
         # meta-batch: per goal, adapt on trajectories of the current policy, then the
         # policy-gradient loss of trajectories from the adapted policy is the meta-loss

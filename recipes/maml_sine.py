@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from l2l_recipes.config import check, validate
 from l2l_recipes.harness import Predictor as _Predictor
-from l2l_recipes.harness import gather, mean_ci95, seed_everything, share
+from l2l_recipes.harness import gather, share
+from l2l_recipes.plain import mean_ci95, seed_everything
 from l2l_recipes.registry import register
 
 
@@ -160,7 +161,7 @@ def train(cfg, run):
     model = build_model(cfg).to(device)
     maml = l2l.algorithms.MAML(model, lr=cfg.fast_lr, first_order=cfg.first_order)
     optimizer = torch.optim.Adam(maml.parameters(), lr=cfg.meta_lr)
-    run.track(model, optimizer)  # checkpointed; restored by --resume
+    run.track(model, optimizer)  # checkpointed (and restored by l2l-recipes run --resume)
     for iteration in run.iterations(cfg.iterations):
         # meta-batch: every process draws the same waves and adapts a clone per wave of its
         # share (all of them in one process) on train_shots points, meta-loss on other points

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from l2l_recipes import data, fast, fast_mamlpp
 from l2l_recipes.config import check, validate
 from l2l_recipes.harness import Predictor as _Predictor
-from l2l_recipes.harness import seed_everything
+from l2l_recipes.plain import seed_everything
 from l2l_recipes.registry import Published, register
 
 
@@ -217,10 +217,10 @@ def train(cfg, run):
     model = build_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)  # weights, BN weights, rates
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.iterations, eta_min=cfg.min_meta_lr)
-    run.track(model, optimizer, scheduler=scheduler)  # checkpointed; restored by --resume
+    run.track(model, optimizer, scheduler=scheduler)  # checkpointed (and restored by l2l-recipes run --resume)
     # engine=fast builds the same tasks from the split's images held on the device
     loader = fast.DeviceEpisodes(train_tasks, train_set, device) if cfg.engine == "fast" else train_tasks
-    for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
+    for iteration in run.iterations(cfg.iterations):  # (l2l-recipes run: or until its time budget)
         # this iteration's MSL step weights and derivative order (DA)
         step_weights = msl_weights(iteration, cfg.adaptation_steps, cfg.msl_iterations)
         second_order = iteration > cfg.first_order_iterations

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from l2l_recipes import data, models
 from l2l_recipes.config import check, validate
 from l2l_recipes.harness import Predictor as _Predictor
-from l2l_recipes.harness import seed_everything
+from l2l_recipes.plain import seed_everything
 from l2l_recipes.registry import Published, register
 
 
@@ -144,8 +144,8 @@ def train(cfg, run):
 
     model = build_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    run.track(model, optimizer)  # checkpointed; restored by --resume
-    for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
+    run.track(model, optimizer)  # checkpointed (and restored by l2l-recipes run --resume)
+    for iteration in run.iterations(cfg.iterations):  # (l2l-recipes run: or until its time budget)
         # meta-batch of training episodes (one by default): every process draws the same
         # episodes and trains its share of them (all of them in one process); the loss is the
         # negative log-likelihood of the attention's class probabilities

@@ -68,7 +68,7 @@ from l2l_recipes import data, models
 from l2l_recipes.config import check, validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
-from l2l_recipes.harness import seed_everything
+from l2l_recipes.plain import seed_everything
 from l2l_recipes.registry import Published, register
 
 
@@ -264,8 +264,8 @@ def train(cfg, run):
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
-    run.track(model, optimizer, scheduler=scheduler)  # checkpointed; restored by --resume
-    for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
+    run.track(model, optimizer, scheduler=scheduler)  # checkpointed (and restored by l2l-recipes run --resume)
+    for iteration in run.iterations(cfg.iterations):  # (l2l-recipes run: or until its time budget)
         # meta-batch: every process draws the same episodes and trains its share of them (all
         # of them in one process); one forward per episode (support and query together)
         model.train()

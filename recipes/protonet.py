@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from l2l_recipes import data, fast, models
 from l2l_recipes.config import check, validate
 from l2l_recipes.harness import Predictor as _Predictor
-from l2l_recipes.harness import EarlyStopping, seed_everything
+from l2l_recipes.plain import EarlyStopping, seed_everything
 from l2l_recipes.registry import Published, register
 
 
@@ -166,8 +166,8 @@ def train(cfg, run):
     stopper, retraining = EarlyStopping(cfg.patience), Retraining()
     states = {"scheduler": scheduler, "stopper": stopper, "retraining": retraining,
               **({"scaler": scaler} if cfg.amp == "fp16" else {})}
-    run.track(model, optimizer, **states)  # checkpointed; restored by --resume
-    for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
+    run.track(model, optimizer, **states)  # checkpointed (and restored by l2l-recipes run --resume)
+    for iteration in run.iterations(cfg.iterations):  # (l2l-recipes run: or until its time budget)
         split = "train" if retraining.start is None else "trainval"
         # meta-batch of training episodes (one by default): every process draws the same
         # episodes and trains its share of them (all of them in one process)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from l2l_recipes import data, fast, fast_reptile, models
 from l2l_recipes.config import check, validate
 from l2l_recipes.harness import Predictor as _Predictor
-from l2l_recipes.harness import seed_everything, sum_in_place
+from l2l_recipes.plain import seed_everything
 from l2l_recipes.registry import Published, register
 
 
@@ -120,14 +120,14 @@ def adapt_fast(model, x, y, steps, batch_size, lr):
     return [[w[t] for w in weights] for t in range(len(y))], losses.tolist()
 
 
-def outer_step(model, adapted, outer_lr, meta_batch_size):
+def outer_step(model, adapted, outer_lr, meta_batch_size, run):
     """Reptile's outer step theta <- theta + eps * (mean(phi) - theta), the mean over the whole
-    meta-batch of `adapted` (this process's tasks' parameters, summed over the processes)."""
+    meta-batch of `adapted` (this process's tasks' parameters, summed over the processes by `run`)."""
     mean_weights = [torch.zeros_like(p) for p in model.parameters()]
     for phi in adapted:
         for m, p in zip(mean_weights, phi):
             m += p / meta_batch_size
-    sum_in_place(mean_weights)
+    run.sum_in_place(mean_weights)
     with torch.no_grad():
         for p, m in zip(model.parameters(), mean_weights):
             p += outer_lr * (m - p)
@@ -164,10 +164,10 @@ def train(cfg, run):
     val_tasks = data.fixed_taskset(val_set, cfg.ways, cfg.shots, cfg.queries, cfg.val_episodes, cfg.val_seed)
 
     model = build_model(cfg).to(device)
-    run.track(model)  # checkpointed; restored by --resume
+    run.track(model)  # checkpointed (and restored by l2l-recipes run --resume)
     # engine=fast builds the same tasks from the split's images held on the device
     loader = fast.DeviceEpisodes(train_tasks, train_set, device) if cfg.engine == "fast" else train_tasks
-    for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
+    for iteration in run.iterations(cfg.iterations):  # (l2l-recipes run: or until its time budget)
         # meta-batch: every process draws the same tasks and adapts a copy of the network to
         # each task of its share (all of them in one process); the adapted weights are averaged
         model.train()
@@ -180,7 +180,7 @@ def train(cfg, run):
         else:  # a copy per task
             pairs = ((x.to(device), y.to(device)) for x, y in map(loader.get_task, tasks))
             adapted, losses = adapt_copies(model, pairs, *inner)
-        outer_step(model, adapted, outer_lr, cfg.meta_batch_size)
+        outer_step(model, adapted, outer_lr, cfg.meta_batch_size, run)
         meta_loss = sum(loss / cfg.meta_batch_size for loss in losses)
 
         if iteration % cfg.log_interval == 0:

@@ -50,7 +50,7 @@ from l2l_recipes import data, models
 from l2l_recipes.config import check, validate
 from l2l_recipes.errors import UserError
 from l2l_recipes.harness import Predictor as _Predictor
-from l2l_recipes.harness import seed_everything, share
+from l2l_recipes.plain import seed_everything
 from l2l_recipes.registry import Published, register
 
 TC_FILTERS = 128  # the paper's D for every dense block
@@ -250,20 +250,21 @@ class Predictor(_Predictor):
             return self.model(support_x[order][None], support_y[order][None], query_x[None])[0]
 
 
-def sample_episodes(tasks, cfg, device):
-    """A meta-batch of episodes stacked: support [B, S, ...] in random order, labels, queries, labels.
+def sample_episodes(tasks, cfg, run):
+    """A meta-batch of episodes stacked on `run.device`: support [B, S, ...] in random order,
+    labels, queries, labels.
 
     Under torchrun, this process's share of it: every process draws the whole meta-batch (the
-    same random numbers) and loads its `share` of the episodes.
+    same random numbers) and loads its `run.share` of the episodes.
     """
     # per episode, its description and the paper's random order of support examples
     drawn = [(data.draw(tasks), torch.randperm(cfg.ways * cfg.shots)) for _ in range(cfg.meta_batch_size)]
     episodes = []
-    for episode, order in share(drawn):
+    for episode, order in run.share(drawn):
         x, y = tasks.get_task(episode)
         sx, sy, qx, qy = data.split_support_query(x, y, cfg.shots)
         episodes.append((sx[order], sy[order], qx, qy))
-    return [torch.stack(parts).to(device) for parts in zip(*episodes)]
+    return [torch.stack(parts).to(run.device) for parts in zip(*episodes)]
 
 
 def train(cfg, run):
@@ -276,12 +277,12 @@ def train(cfg, run):
 
     model = build_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr, fused=True)  # 3x faster step on CPU
-    run.track(model, optimizer)  # checkpointed; restored by --resume
-    for iteration in run.iterations(cfg.iterations):  # stops early on a wall-time budget
+    run.track(model, optimizer)  # checkpointed (and restored by l2l-recipes run --resume)
+    for iteration in run.iterations(cfg.iterations):  # (l2l-recipes run: or until its time budget)
         # a meta-batch of episodes (this process's share under torchrun), every query the end
         # of its own sequence; one forward pass (batch norm statistics over the share)
         model.train()
-        sx, sy, qx, qy = sample_episodes(train_tasks, cfg, device)
+        sx, sy, qx, qy = sample_episodes(train_tasks, cfg, run)
         logits = model(sx, sy, qx)
         weight = len(qy) / cfg.meta_batch_size  # 1.0 in one process
         loss = F.cross_entropy(logits.flatten(0, 1), qy.flatten())

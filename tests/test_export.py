@@ -1,6 +1,8 @@
 """`l2l-recipes export`: one variant of every recipe family, exported, trains and meta-tests
-with l2l_recipes and recipes made unimportable; its config is at the top; the command refuses
-to overwrite. Families come from the registry, so new ones are covered as they are added."""
+with l2l_recipes and recipes made unimportable, to the numbers of `l2l-recipes run --set
+engine=reference`; its config is at the top; every Omniglot and mini-ImageNet export is short;
+the command refuses to overwrite. Families come from the registry, so new ones are covered as
+they are added."""
 import ast
 import dataclasses
 import json
@@ -168,7 +170,7 @@ def exported_runs(tmp_path_factory, data_root):
         assert result.exit_code == 0, result.output
         path = folder / f"{name.replace('-', '_')}.py"
         jobs[family] = path, [str(path), "--data-root", str(data_root), "--device", "cpu", "--out",
-                              str(folder / "runs"), "--no-progress", *tiny_budget(name)[1]]
+                              str(folder / "runs"), *tiny_budget(name)[1]]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run([sys.executable, "-c", BLOCKED_RUNS, json.dumps([argv for _, argv in jobs.values()])],
@@ -201,8 +203,8 @@ def test_exported_recipe_trains_and_tests_without_the_package(tmp_path, exported
     budget, _ = tiny_budget(name)
     assert status == 0, stderr[-3000:]
     (run_dir,) = (out / name).iterdir()
-    assert {p.name for p in run_dir.iterdir()} >= {"config.json", "env.json", "metrics.jsonl", "ckpt.pt",
-                                                    "best.pt", "result.json"}
+    assert {p.name for p in run_dir.iterdir()} == {"config.json", "metrics.jsonl", "ckpt.pt", "best.pt",
+                                                    "result.json"}
     config_json = json.loads((run_dir / "config.json").read_text())
     assert config_json["recipe"] == name and config_json["iterations"] == budget["iterations"]
     res = json.loads((run_dir / "result.json").read_text())
@@ -213,29 +215,82 @@ def test_exported_recipe_trains_and_tests_without_the_package(tmp_path, exported
     assert trained(metrics, res), (metrics, res)
 
 
-def test_exported_protonet_reproduces_the_package_run(tmp_path, data_root, exported_runs):
+# Runs `l2l-recipes run` for several recipes in one process (torch starts once): argv[1] is a
+# JSON list of argument lists.
+PACKAGE_RUNS = """
+import json
+import sys
+
+from l2l_recipes.cli import cli
+
+for args in json.loads(sys.argv[1]):
+    try:
+        cli.main(args, standalone_mode=False)
+    except SystemExit as e:
+        if e.code:
+            raise
+"""
+
+
+@pytest.fixture(scope="module")
+def package_runs(tmp_path_factory, data_root):
+    """{family: the runs folder of `l2l-recipes run VARIANT --set engine=reference` on the TINY
+    budget}, all in one process with the exported runs' one thread: another number of threads
+    sums convolutions in another order, and training amplifies that (1e-3 seen)."""
+    out = tmp_path_factory.mktemp("package")
+    jobs = []
+    for family, name in VARIANTS.items():
+        engine = ["--set", "engine=reference"] if hasattr(registry.get_recipe(name).config(), "engine") else []
+        jobs.append(["run", name, "--data-root", str(data_root), "--device", "cpu", "--out", str(out / family),
+                     "--no-progress", *engine, *tiny_budget(name)[1]])
+    proc = subprocess.run([sys.executable, "-c", PACKAGE_RUNS, json.dumps(jobs)], cwd=out, capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {family: out / family for family in VARIANTS}
+
+
+@pytest.mark.parametrize("family", sorted(VARIANTS))
+def test_exported_recipe_reproduces_the_package_run(exported_runs, package_runs, family):
     """Same config and seed: the exported file (its blocked run above) and `l2l-recipes run
-    --set engine=reference` log the
-    same losses and test on the same tasks to the same accuracy (the inlined split, tasks and model
-    are the package's)."""
-    name = "protonet-omniglot-5w1s"
-    _, status, _, stderr, exported = exported_runs["protonet"]
+    --set engine=reference` log the same metrics and test on the same tasks to the same score
+    (the inlined split, tasks and model are the package's)."""
+    name = VARIANTS[family]
+    _, status, _, stderr, exported = exported_runs[family]
     assert status == 0, stderr[-3000:]
-    # the package in a fresh process too, with the exported runs' one thread: another number of
-    # threads sums convolutions in another order, and training amplifies that (1e-3 seen)
-    package = subprocess.run([sys.executable, "-m", "l2l_recipes.cli", "run", name, "--data-root", str(data_root),
-                              "--device", "cpu", "--out", str(tmp_path / "package"), "--no-progress",
-                              "--set", "engine=reference", *tiny_budget(name)[1]], cwd=tmp_path, capture_output=True, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert package.returncode == 0, package.stderr[-3000:]
-    runs = [next((folder / name).iterdir()) for folder in (exported, tmp_path / "package")]
-    losses = [[m.get("loss") for m in map(json.loads, (r / "metrics.jsonl").read_text().splitlines())] for r in runs]
+    runs = [next((folder / name).iterdir()) for folder in (exported, package_runs[family])]
+    logs = [[{k: v for k, v in m.items() if k != "time"} for m in map(json.loads, (r / "metrics.jsonl").read_text()
+                                                                       .splitlines())] for r in runs]
+    assert len(logs[0]) == len(logs[1]) > TINY["iterations"]  # a line per iteration and the validation
     # equal up to float32 rounding: two processes may sum in another order (2e-6 relative seen in CI)
-    assert len(losses[0]) == len(losses[1]) == TINY["iterations"] + 1  # a loss per iteration and 1 validation
-    assert [l is None for l in losses[0]] == [l is None for l in losses[1]]
-    assert [l for l in losses[0] if l is not None] == pytest.approx([l for l in losses[1] if l is not None], rel=1e-4)
-    accuracies = [json.loads((r / "result.json").read_text())["accuracy"] for r in runs]
-    assert accuracies[0] == pytest.approx(accuracies[1], abs=0.01)  # rounding flips a few of 500 queries
+    for exported_row, package_row in zip(*logs):
+        assert exported_row.keys() == package_row.keys()
+        for key, value in package_row.items():
+            assert exported_row[key] == pytest.approx(value, rel=1e-4, nan_ok=True), (key, package_row["iteration"])
+    results = [json.loads((r / "result.json").read_text()) for r in runs]
+    metric = results[1].get("metric", "accuracy")
+    # rounding may flip a few of the 500 test queries' predictions
+    assert results[0][metric] == pytest.approx(results[1][metric], rel=1e-4, abs=0.01 * (metric == "accuracy"))
+
+
+# The most lines of a family's default export of an Omniglot or mini-ImageNet variant: today's
+# lengths, as a ratchet (lower them as exports shrink, never raise them). Issue #17 asks for
+# 350, and 450 for MetaOptNet, SNAIL and MAML++; the package's data loading (the dataset's
+# loader, its cache, learn2learn's episodes: ~280 lines), the config's checks and --set (~100)
+# and l2l_recipes.plain (~180) keep them above.
+LINE_LIMITS = {"maml": 800, "protonet": 870, "matchingnet": 810, "anil": 800, "metasgd": 820, "reptile": 820,
+               "transfer": 820, "metaoptnet": 910, "snail": 940, "mamlpp": 890}
+
+
+def test_every_default_export_is_within_its_line_limit(tmp_path):
+    lengths = {}
+    for name in registry.list_recipes():
+        recipe = registry.get_recipe(name)
+        if recipe.family in LINE_LIMITS and getattr(recipe.config(), "dataset", None) in ("omniglot", "mini-imagenet"):
+            path = export.export_recipe(name, tmp_path, force=True)
+            lengths[name] = (recipe.family, len(path.read_text().splitlines()))
+    assert {family for family, _ in lengths.values()} == set(LINE_LIMITS)
+    too_long = {name: n for name, (family, n) in lengths.items() if n > LINE_LIMITS[family]}
+    assert not too_long, too_long
 
 
 def test_the_block_makes_the_package_unimportable(tmp_path):
@@ -292,6 +347,15 @@ def test_export_into_a_directory_and_its_refusals(tmp_path):
     result = cli("export", "anil-omniglot-5w1s", tmp_path)
     assert result.exit_code == 0 and (tmp_path / "anil_omniglot_5w1s.py").is_file()
     assert "python " in result.output and "anil_omniglot_5w1s.py" in result.output
+    # the class splits beside the file: the shipped ones; an edited copy is replaced only with --force
+    split = tmp_path / "splits" / "omniglot-vinyals" / "test.txt"
+    assert split.read_text().split() == data.read_split("omniglot-vinyals", "test")
+    split.write_text("Hebrew/character01/rot000\n")
+    edited = cli("export", "maml-omniglot-5w1s", tmp_path)
+    assert edited.exit_code == 1 and f"{split} exists and differs from the shipped split" in edited.stderr
+    assert not (tmp_path / "maml_omniglot_5w1s.py").exists()
+    assert cli("export", "maml-omniglot-5w1s", tmp_path, "--force").exit_code == 0
+    assert split.read_text().split() == data.read_split("omniglot-vinyals", "test")
     unknown = cli("export", "protonet-omniglot-5w1", tmp_path)
     assert unknown.exit_code == 1 and "did you mean protonet-omniglot-5w1s" in unknown.stderr
     not_py = cli("export", "protonet-omniglot-5w1s", tmp_path / "notes.txt")

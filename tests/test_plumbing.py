@@ -36,7 +36,7 @@ def test_run_helpers_in_one_process_are_identities(tmp_path):
     run.reduce_gradients(model.parameters())
     assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
     tensors = [torch.ones(2)]
-    harness.sum_in_place(tensors)
+    run.sum_in_place(tensors)
     assert tensors[0].tolist() == [1, 1] and harness.gather([3, 1]) == [3, 1]
 
 

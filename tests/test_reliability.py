@@ -291,7 +291,7 @@ def test_only_rank_0_prints_the_stop_message(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- 5: exported files
 
 def test_an_exported_file_runs_without_file_and_resumes_itself(tmp_path, data_root):
-    path = export.export_recipe(NAME, tmp_path / "proto.py")
+    path = export.export_recipe(NAME, tmp_path / "proto.py", fast=True)
     namespace = {"__name__": "exported"}  # exec: no __file__
     exec(compile(path.read_text(), "<exported>", "exec"), namespace)
     assert namespace["environment"](CPU)["git_commit"] is None

@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from l2l_recipes import data, harness, registry
+from l2l_recipes import data, harness, plain, registry
 
 reptile = registry.get_recipe("reptile-omniglot-5w1s").load_module()
 
@@ -61,10 +61,10 @@ def test_adapted_weights_and_outer_step_equal_the_loop_float64(splits, steps, ba
                 assert (r - p).abs().max() > 1e-4, name  # it did move
                 assert (f - r).abs().max() <= 1e-9 * r.abs().max(), name
     # Reptile's outer step from either engine's weights
-    updated = []
+    updated, one_process = [], plain.PlainRun("unwritten", "reptile-omniglot-5w1s", None, torch.device("cpu"))
     for adapted in (ref_weights, fast_weights):
         copy_ = copy.deepcopy(model)
-        reptile.outer_step(copy_, adapted, 0.7, len(adapted))
+        reptile.outer_step(copy_, adapted, 0.7, len(adapted), one_process)
         updated.append(dict(copy_.named_parameters()))
     for name, p in model.named_parameters():
         if not _is_conv_bias(name):

@@ -126,7 +126,7 @@ def export_source(name, all_datasets=False, command=None, fast=False):
 
 # ----------------------------------------------------------------------------- the plain loop
 
-FAST_ONLY_METHODS = ("predict_tasks",)  # a Predictor's batched evaluation (engine=fast)
+FAST_ONLY_METHODS = ("predict_tasks", "all_images")  # a Predictor's batched evaluation; a split on the device
 
 
 def _is_fast_test(node):
@@ -142,9 +142,9 @@ def _dedent(lines, by):
 
 def plain_source(text):
     """A recipe's source with its fast path taken out: each `if cfg.engine == "fast": A else: B`
-    becomes B, each `A if cfg.engine == "fast" else B` becomes B, and the Predictor's batched
-    evaluation (FAST_ONLY_METHODS) and the comment lines about engine=fast go. What is left is
-    the engine=reference loop."""
+    becomes B, each `A if cfg.engine == "fast" else B` becomes B, and the methods only the fast
+    path calls (FAST_ONLY_METHODS) and the comment lines about engine=fast go. What is left is
+    the engine=reference loop (applied to the package's modules too)."""
     while True:
         tree = ast.parse(text)
         lines = text.splitlines(keepends=True)
@@ -548,7 +548,8 @@ class _Exporter:
                 raise ExportError(f"cannot export: no source for module {module}")
             path = Path(spec.origin)
             label = module.replace(".", "/") + ".py" if module.startswith(PACKAGE) else module
-            self.sources[module] = Source(module, path.read_text(encoding="utf-8"), label)
+            text = path.read_text(encoding="utf-8")
+            self.sources[module] = Source(module, plain_source(text) if self.plain else text, label)
         return self.sources[module]
 
     def lookup(self, module, name):
@@ -673,8 +674,7 @@ class _Exporter:
             lines.append(f"from {parent} import {', '.join(m for p, m in pairs if p == parent)}")
         lines += [f"from {PACKAGE}.errors import UserError", ""]
         if self.datasets:
-            lines += ["# The datasets this file reads: name -> its loader's functions and constants, inlined above",
-                      "DATASETS = {"]
+            lines += ["DATASETS = {  # the datasets this file reads: name -> its loader's functions and constants"]
             for d, short in zip(self.datasets, modules):
                 src = self.source(data.DATASETS[d])
                 present = [a for a in attrs if a in src.defs or src.bindings.get(a, ("",))[0] == "item"]
@@ -687,10 +687,9 @@ class _Exporter:
         lines += [
             "", "",
             "def dataset_module(name):",
-            '    """The loader of dataset `name` (see DATASETS), or a UserError naming the ones this file reads."""',
             "    if name not in DATASETS:",
-            "        raise UserError(f\"unknown dataset '{name}': this file reads {', '.join(DATASETS) or 'none'}; \"",
-            "                        f\"export a {name} recipe, or export this one with --all-datasets\")",
+            "        raise UserError(f\"this file reads {', '.join(DATASETS) or 'no dataset'}, not {name}: export a \"",
+            "                        f\"{name} recipe, or this one with --all-datasets\")",
             "    return DATASETS[name]"]
         return "\n".join(lines) + "\n"
 
@@ -1035,7 +1034,7 @@ class _Exporter:
         for (item, n), new in sorted(names.items(), key=lambda kv: (kv[0][0].src.short, kv[0][1].lower())):
             if item in support and new != n and item.src.module != "<export>":
                 renamed.setdefault(item.src.short, []).append(f"{n} -> {new}")
-        header = [f"{RULE} support code: what the recipe uses from l2l_recipes"] if self.plain else [
+        header = [f"{RULE} support code (from l2l_recipes)"] if self.plain else [
             f"{RULE} support code",
             "# Inlined from the l2l_recipes package: only what this recipe uses, each module's part in",
             "# the module's order."]

@@ -278,8 +278,8 @@ def test_exported_recipe_reproduces_the_package_run(exported_runs, package_runs,
 # lengths, as a ratchet (lower them as exports shrink, never raise them). Issue #17 asks for
 # 350, and 450 for MetaOptNet, SNAIL and MAML++; l2l_recipes.plain (~160 lines), the episodes
 # and the uncached loader (~140; mini-ImageNet ~55 more) keep them above.
-LINE_LIMITS = {"maml": 575, "protonet": 636, "matchingnet": 588, "anil": 578, "metasgd": 599, "reptile": 597,
-               "transfer": 599, "metaoptnet": 662, "snail": 714, "mamlpp": 659}
+LINE_LIMITS = {"maml": 562, "protonet": 626, "matchingnet": 578, "anil": 565, "metasgd": 586, "reptile": 584,
+               "transfer": 589, "metaoptnet": 652, "snail": 704, "mamlpp": 649}
 
 
 def test_every_default_export_is_within_its_line_limit(tmp_path):

@@ -88,9 +88,7 @@ class ClassImages(torch.utils.data.Dataset):
     """uint8 images [N, C, H, W] with class indices; item i -> (float image in [0, 1], class)."""
 
     def __init__(self, images, targets, classes):
-        self.images = images
-        self.targets = targets
-        self.classes = list(classes)
+        self.images, self.targets, self.classes = images, targets, list(classes)
         self.labels_to_indices = {c: [] for c in range(len(self.classes))}
         for i, c in enumerate(targets.tolist()):
             self.labels_to_indices[c].append(i)
@@ -131,11 +129,8 @@ def load_split(dataset, split, root=None, download=False):
 # ----------------------------------------------------------------------------- episodes
 
 def taskset(dataset, ways, shots, queries, num_tasks=-1):
-    """learn2learn Taskset of `ways`-way tasks with `shots + queries` distinct images per class.
-
-    Labels are remapped to 0..ways-1 in random order; samples come grouped by class.
-    With num_tasks=-1 every draw is a new task (sampled with Python's `random`).
-    """
+    """learn2learn Taskset of `ways`-way tasks of `shots + queries` images per class, labels 0..ways-1
+    in random order, grouped by class; with num_tasks=-1 each draw is new (Python's `random`)."""
     per_class = min(len(v) for v in dataset.labels_to_indices.values())
     if ways > len(dataset.labels_to_indices):
         raise UserError(f"ways={ways} but this split has only {len(dataset.labels_to_indices)} "
@@ -155,10 +150,7 @@ def taskset(dataset, ways, shots, queries, num_tasks=-1):
 
 
 def fixed_taskset(dataset, ways, shots, queries, num_tasks, seed):
-    """A Taskset of `num_tasks` tasks drawn once from `seed`: every evaluation sees the same tasks.
-
-    The global `random` state (which learn2learn's transforms use) is restored afterwards.
-    """
+    """A Taskset of `num_tasks` tasks drawn once from `seed` (the global `random` state kept)."""
     tasks = taskset(dataset, ways, shots, queries, num_tasks)
     state = random.getstate()
     random.seed(seed)
@@ -171,16 +163,14 @@ def fixed_taskset(dataset, ways, shots, queries, num_tasks, seed):
 
 
 def draw(tasks):
-    """The description of the task `tasks.sample()` would return, drawn with the same random
-    numbers, without loading its images (load it with `tasks.get_task(description)`)."""
+    """The description of the task `tasks.sample()` would return, without its images (`tasks.get_task`)."""
     random.randint(0, len(tasks) - 1)  # Taskset.sample() picks an index first
     return tasks.sample_task_description()
 
 
 def split_support_query(x, y, shots):
-    """Per class, the first `shots` samples are the support set and the rest the query set.
-    y is one task's labels [n], or those of several tasks of one shape [tasks, n] (x [tasks, n,
-    ...]), each split on its own; the parts keep the leading task dimension."""
+    """Per class, the first `shots` samples are the support set, the rest the query set; y is [n]
+    or [tasks, n] (each task split on its own, keeping the task dimension)."""
     order = torch.argsort(y, dim=-1, stable=True)
     y_sorted = y.gather(-1, order)
     first = torch.searchsorted(y_sorted, y_sorted)  # first position of each sample's class

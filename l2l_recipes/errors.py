@@ -2,9 +2,5 @@
 
 
 class UserError(Exception):
-    """Bad input from the user (name, option, data, file); the message says how to fix it.
-    `quiet`: another process prints the same message (rank 0 under torchrun); exit without it."""
-
-    def __init__(self, message, quiet=False):
-        super().__init__(message)
-        self.quiet = quiet
+    """Bad input from the user (name, option, data, file); the message says how to fix it."""
+    quiet = False  # True: another process prints the same message (rank 0 under torchrun); exit without it

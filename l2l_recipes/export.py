@@ -4,12 +4,14 @@ learn2learn, torch and torchvision (and numpy, PIL, tqdm, which they bring).
 The file, in order: the recipe's title and summary (with --fast its whole docstring) plus one
 line saying what it was exported from; the imports; `RECIPE` and the recipe's Config dataclass
 with the variant's values as its defaults; the support code inlined from l2l_recipes; the
-recipe's code; `main()`, which takes --data-root, --download, --device, --seed, --out and
---set. By default the file is the recipe's plain loop in one process (`l2l_recipes.plain`:
-it logs, validates keeping the best weights and tests them), reading its dataset's class
-splits from `splits/` beside it. With --fast it keeps the fast path and `l2l-recipes run`'s
-whole run machinery: --progress, --resume, torchrun, the same run directory (a stopped run
-says to resume it with `python FILE --resume RUN_DIR`), the splits written into the file.
+recipe's code; `main()`, which takes --data-root, --download, --device, --out and --set (with
+--fast also --seed, --progress and --resume). By default the file is the recipe's plain loop in
+one process (`l2l_recipes.plain`: it logs, validates keeping the best weights and tests them),
+reading its dataset's class splits from `splits/` beside it and decoding its images without a
+cache (`plain.load_split` for `data.load_split`); its Config keeps no `__post_init__` checks.
+With --fast it keeps the fast path and `l2l-recipes run`'s whole run machinery: torchrun, the
+same run directory (a stopped run says to resume it with `python FILE --resume RUN_DIR`), the
+splits written into the file.
 
 How it is built, with `ast` and source positions (no source strings run, no import tricks):
 - Unless `fast`, the recipe's fast path is taken out first (`plain_source`): the file holds
@@ -65,7 +67,7 @@ RULE = "# " + "-" * 77  # the house section header: RULE + " name"
 BUILTIN_NAMES = frozenset(dir(builtins)) | {"__file__"}
 # What a dataset module offers (data.DATASETS); uses found in the package are added.
 DATASET_INTERFACE = ("CHANNELS", "SIZE", "transform", "classes", "load_split")
-PLAIN_MODULES = ("data", "models", "plain")  # the package modules a plain loop reaches for its data
+PLAIN_MODULES = ("models", "plain")  # the package modules a plain loop reaches for its data
 
 
 class ExportError(UserError):
@@ -124,7 +126,7 @@ def export_source(name, all_datasets=False, command=None, fast=False):
 
 # ----------------------------------------------------------------------------- the plain loop
 
-FAST_ONLY_METHODS = ("predict_tasks",)  # a Predictor's batched evaluation (engine=fast)
+FAST_ONLY_METHODS = ("predict_tasks", "all_images")  # a Predictor's batched evaluation; a split on the device
 
 
 def _is_fast_test(node):
@@ -140,9 +142,9 @@ def _dedent(lines, by):
 
 def plain_source(text):
     """A recipe's source with its fast path taken out: each `if cfg.engine == "fast": A else: B`
-    becomes B, each `A if cfg.engine == "fast" else B` becomes B, and the Predictor's batched
-    evaluation (FAST_ONLY_METHODS) and the comment lines about engine=fast go. What is left is
-    the engine=reference loop."""
+    becomes B, each `A if cfg.engine == "fast" else B` becomes B, and the methods only the fast
+    path calls (FAST_ONLY_METHODS) and the comment lines about engine=fast go. What is left is
+    the engine=reference loop (applied to the package's modules too)."""
     while True:
         tree = ast.parse(text)
         lines = text.splitlines(keepends=True)
@@ -178,6 +180,19 @@ def plain_source(text):
         else:
             lines[first:last + 1] = [lines[first][:col] + replacement + lines[last][end_col:]]
         text = "".join(lines)
+
+
+def without_method(text, class_name, method):
+    """`text` without top-level class `class_name`'s method `method` (and the blank lines after it)."""
+    (cls,) = [n for n in ast.parse(text).body if isinstance(n, ast.ClassDef) and n.name == class_name]
+    found = [n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == method]
+    if not found:
+        return text
+    lines = text.splitlines(keepends=True)
+    first, last = min([found[0].lineno] + [d.lineno for d in found[0].decorator_list]) - 1, found[0].end_lineno
+    while first > 0 and not lines[first - 1].strip():
+        first -= 1
+    return "".join(lines[:first] + lines[last:])
 
 
 # ----------------------------------------------------------------------------- brace patterns
@@ -517,8 +532,8 @@ class _Exporter:
         path = Path(self.module.__file__)
         text = path.read_text(encoding="utf-8")
         self.plain = not fast
-        if self.plain:  # the plain loop, which engine=reference runs in the package
-            text = plain_source(text)
+        if self.plain:  # the plain loop, which engine=reference runs in the package, without the config checks
+            text = without_method(plain_source(text), type(self.cfg).__name__, "__post_init__")
             if hasattr(self.cfg, "engine"):
                 self.cfg = dataclasses.replace(self.cfg, engine="reference")
         self.rsrc = Source(self.module.__name__, text, f"{path.parent.name}/{path.name}")
@@ -533,7 +548,8 @@ class _Exporter:
                 raise ExportError(f"cannot export: no source for module {module}")
             path = Path(spec.origin)
             label = module.replace(".", "/") + ".py" if module.startswith(PACKAGE) else module
-            self.sources[module] = Source(module, path.read_text(encoding="utf-8"), label)
+            text = path.read_text(encoding="utf-8")
+            self.sources[module] = Source(module, plain_source(text) if self.plain else text, label)
         return self.sources[module]
 
     def lookup(self, module, name):
@@ -658,8 +674,7 @@ class _Exporter:
             lines.append(f"from {parent} import {', '.join(m for p, m in pairs if p == parent)}")
         lines += [f"from {PACKAGE}.errors import UserError", ""]
         if self.datasets:
-            lines += ["# The datasets this file reads: name -> its loader's functions and constants, inlined above",
-                      "DATASETS = {"]
+            lines += ["DATASETS = {  # the datasets this file reads: name -> its loader's functions and constants"]
             for d, short in zip(self.datasets, modules):
                 src = self.source(data.DATASETS[d])
                 present = [a for a in attrs if a in src.defs or src.bindings.get(a, ("",))[0] == "item"]
@@ -672,10 +687,9 @@ class _Exporter:
         lines += [
             "", "",
             "def dataset_module(name):",
-            '    """The loader of dataset `name` (see DATASETS), or a UserError naming the ones this file reads."""',
             "    if name not in DATASETS:",
-            "        raise UserError(f\"unknown dataset '{name}': this file reads {', '.join(DATASETS) or 'none'}; \"",
-            "                        f\"export a {name} recipe, or export this one with --all-datasets\")",
+            "        raise UserError(f\"this file reads {', '.join(DATASETS) or 'no dataset'}, not {name}: export a \"",
+            "                        f\"{name} recipe, or this one with --all-datasets\")",
             "    return DATASETS[name]"]
         return "\n".join(lines) + "\n"
 
@@ -758,9 +772,10 @@ class _Exporter:
         written = self._written_sources()
         self.rewritten = {(f"{PACKAGE}.{m}", n): written[n].defs[n] for m, n in
                           (("data", "dataset_module"), ("data", "read_split"), ("harness", "recipe_module"))}
-        if self.plain:  # the split files lie beside the file; predictors are evaluated task by task
+        if self.plain:  # split files beside the file, images decoded without a cache, tasks evaluated one by one
             del self.rewritten[(f"{PACKAGE}.data", "read_split")]
-            self.rewritten[(f"{PACKAGE}.harness", "Predictor")] = self.source(f"{PACKAGE}.plain").defs["Predictor"]
+            for module, name in (("harness", "Predictor"), ("data", "load_split")):
+                self.rewritten[(f"{PACKAGE}.{module}", name)] = self.source(f"{PACKAGE}.plain").defs[name]
         self._recipe_parts()
         template = PLAIN_MAIN_TEMPLATE if self.plain else MAIN_TEMPLATE
         main_src = Source("<main>", template, "main", extern=self._recipe_names() | {"RECIPE"})
@@ -994,11 +1009,10 @@ class _Exporter:
         if quote not in ('"""', "'''"):
             raise ExportError(f"{self.rsrc.label}: the module docstring must be triple-quoted")
         if self.plain:  # its title and summary; the protocol notes stay in the package
-            raw = "\n\n".join(raw[:-3].split("\n\n")[:2]) + "\n\n" + textwrap.fill(
-                f"The protocol, the published numbers and where ours differs: `l2l-recipes show {self.recipe.name}`"
-                f" ({self.rsrc.label} in l2l-recipes). Run: python {self.recipe.name.replace('-', '_')}.py "
-                f"--data-root DIR [--set key=value ...]", width=100, break_long_words=False,
-                break_on_hyphens=False) + quote
+            return "\n\n".join(raw[:-3].split("\n\n")[:2]) + "\n\n" + textwrap.fill(
+                f"Run: python {self.recipe.name.replace('-', '_')}.py --data-root DIR [--set key=value ...]. "
+                f"Protocol and published numbers: `l2l-recipes show {self.recipe.name}`. {line}", width=100,
+                break_long_words=False, break_on_hyphens=False) + f"\n{quote}\n"
         return raw[:-3].rstrip() + f"\n\n{line}\n{quote}\n"
 
     def _render(self, support, names, imports):
@@ -1020,9 +1034,10 @@ class _Exporter:
         for (item, n), new in sorted(names.items(), key=lambda kv: (kv[0][0].src.short, kv[0][1].lower())):
             if item in support and new != n and item.src.module != "<export>":
                 renamed.setdefault(item.src.short, []).append(f"{n} -> {new}")
-        header = [f"{RULE} support code",
-                  "# Inlined from the l2l_recipes package: only what this recipe uses, each module's part in",
-                  "# the module's order."]
+        header = [f"{RULE} support code (from l2l_recipes)"] if self.plain else [
+            f"{RULE} support code",
+            "# Inlined from the l2l_recipes package: only what this recipe uses, each module's part in",
+            "# the module's order."]
         if renamed:
             header.append("# Renamed where two modules define a name, or to the name the recipe imports it as:")
             header += [_comment_list(f"#   {module}: ", pairs) for module, pairs in renamed.items()]
@@ -1034,12 +1049,11 @@ class _Exporter:
             group = "<export>" if item.src.module == "<export>" else item.src
             if previous is None or group != previous[0]:
                 if item.src.module == "<export>":
-                    title = ("---- written for this file: the package's data.dataset_module imports its dataset's "
-                             "module" if self.plain else "---- written for this file: the package's "
+                    title = ("---- written for this file: the dataset table" if self.plain else "---- written for this file: the package's "
                              "data.dataset_module, data.read_split and harness.recipe_module look outside it")
                 else:
                     summary = " ".join((ast.get_docstring(item.src.tree) or "").split("\n\n")[0].split())
-                    title = f"---- {item.src.label}" + (f": {summary}" if summary else "")
+                    title = f"---- {item.src.label}" + (f": {summary}" if summary and not self.plain else "")
                 comments.insert(0, _comment(title) + "\n")
                 blank = 1 if previous is None else 2
             elif previous[1].src is item.src and item.index == previous[1].index + 1:
@@ -1296,29 +1310,25 @@ import sys
 import time
 from pathlib import Path
 
-from l2l_recipes.config import apply_overrides
+import torch
+
 from l2l_recipes.errors import UserError
-from l2l_recipes.harness import resolve_device
-from l2l_recipes.plain import PlainRun
+from l2l_recipes.plain import PlainRun, override
 
 
 def main(argv=None):
-    """Train RECIPE with the Config above, keeping the weights of its best validation, then test
-    them on the fixed test tasks; the run's files go to <out>/<RECIPE>/<time>-s<seed>/."""
+    """Train RECIPE with the Config above, test its best validation's weights; files in <out>/RECIPE/."""
     parser = argparse.ArgumentParser(description=f"Train and meta-test {RECIPE}.")
-    parser.add_argument("--data-root", help="folder holding the datasets (default: $L2L_RECIPES_DATA, "
-                        "else ~/.cache/l2l-recipes/data)")
+    parser.add_argument("--data-root", default="data", help="folder holding the dataset (default: data)")
     parser.add_argument("--download", action="store_true", help="download the dataset if missing")
     parser.add_argument("--device", help="auto, cpu or cuda (default: the config's)")
-    parser.add_argument("--seed", type=int, help="random seed (default: the config's)")
     parser.add_argument("--out", default="runs", help="parent folder of run directories (default: runs)")
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a Config field (a Python literal); repeatable")
+                        help="override a Config field (a Python literal), e.g. --set seed=1; repeatable")
     args = parser.parse_args(argv)
-    flags = [f"seed={args.seed}"] * (args.seed is not None) + [f"device='{args.device}'"] * bool(args.device)
     try:
-        cfg = apply_overrides(Config(), flags + args.assignments)
-        device = resolve_device(cfg.device)
+        cfg = override(Config(), [f"device={args.device}"] * bool(args.device) + args.assignments)
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
         path = Path(args.out) / RECIPE / f"{time.strftime('%Y%m%d-%H%M%S')}-s{cfg.seed}"
         run = PlainRun(path, RECIPE, cfg, device, args.data_root, args.download)
         train(cfg, run)
@@ -1326,3 +1336,4 @@ def main(argv=None):
     except UserError as e:
         sys.exit(f"Error: {e}")
 '''
+

@@ -275,9 +275,11 @@ class Run(plain.PlainRun):
                 if self.ended:
                     return
                 if stop:  # every process stops; rank 0 alone prints it
-                    raise UserError(f"stopped by {self.stop_signal or 'a signal to another process'} after "
-                                    f"iteration {iteration}; checkpoint saved. Resume with: "
-                                    f"{self._resume_command()}", quiet=not distributed.is_main())
+                    error = UserError(f"stopped by {self.stop_signal or 'a signal to another process'} after "
+                                      f"iteration {iteration}; checkpoint saved. Resume with: "
+                                      f"{self._resume_command()}")
+                    error.quiet = not distributed.is_main()
+                    raise error
                 if self.stopped_early:
                     if distributed.is_main():
                         tqdm.write(f"time budget of {self.max_minutes} minutes spent after iteration {iteration}")

@@ -1,13 +1,12 @@
 """What a recipe's plain loop calls: a run in one process, predictors, evaluation with 95% CIs.
 
-PlainRun logs, validates on fixed tasks keeping the best weights and tests them; Predictor is
-the base of the recipes' predictors; `evaluate` scores the fixed tasks one by one with the
-mean and 95% confidence interval. `l2l-recipes export` copies the parts a recipe uses into
-its file. `harness.Run` extends PlainRun with run directories, resuming, stop signals, time
-budgets and torchrun; `harness.Predictor` extends Predictor with batched, distributed
-evaluation.
+`l2l-recipes export` copies the parts a recipe uses into its file, with `load_split` for
+`data.load_split` and `override` for --set. `harness.Run` extends PlainRun with resuming,
+time budgets and torchrun; `harness.Predictor` extends Predictor with batched evaluation.
 """
+import ast
 import dataclasses
+import itertools
 import json
 import math
 import random
@@ -21,6 +20,23 @@ import torch.nn.functional as F
 
 from l2l_recipes import data
 from l2l_recipes.errors import UserError
+
+
+def override(cfg, assignments):
+    """`cfg` with each 'key=value' applied; the value is a Python literal of the field's type."""
+    for text in assignments:
+        key, _, value = text.partition("=")
+        if key not in {f.name for f in dataclasses.fields(cfg)}:
+            raise UserError(f"unknown config key '{key}'")
+        kind = type(getattr(cfg, key))
+        value = value if kind is str and not value.startswith(("'", '"')) else ast.literal_eval(value)
+        cfg = dataclasses.replace(cfg, **{key: float(value) if kind is float else value})
+    return cfg
+
+
+def load_split(dataset, split, root="data", download=False):
+    """One split of `dataset` decoded from its files under `root` (no cache)."""
+    return data.dataset_module(dataset).decode_split(split, Path(root), download)
 
 
 def seed_everything(seed):
@@ -48,66 +64,43 @@ def query_scores(logits, query_y):
 
 def summary(scores):
     """{"accuracy": mean, "ci95": half-width of its 95% CI, "loss": mean} of (accuracy, loss) per task."""
-    accuracies, losses = zip(*scores)
-    accuracy, ci95 = mean_ci95(accuracies)
-    return {"accuracy": accuracy, "ci95": ci95, "loss": statistics.fmean(losses)}
-
-
-def evaluate(predictor, tasks):
-    """summary() of `predictor` on each of the fixed `tasks` (a finite Taskset), one by one."""
-    scores = []
-    for i in range(len(tasks)):
-        x, y = tasks[i]
-        sx, sy, qx, qy = data.split_support_query(x.to(predictor.device), y.to(predictor.device),
-                                                  predictor.cfg.shots)
-        scores += query_scores(predictor.predict(sx, sy, qx)[None], qy[None])
-    return summary(scores)
+    accuracy, ci95 = mean_ci95([a for a, _ in scores])
+    return {"accuracy": accuracy, "ci95": ci95, "loss": statistics.fmean(loss for _, loss in scores)}
 
 
 class Predictor:
-    """A trained model that adapts to a support set and scores a query set: recipes subclass
-    it and implement `predict`."""
+    """A trained model that adapts to a support set and scores a query set (recipes implement `predict`)."""
     metric = "accuracy"  # the key of evaluate()'s result that selects the best weights
     higher_is_better = True
     head = None  # a fixed-head family's name ("MAML"): its models take tasks of cfg.ways ways only
 
     def __init__(self, cfg, model, device, data_root=None):
-        self.cfg = cfg
-        self.model = model.to(device)
-        self.device = device
-        self.data_root = data_root
+        self.cfg, self.model, self.device, self.data_root = cfg, model.to(device), device, data_root
 
     def check_ways(self, support_y):
-        """A UserError when a fixed-head model (`head`) gets a task of other ways than its own."""
         ways = int(support_y.max()) + 1
         if self.head and ways != self.cfg.ways:
             raise UserError(f"this {self.head} model has a {self.cfg.ways}-way head; got a {ways}-way task")
 
-    def predict(self, support_x, support_y, query_x):
-        """Logits [len(query_x), ways] for a task whose support labels are 0..ways-1."""
-        raise NotImplementedError
-
     def test_tasks(self, episodes, seed):
-        """The fixed test tasks: `episodes` tasks of the test split, drawn with `seed`."""
         cfg = self.cfg
         split = data.load_split(cfg.dataset, "test", self.data_root)
         return data.fixed_taskset(split, cfg.ways, cfg.shots, cfg.queries, episodes, seed)
 
     def evaluate(self, tasks):
-        """{"accuracy", "ci95", "loss"} over the fixed `tasks` (accuracy as a fraction)."""
-        return evaluate(self, tasks)
+        """summary() of the fixed `tasks`, scored one by one."""
+        scores = []
+        for x, y in (tasks[i] for i in range(len(tasks))):
+            sx, sy, qx, qy = data.split_support_query(x.to(self.device), y.to(self.device), self.cfg.shots)
+            scores += query_scores(self.predict(sx, sy, qx)[None], qy[None])
+        return summary(scores)
 
 
 class EarlyStopping:
-    """Stop when the validation loss has not improved for more than `patience` validations
-    (Snell et al.'s official code: patience 200 epochs). Checkpointed with the run (pass it to
-    `run.track`), so a resumed run stops where an uninterrupted one would."""
+    """Stop when the validation loss has not improved for more than `patience` validations."""
 
     def __init__(self, patience):
-        self.patience = patience
-        self.best_loss = float("inf")
-        self.best_iteration = 0
-        self.wait = 0
+        self.patience, self.best_loss, self.best_iteration, self.wait = patience, float("inf"), 0, 0
 
     def update(self, iteration, loss):
         """Record the validation `loss` of `iteration`; True when patience is exceeded."""
@@ -125,30 +118,21 @@ class EarlyStopping:
 
 
 class PlainRun:
-    """A run in one process, written to folder `path`: config.json, metrics.jsonl, ckpt.pt
-    (the latest weights), best.pt (the best validation's) and result.json (the test)."""
+    """A run in one process, in folder `path`: config.json, metrics.jsonl, ckpt.pt, best.pt, result.json."""
 
     def __init__(self, path, recipe_name, cfg, device, data_root=None, download=False):
         self.path, self.recipe, self.cfg, self.device = Path(path), recipe_name, cfg, device
-        self.data_root, self.download = data_root, download
-        self.progress = False  # no progress bars
-        self.started, self.best_val = time.time(), float("-inf")
+        self.data_root, self.download, self.started, self.best_val = data_root, download, time.time(), float("-inf")
         self.tracked = None  # (model, optimizer, {name: object}) given to track()
         self.stopped_early = self.ended = False  # by a time budget (harness.Run); by end_training()
 
     def track(self, model, optimizer=None, **stateful):
-        """Name what checkpoints hold (here the model's weights)."""
         self.tracked = (model, optimizer, stateful)
 
-    def iterations(self, total):
-        """Iterations 1 to `total`, until the recipe calls end_training()."""
-        for iteration in range(1, total + 1):
-            yield iteration
-            if self.ended:
-                return
+    def iterations(self, total):  # 1 to `total`, or until end_training()
+        return itertools.takewhile(lambda _: not self.ended, range(1, total + 1))
 
     def end_training(self):
-        """Stop after this iteration: the recipe's stopping rule ended training."""
         self.ended = True
 
     # One process trains the whole meta-batch; harness.Run shares it out under torchrun.
@@ -171,7 +155,6 @@ class PlainRun:
         return iteration % interval == 0 or iteration == total
 
     def log(self, iteration, **metrics):
-        """Append a line to metrics.jsonl and print it."""
         row = {"iteration": iteration, "time": round(time.time() - self.started, 3), **metrics}
         with open(self.folder() / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -189,14 +172,10 @@ class PlainRun:
         return predictor.evaluate(tasks)
 
     def validate(self, iteration, predictor, tasks, checkpoint=True):
-        """Evaluate on the fixed validation `tasks`, log `val_<key>` for each key of the result,
-        keep the best weights (by the predictor's metric) in best.pt and write ckpt.pt (unless
-        `checkpoint` is False: a recipe that updates tracked state from the result checkpoints
-        after that). Returns the result."""
+        """Evaluate and log `tasks`, keep the best weights in best.pt, write ckpt.pt (if `checkpoint`)."""
         result = self.evaluate(predictor, tasks)
         self.log(iteration, **{f"val_{key}": value for key, value in result.items()})
-        value = result[predictor.metric]
-        score = value if predictor.higher_is_better else -value
+        score = result[predictor.metric] * (1 if predictor.higher_is_better else -1)
         if score > self.best_val:
             self.best_val = score
             self.save("best.pt", predictor.model, iteration, best_val_score=score)
@@ -208,13 +187,11 @@ class PlainRun:
         self.save("ckpt.pt", self.tracked[0], iteration)
 
     def save(self, name, model, iteration, **extra):
-        """Write checkpoint `name`: the recipe, its config, the iteration and the model's weights."""
         torch.save({"recipe": self.recipe, "config": dataclasses.asdict(self.cfg), "iteration": iteration,
                     "model": model.state_dict(), **extra}, self.folder() / name)
 
     def test(self, predictor):
-        """Test the weights of best.pt (else ckpt.pt) on the fixed test tasks; write result.json,
-        print the result and return it."""
+        """Test the weights of best.pt (else ckpt.pt) on the fixed test tasks; write and print result.json."""
         cfg, name = self.cfg, "best.pt" if (self.path / "best.pt").is_file() else "ckpt.pt"
         predictor.model.load_state_dict(torch.load(self.path / name, map_location="cpu", weights_only=True)["model"])
         result = {"recipe": self.recipe, "metric": predictor.metric, "higher_is_better": predictor.higher_is_better,

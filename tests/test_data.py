@@ -27,6 +27,18 @@ def test_shipped_split_is_the_shared_standard_split(data_root):
         assert shipped == shared, split
 
 
+def test_uncached_decoding_gives_the_cached_items(data_root, monkeypatch):
+    """decode_split (what an exported file reads: no cache, rotations applied as it decodes) gives
+    load_split's items, on the real PNGs of two test characters in their four rotations."""
+    cached = data.load_split("omniglot", "test", data_root)
+    names = omniglot.classes("test")[:8]
+    monkeypatch.setattr(omniglot, "classes", lambda split, root=None: names)
+    decoded = omniglot.decode_split("test", data_root)
+    assert decoded.classes == names and decoded.labels_to_indices == {c: cached.labels_to_indices[c] for c in range(8)}
+    for i in range(len(decoded)):
+        assert torch.equal(decoded[i][0], cached[i][0]) and decoded[i][1] == cached[i][1]
+
+
 def test_split_sizes_and_disjoint_characters(data_root):
     chars = {s: {_character(c) for c in data.read_split("omniglot-vinyals", s)} for s in data.SPLIT_NAMES}
     assert {s: len(c) for s, c in chars.items()} == {"train": 1028, "val": 172, "test": 423}

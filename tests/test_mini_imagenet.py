@@ -114,3 +114,15 @@ def test_real_test_split_from_the_zip(data_root, monkeypatch):
     with zipfile.ZipFile(data_root / "mini-imagenet" / "images.zip") as z, z.open(f"images/{name}") as f:
         with Image.open(f) as im:
             assert torch.equal(mini_imagenet.transform(im), ds[1234][0])
+
+
+def test_uncached_decoding_gives_the_cached_images(data_root, monkeypatch):
+    """decode_split (what an exported file reads) gives the cached split's images, on the real zip
+    (two classes) and on the pickle form."""
+    monkeypatch.delenv("L2L_RECIPES_CACHE")  # the real cache, shared with training runs
+    cached = data.load_split("mini-imagenet", "val", data_root)
+    read_csv = mini_imagenet.read_csv
+    monkeypatch.setattr(mini_imagenet, "read_csv", lambda path: read_csv(path)[:1200])
+    decoded = mini_imagenet.decode_split("val", data_root)
+    assert decoded.classes == cached.classes[:2] and torch.equal(decoded.targets, cached.targets[:1200])
+    assert torch.equal(decoded.images, cached.images[:1200])

@@ -43,23 +43,35 @@ def classes(split, root=None):
     return (base / "splits" / "bertinetto" / f"{split}.txt").read_text().split()
 
 
-def load_split(split, root, download=False, progress=True):
+def _files(split, root, download=False):
+    """{class name: its PNG files} of one split."""
     base = _base(root, download)
-    names = classes(split, root)
-    files = {c: sorted((base / "data" / c).glob("*.png")) for c in names}
+    files = {c: sorted((base / "data" / c).glob("*.png")) for c in classes(split, root)}
     empty = [c for c, fs in files.items() if not fs]
     if empty:
         raise UserError(f"CIFAR-FS class {empty[0]} has no images under {base / 'data' / empty[0]}")
+    return files
 
-    def build():
-        images, labels = [], []
-        for name in tqdm(names, desc=f"decoding CIFAR-FS {split} (once)", disable=not progress):
-            for f in files[name]:
-                with Image.open(f) as im:
-                    images.append(data.rgb_pixels(im, SIZE))
-                labels.append(name)
-        return data.labelled(torch.stack(images), labels)
 
-    sources = [base / "splits" / "bertinetto" / f"{split}.txt"] + [f for fs in files.values() for f in fs]
-    cache = data.cached(f"cifar-fs-{split}", data.files_key(f"cifar-fs v{CACHE_VERSION}", sources, root), build)
+def decoded(split, files, progress=False):
+    """{'images', 'targets', 'classes'} of the split's `files`."""
+    images, labels = [], []
+    for name in tqdm(files, desc=f"decoding CIFAR-FS {split} (once)", disable=not progress):
+        for f in files[name]:
+            with Image.open(f) as im:
+                images.append(data.rgb_pixels(im, SIZE))
+            labels.append(name)
+    return data.labelled(torch.stack(images), labels)
+
+
+def load_split(split, root, download=False, progress=True):
+    files = _files(split, root, download)
+    sources = [_base(root) / "splits" / "bertinetto" / f"{split}.txt"] + [f for fs in files.values() for f in fs]
+    key = data.files_key(f"cifar-fs v{CACHE_VERSION}", sources, root)
+    cache = data.cached(f"cifar-fs-{split}", key, lambda: decoded(split, files, progress))
     return data.ClassImages(cache["images"], cache["targets"], cache["classes"])
+
+
+def decode_split(split, root, download=False):
+    """One split decoded from its files under `root` (no cache): the images of load_split."""
+    return data.ClassImages(**decoded(split, _files(split, root, download)))

@@ -48,11 +48,18 @@ def classes(split, root=None):
 def load_split(split, root, download=False, progress=True):
     """One split as a data.ClassImages (a pickle read whole: no decoding bar, `progress` is unused)."""
     path = _path(root, split, download)
-
-    def build():
-        obj = _read(path)
-        images = torch.from_numpy(np.ascontiguousarray(obj["data"], dtype=np.uint8)).permute(0, 3, 1, 2)
-        return data.labelled(images.contiguous(), [str(label) for label in obj["labels"]])
-
-    cache = data.cached(f"fc100-{split}", data.files_key(f"fc100 v{CACHE_VERSION}", [path], root), build)
+    cache = data.cached(f"fc100-{split}", data.files_key(f"fc100 v{CACHE_VERSION}", [path], root),
+                        lambda: decoded(path))
     return data.ClassImages(cache["images"], cache["targets"], cache["classes"])
+
+
+def decode_split(split, root, download=False):
+    """One split read from its pickle under `root` (no cache): the images of load_split."""
+    return data.ClassImages(**decoded(_path(root, split, download)))
+
+
+def decoded(path):
+    """{'images', 'targets', 'classes'} of a split's pickle."""
+    obj = _read(path)
+    images = torch.from_numpy(np.ascontiguousarray(obj["data"], dtype=np.uint8)).permute(0, 3, 1, 2)
+    return data.labelled(images.contiguous(), [str(label) for label in obj["labels"]])

@@ -88,24 +88,29 @@ def load_split(split, root, download=False, progress=True):
     """One split as a data.ClassImages of uint8 [N, 3, 84, 84] images, via the cache."""
     kind, where = locate(root, split, download)
     if kind == "csv":
-        rows = read_csv(where / f"{split}.csv")
-        sources = [where / f"{split}.csv"] + ([where / "images.zip"] if (where / "images.zip").is_file()
-                                              else [where / "images" / n for n, _ in rows])
-        base = where
-
-        def build():
-            return data.labelled(_decode_csv(where, rows, progress), [label for _, label in rows])
+        sources, base = [where / f"{split}.csv"], where
+        sources += [where / "images.zip"] if (where / "images.zip").is_file() else [
+            where / "images" / n for n, _ in read_csv(where / f"{split}.csv")]
     else:
         sources, base = [where], where.parent
-
-        def build():
-            obj = read_pickle(where)
-            images = torch.from_numpy(np.ascontiguousarray(obj["image_data"])).permute(0, 3, 1, 2).contiguous()
-            targets = torch.full((len(images),), -1, dtype=torch.long)
-            for c, indices in enumerate(obj["class_dict"].values()):
-                targets[list(indices)] = c
-            return {"classes": list(obj["class_dict"]), "images": images, "targets": targets}
-
     key = data.files_key(f"mini-imagenet v{CACHE_VERSION} {kind} {split}", sources, base)
-    cache = data.cached(f"mini-imagenet-{split}", key, build)
+    cache = data.cached(f"mini-imagenet-{split}", key, lambda: decoded(kind, where, split, progress))
     return data.ClassImages(cache["images"], cache["targets"], cache["classes"])
+
+
+def decode_split(split, root, download=False):
+    """One split decoded from its files under `root` (no cache): the images of load_split."""
+    return data.ClassImages(**decoded(*locate(root, split, download), split))
+
+
+def decoded(kind, where, split, progress=False):
+    """{'images', 'targets', 'classes'} of a split from its CSV and images, or from learn2learn's pickle."""
+    if kind == "csv":
+        rows = read_csv(where / f"{split}.csv")
+        return data.labelled(_decode_csv(where, rows, progress), [label for _, label in rows])
+    obj = read_pickle(where)
+    images = torch.from_numpy(np.ascontiguousarray(obj["image_data"])).permute(0, 3, 1, 2).contiguous()
+    targets = torch.full((len(images),), -1, dtype=torch.long)
+    for c, indices in enumerate(obj["class_dict"].values()):
+        targets[list(indices)] = c
+    return {"classes": list(obj["class_dict"]), "images": images, "targets": targets}

@@ -127,3 +127,17 @@ def load_split(split, root=None, download=False, progress=True):
     """One split of the standard Omniglot split (1028/172/423 characters x 4 rotations)."""
     names, images = load_omniglot(root, download, progress)
     return OmniglotClasses(names, images, classes(split))
+
+
+def decode_split(split, root, download=False):
+    """One split decoded from the PNGs under `root` (no cache), each class's rotation applied:
+    the same items as load_split's."""
+    names, sources, drawings = classes(split), omniglot_sources(root, download), {}
+    images = torch.empty(len(names), 20, 1, SIZE, SIZE, dtype=torch.uint8)
+    for c, name in enumerate(names):
+        character, rotation = name.rsplit("/rot", 1)
+        if character not in drawings:
+            drawings[character] = torch.stack([omniglot_pixels(Image.open(f)) for f in sources[character]])
+        # torch.rot90 turns counter-clockwise, as PIL's Image.rotate does.
+        images[c, :, 0] = torch.rot90(drawings[character], int(rotation) // 90, dims=(1, 2))
+    return data.ClassImages(images.flatten(0, 1), torch.arange(len(names)).repeat_interleave(20), names)

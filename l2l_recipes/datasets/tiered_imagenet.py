@@ -47,21 +47,26 @@ def classes(split, root=None):
     return list(dict.fromkeys(_labels(_paths(data.data_root(root), split)[1])))
 
 
+def decoded(split, images_path, labels_path, progress=False):
+    """{'images', 'targets', 'classes'} of the split's pickles."""
+    labels = _labels(labels_path)
+    blobs = data.load_pickle(images_path, "tiered-ImageNet images", encoding="latin1")
+    if len(blobs) != len(labels):
+        raise UserError(f"{images_path} holds {len(blobs)} images but {labels_path} {len(labels)} labels")
+    images = torch.empty(len(blobs), 3, SIZE, SIZE, dtype=torch.uint8)
+    for i, blob in enumerate(tqdm(blobs, desc=f"decoding tiered-ImageNet {split} (once)", disable=not progress)):
+        with Image.open(io.BytesIO(bytes(blob))) as im:
+            images[i] = data.rgb_pixels(im, SIZE)
+    return data.labelled(images, labels)
+
+
 def load_split(split, root, download=False, progress=True):
-    images_path, labels_path = _paths(root, split, download)
-
-    def build():
-        labels = _labels(labels_path)
-        blobs = data.load_pickle(images_path, "tiered-ImageNet images", encoding="latin1")
-        if len(blobs) != len(labels):
-            raise UserError(f"{images_path} holds {len(blobs)} images but {labels_path} {len(labels)} labels")
-        images = torch.empty(len(blobs), 3, SIZE, SIZE, dtype=torch.uint8)
-        for i, blob in enumerate(tqdm(blobs, desc=f"decoding tiered-ImageNet {split} (once)",
-                                      disable=not progress)):
-            with Image.open(io.BytesIO(bytes(blob))) as im:
-                images[i] = data.rgb_pixels(im, SIZE)
-        return data.labelled(images, labels)
-
-    key = data.files_key(f"tiered-imagenet v{CACHE_VERSION}", [images_path, labels_path], root)
-    cache = data.cached(f"tiered-imagenet-{split}", key, build)
+    paths = _paths(root, split, download)
+    key = data.files_key(f"tiered-imagenet v{CACHE_VERSION}", list(paths), root)
+    cache = data.cached(f"tiered-imagenet-{split}", key, lambda: decoded(split, *paths, progress))
     return data.ClassImages(cache["images"], cache["targets"], cache["classes"])
+
+
+def decode_split(split, root, download=False):
+    """One split decoded from its files under `root` (no cache): the images of load_split."""
+    return data.ClassImages(**decoded(split, *_paths(root, split, download)))

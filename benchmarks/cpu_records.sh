@@ -88,3 +88,11 @@ bench matchingnet-omniglot-5w5s --seeds 1 --resume --runs-dir /root/l2l-long/ben
 # 20w5s), ProtoNet 5w1s at 5 and 5w5s at 19 (their seeds started on a GPU: benchmarks/gpu_bench.sh)
 bench fomaml-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
 bench protonet-omniglot-5w5s protonet-omniglot-20w5s --seeds 3 --episodes 1000 --resume --runs-dir /root/l2l-long/bench
+# 2026-12-04, session 11 (long_runs.sh at a650359, then 6bd84c9: ProtoNet 5w1s at priority 0): Meta-SGD 5w1s
+# continues from its checkpoint on a core of its own, ProtoNet 5w1s's three seeds beside it, the queue
+# (MetaOptNet-ridge 5w1s, MAML sine, ANIL 5w1s, Matching Nets 20w5s, SNAIL 5w1s) at priority 10
+bench fomaml-omniglot-5w1s metasgd-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
+bench protonet-omniglot-5w1s protonet-omniglot-20w1s --seeds 3 --episodes 1000 --resume --runs-dir /root/l2l-long/bench
+for name in metaoptnet-ridge-omniglot-5w1s maml-sine-5s anil-omniglot-5w1s matchingnet-omniglot-20w5s snail-omniglot-5w1s; do
+  bench "$name" --seeds 1 --resume --runs-dir /root/l2l-long/bench
+done

@@ -51,8 +51,9 @@ queue() {  # queue NICE NAME...: one background process benching these one after
 # one thread (docs/speed.md)
 start 0 "fomaml-omniglot-5w1s metasgd-omniglot-5w1s" --seeds 1
 # ProtoNet 5w1s's three seeds (issue 15's acceptance) beside it: each stops 200 validations (20,000
-# episodes) after its best validation loss, then retrains on train+val for as many episodes; by the
-# curves at 20,750 / 18,900 / 18,450 episodes, ~6,000 / 33,000 / 18,000 episodes are left.
+# episodes) after its best validation loss, then retrains a fresh model on train+val for best +
+# 19,900 episodes; by the curves at 20,850 / 18,900 / 18,450 episodes (best 3,400 / 15,800 / 8,300),
+# ~26,000 / 52,600 / 38,000 episodes are left (~0.3-0.4 s each on one core).
 # (seeds started on a GPU with benchmarks/gpu_bench.sh continue here: the runs do not depend on the device)
 start 0 "protonet-omniglot-5w1s protonet-omniglot-20w1s" --seeds 3 --episodes 1000
 start 19 "protonet-omniglot-5w5s protonet-omniglot-20w5s" --seeds 3 --episodes 1000

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import itertools
 import json
 import math
 import shutil
@@ -70,9 +71,10 @@ def bench_recipe(name, seeds, episodes, assignments=(), max_minutes=None, device
         raise BenchPending(f"{name}: seed(s) {', '.join(map(str, busy))} still training in another bench process "
                            f"(their runs in {home}); the last process to finish writes the record")
     with _locked(home / ".record.lock", wait=True):
-        written = home / f"record-{name}.txt"
-        if written.is_file() and Path(written.read_text().strip()).is_file():
-            return json.loads(Path(written.read_text().strip()).read_text())
+        written = home / f"record-{name}.txt"  # the latest record: returned again for as many seeds
+        last = Path(written.read_text().strip()) if written.is_file() else None
+        if last and last.is_file() and len(json.loads(last.read_text())["seeds"]) == seeds:
+            return json.loads(last.read_text())
         bench = Bench(name, recipe, trainer, cfg, default, tested, seeds, home, dev, data_root, progress,
                       max_minutes, tuple(assignments), Path(results_dir), command)
         record = _record(bench)
@@ -191,7 +193,11 @@ def _record(bench):
     }
     results_dir.mkdir(parents=True, exist_ok=True)
     device_tag = "cuda" if record["gpu"] else "cpu"
-    stem = f"{name}-{device_tag}-torch{env['torch'].split('+')[0]}-{stamp:%Y%m%d-%H%M%S}"
+    stem = base = f"{name}-{device_tag}-torch{env['torch'].split('+')[0]}-{stamp:%Y%m%d-%H%M%S}"
+    for n in itertools.count(2):  # a record never replaces another written in the same second
+        if not (results_dir / f"{stem}.json").exists():
+            break
+        stem = f"{base}-{n}"
     record["curve"] = f"{stem}.png"
     harness.write_json(results_dir / f"{stem}.json", record)
     plot_curves(dict(enumerate(curves, 1)), results_dir / f"{stem}.png", f"{name}: validation {metric} ({record['device']})", metric)

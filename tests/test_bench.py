@@ -39,6 +39,15 @@ def test_bench_records_seeds_budget_and_table(tmp_path, data_root):
     assert cli("bench-table", "--results-dir", results).exit_code == 0
     assert (results.parent / "README.md").read_text().startswith("intro\n") and row in (
         results.parent / "README.md").read_text()
+    # the same bench with fewer seeds (--resume): a record of those seeds, no training; again: the same record
+    args = ["bench", "protonet-omniglot-5w1s", "--seeds", 1, "--episodes", 40, "--iterations", 20, "--set",
+            "train_ways=20", "--set", "val_interval=10", "--set", "val_episodes=20", "--device", "cpu",
+            "--data-root", data_root, "--runs-dir", tmp_path / "runs", "--results-dir", results, "--resume"]
+    assert cli(*args).exit_code == 0 and cli(*args).exit_code == 0
+    records = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+    assert sorted(len(r["seeds"]) for r in records) == [1, 2]
+    (one,) = [r for r in records if len(r["seeds"]) == 1]
+    assert one["seeds"][0]["accuracy"] == record["seeds"][0]["accuracy"]
 
 
 def test_time_budget_stops_and_is_recorded(tmp_path, data_root):

@@ -56,7 +56,8 @@ start 0 "fomaml-omniglot-5w1s metasgd-omniglot-5w1s" --seeds 1
 # ~26,000 / 52,600 / 38,000 episodes are left (~0.3-0.4 s each on one core).
 # (seeds started on a GPU with benchmarks/gpu_bench.sh continue here: the runs do not depend on the device)
 start 0 "protonet-omniglot-5w1s protonet-omniglot-20w1s" --seeds 3 --episodes 1000
-start 19 "protonet-omniglot-5w5s protonet-omniglot-20w5s" --seeds 3 --episodes 1000
+# 5w5s: seed 1 first (its record, then --seeds 3 adds seeds 2-3 to the same bench folder)
+start 19 "protonet-omniglot-5w5s protonet-omniglot-20w5s" --seeds 1 --episodes 1000
 if [ "${QUEUE:-1}" = 1 ]; then  # one seed each, one after another (finished ones return at once):
   # the rows issue 15 lists first, then SNAIL (published 99.07, ~2.8 h)
   queue 10 matchingnet-omniglot-5w1s transfer-omniglot-5w1s transfer-omniglot-5w5s matchingnet-omniglot-5w5s \

@@ -96,3 +96,7 @@ bench protonet-omniglot-5w1s protonet-omniglot-20w1s --seeds 3 --episodes 1000 -
 for name in metaoptnet-ridge-omniglot-5w1s maml-sine-5s anil-omniglot-5w1s matchingnet-omniglot-20w5s snail-omniglot-5w1s; do
   bench "$name" --seeds 1 --resume --runs-dir /root/l2l-long/bench
 done
+# ProtoNet 5w5s: its --seeds 3 bench stopped (SIGTERM, checkpointed) and continued with one seed, so that
+# seed 1's record comes first (commit e9475c3 and later: a bench run again with another --seeds writes a
+# record of those seeds); --seeds 3 adds seeds 2-3 in the same bench folder later
+bench protonet-omniglot-5w5s protonet-omniglot-20w5s --seeds 1 --episodes 1000 --resume --runs-dir /root/l2l-long/bench

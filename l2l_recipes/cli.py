@@ -241,7 +241,8 @@ def recipes_bench(names, seeds, episodes, iterations, max_minutes, assignments, 
     """Train and meta-test each recipe NAME over seeds; write records and the benchmark table.
 
     The seeds' runs are kept in RUNS_DIR/NAME/bench-<key>/seed-N (the key: a hash of the
-    options). A bench stopped at any moment (Ctrl-C, kill, machine gone) continues with the
+    options other than --seeds: --resume with a larger --seeds trains the seeds a finished
+    bench lacks and writes a record of them all). A bench stopped at any moment (Ctrl-C, kill, machine gone) continues with the
     same command plus --resume, and ends with the record an unstopped bench would write.
     Several processes (or machines sharing RUNS_DIR) may run one bench with --resume: each
     trains the seeds no other holds, the last to finish writes the record.

@@ -73,8 +73,9 @@ def bench_recipe(name, seeds, episodes, assignments=(), max_minutes=None, device
     with _locked(home / ".record.lock", wait=True):
         written = home / f"record-{name}.txt"  # the latest record: returned again for as many seeds
         last = Path(written.read_text().strip()) if written.is_file() else None
-        if last and last.is_file() and len(json.loads(last.read_text())["seeds"]) == seeds:
-            return json.loads(last.read_text())
+        last = json.loads(last.read_text()) if last and last.is_file() else None
+        if last and len(last["seeds"]) == seeds:
+            return last
         bench = Bench(name, recipe, trainer, cfg, default, tested, seeds, home, dev, data_root, progress,
                       max_minutes, tuple(assignments), Path(results_dir), command)
         record = _record(bench)

@@ -44,23 +44,20 @@ queue() {  # queue NICE NAME...: one background process benching these one after
   echo "queue: started, priority $nice ($*)"
 }
 
-# the paper's protocols (issue 15), most valuable first; ProtoNet (hours per seed) takes what the
-# others and a working session leave
-# (MAML and FOMAML omniglot-5w1s seed 1: done, reproduced; the chain returns from FOMAML at once.)
-# One seed each, one after another, the rows with a published number first: Meta-SGD ~4.2 h on
-# one thread (docs/speed.md)
-start 0 "fomaml-omniglot-5w1s metasgd-omniglot-5w1s" --seeds 1
-# ProtoNet 5w1s's three seeds (issue 15's acceptance) beside it: each stops 200 validations (20,000
-# episodes) after its best validation loss, then retrains a fresh model on train+val for best +
-# 19,900 episodes; by the curves at 20,850 / 18,900 / 18,450 episodes (best 3,400 / 15,800 / 8,300),
-# ~26,000 / 52,600 / 38,000 episodes are left (~0.3-0.4 s each on one core).
-# (seeds started on a GPU with benchmarks/gpu_bench.sh continue here: the runs do not depend on the device)
-start 0 "protonet-omniglot-5w1s protonet-omniglot-20w1s" --seeds 3 --episodes 1000
-# 5w5s: seed 1 first (its record, then --seeds 3 adds seeds 2-3 to the same bench folder)
-start 19 "protonet-omniglot-5w5s protonet-omniglot-20w5s" --seeds 1 --episodes 1000
+# the paper's protocols (issue 15), the rows that finish within one working session first (a
+# machine may come back without LONG: 2026-12-04 it did, and ~30 core-hours of runs were lost).
+# Done, reproduced or with a verdict, and not run again here: MAML and FOMAML omniglot-5w1s, Matching
+# Nets 5w1s/5w5s/20w1s, transfer 5w1s/5w5s.
+# Matching Nets 20w5s (published 98.5), one seed, one thread:
+start 0 "matchingnet-omniglot-20w5s" --seeds 1
 if [ "${QUEUE:-1}" = 1 ]; then  # one seed each, one after another (finished ones return at once):
-  # the rows issue 15 lists first, then SNAIL (published 99.07, ~2.8 h)
-  queue 10 matchingnet-omniglot-5w1s transfer-omniglot-5w1s transfer-omniglot-5w5s matchingnet-omniglot-5w5s \
-    matchingnet-omniglot-20w1s metaoptnet-ridge-omniglot-5w1s maml-sine-5s anil-omniglot-5w1s \
-    matchingnet-omniglot-20w5s snail-omniglot-5w1s
+  # MAML sine (~0.5 h), MetaOptNet-ridge (~0.7 h), Reptile (published 97.68; ~3 h), ANIL (~2 h),
+  # SNAIL (~2.8 h), Meta-SGD (~4 h)
+  queue 0 maml-sine-5s metaoptnet-ridge-omniglot-5w1s reptile-omniglot-5w1s anil-omniglot-5w1s \
+    snail-omniglot-5w1s metasgd-omniglot-5w1s
 fi
+# ProtoNet (Snell's protocol: ~40,000-70,000 episodes a seed, ~5 core-hours) takes what the others and
+# a working session leave: each seed stops 200 validations (20,000 episodes) after its best
+# validation loss, then retrains a fresh model on train+val for best + 19,900 episodes.
+# (seeds started on a GPU with benchmarks/gpu_bench.sh continue here: the runs do not depend on the device)
+start 19 "protonet-omniglot-5w1s protonet-omniglot-20w1s" --seeds 3 --episodes 1000

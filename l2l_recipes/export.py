@@ -195,6 +195,24 @@ def without_method(text, class_name, method):
     return "".join(lines[:first] + lines[last:])
 
 
+CALLED_BY_TORCH = frozenset({"forward", "backward", "extra_repr", "reset_parameters"})  # never called by name
+
+
+def without_unused_methods(text, keep_classes=()):
+    """`text` without the methods of its classes (but `keep_classes`) that nothing in it calls by
+    name: a plain file's support classes carry hooks only the package's harness calls."""
+    while True:
+        tree = ast.parse(text)
+        called = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+        unused = [(cls.name, f.name) for cls in tree.body if isinstance(cls, ast.ClassDef) and cls.name not in keep_classes
+                  for f in cls.body if isinstance(f, ast.FunctionDef) and not f.name.startswith("__")
+                  and f.name not in CALLED_BY_TORCH and f.name not in called]
+        if not unused:
+            return text
+        for class_name, method in unused:
+            text = without_method(text, class_name, method)
+
+
 # ----------------------------------------------------------------------------- brace patterns
 
 def expand_braces(pattern):
@@ -788,6 +806,8 @@ class _Exporter:
         imports = self._imports(closure)
         names = self._assign_names(support, closure, imports)
         text = self._render(support, names, imports)
+        if self.plain:
+            text = without_unused_methods(text, keep_classes={n for item in self.recipe_items for n in item.names})
         self._check(text)
         return text
 

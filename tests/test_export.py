@@ -278,8 +278,8 @@ def test_exported_recipe_reproduces_the_package_run(exported_runs, package_runs,
 # lengths, as a ratchet (lower them as exports shrink, never raise them). Issue #17 asks for
 # 350, and 450 for MetaOptNet, SNAIL and MAML++; l2l_recipes.plain (~160 lines), the episodes
 # and the uncached loader (~140 for Omniglot, ~180 for mini-ImageNet) keep them above.
-LINE_LIMITS = {"maml": 562, "protonet": 626, "matchingnet": 578, "anil": 565, "metasgd": 586, "reptile": 584,
-               "transfer": 589, "metaoptnet": 652, "snail": 704, "mamlpp": 649}
+LINE_LIMITS = {"maml": 553, "protonet": 615, "matchingnet": 564, "anil": 556, "metasgd": 577, "reptile": 575,
+               "transfer": 575, "metaoptnet": 638, "snail": 690, "mamlpp": 640}
 
 
 def test_every_default_export_is_within_its_line_limit(tmp_path):
@@ -417,6 +417,45 @@ class Predictor:
     def predict(self):
         return 0
 ''')
+
+
+def test_unused_methods_go_until_none_is_left_and_kept_classes_stay_whole():
+    text = ('''class Run:
+    def __init__(self):
+        self.n = 0
+
+    def log(self):
+        return self.helper()
+
+    def helper(self):
+        return 1
+
+    def share(self, items):
+        return items
+
+    def mine(self):
+        return self.only_for_mine()
+
+    def only_for_mine(self):
+        return 2
+
+
+class Net(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+class Predictor:
+    def hook(self):
+        return 3
+
+
+run = Run()
+run.log(), run.share([])
+''')
+    pruned = export.without_unused_methods(text, keep_classes={"Predictor"})
+    assert [f.name for f in ast.walk(ast.parse(pruned)) if isinstance(f, ast.FunctionDef)] == [
+        "__init__", "log", "helper", "share", "forward", "hook"]
 
 
 def test_override_reads_each_value_as_its_fields_type():

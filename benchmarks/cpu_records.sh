@@ -100,3 +100,13 @@ done
 # seed 1's record comes first (commit e9475c3 and later: a bench run again with another --seeds writes a
 # record of those seeds); --seeds 3 adds seeds 2-3 in the same bench folder later
 bench protonet-omniglot-5w5s protonet-omniglot-20w5s --seeds 1 --episodes 1000 --resume --runs-dir /root/l2l-long/bench
+# 2026-12-04 (22:45), session 12: the machine came back without /root/l2l-long (every run above that had not
+# finished, ~30 core-hours, was lost: Meta-SGD at 8,500 of 60,000 iterations, ProtoNet's seeds at ~20,000
+# episodes). Started again from nothing (long_runs.sh at 5ac3a68): Matching Nets 20w5s on a core of its own,
+# the queue on the other, ProtoNet 5w1s at priority 19
+bench matchingnet-omniglot-20w5s --seeds 1 --resume --runs-dir /root/l2l-long/bench
+for name in maml-sine-5s metaoptnet-ridge-omniglot-5w1s reptile-omniglot-5w1s anil-omniglot-5w1s snail-omniglot-5w1s \
+    metasgd-omniglot-5w1s; do
+  bench "$name" --seeds 1 --resume --runs-dir /root/l2l-long/bench
+done
+bench protonet-omniglot-5w1s protonet-omniglot-20w1s --seeds 3 --episodes 1000 --resume --runs-dir /root/l2l-long/bench

@@ -31,7 +31,8 @@ class DeviceEpisodes:
 
     `get_task(description)` and `sample()` return what the Taskset's own would, as float
     images on `device` (bitwise equal: the same uint8 pixels divided by 255); `get_tasks`
-    builds several tasks of one shape at once, stacked.
+    builds several tasks of one shape at once, stacked. `data.draw` draws from it as from the
+    Taskset (the same random numbers), so a recipe can use it in the Taskset's place.
     """
 
     def __init__(self, tasks, dataset, device):
@@ -62,8 +63,14 @@ class DeviceEpisodes:
         y = torch.tensor(labels, device=self.device).view(len(descriptions), -1)
         return x.view(*y.shape, *x.shape[1:]), y
 
+    def __len__(self):
+        return len(self.tasks)
+
+    def sample_task_description(self):
+        return self.tasks.sample_task_description()
+
     def sample(self):
-        return self.get_task(data.draw(self.tasks))
+        return self.get_task(data.draw(self))
 
 
 # ----------------------------------------------------------------------------- ProtoNet embedding

@@ -133,8 +133,8 @@ def train(cfg, run):
     head = l2l.algorithms.MAML(model.classifier, lr=cfg.fast_lr, first_order=cfg.first_order)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)  # body and head
     run.track(model, optimizer)  # checkpointed (and restored by l2l-recipes run --resume)
-    # engine=fast builds the same tasks from the split's images held on the device
-    loader = fast.DeviceEpisodes(train_tasks, train_set, device) if cfg.engine == "fast" else train_tasks
+    if cfg.engine == "fast":  # the same tasks, built from the split's images held on the device
+        train_tasks = fast.DeviceEpisodes(train_tasks, train_set, device)
     for iteration in run.iterations(cfg.iterations):  # (l2l-recipes run: or until its time budget)
         # meta-batch: every process draws the same tasks and adapts a copy of the head to its
         # share of them (all of them in one process), accumulating the query loss
@@ -143,14 +143,14 @@ def train(cfg, run):
         tasks = [data.draw(train_tasks) for _ in range(cfg.meta_batch_size)]
         tasks = run.share(tasks)
         if cfg.engine == "fast":  # all tasks at once (l2l_recipes.fast)
-            batch = data.split_support_query(*loader.get_tasks(tasks), cfg.shots)  # [tasks, ...] each
+            batch = data.split_support_query(*train_tasks.get_tasks(tasks), cfg.shots)  # [tasks, ...] each
             meta_loss, meta_acc = fast.anil_meta_batch(model, batch, cfg.fast_lr, cfg.adaptation_steps,
                                                        cfg.first_order, 1 / cfg.meta_batch_size)
             meta_loss, meta_acc = meta_loss / cfg.meta_batch_size, meta_acc / cfg.meta_batch_size
         else:  # learn2learn's loop: a clone of the head per task
             meta_loss = meta_acc = 0.0
             for task in tasks:
-                x, y = loader.get_task(task)
+                x, y = train_tasks.get_task(task)
                 sx, sy, qx, qy = data.split_support_query(x.to(device), y.to(device), cfg.shots)
                 loss, acc = fast_adapt(model.features, head.clone(), sx, sy, qx, qy, cfg.adaptation_steps)
                 (loss / cfg.meta_batch_size).backward()

@@ -218,8 +218,8 @@ def train(cfg, run):
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.meta_lr)  # weights, BN weights, rates
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.iterations, eta_min=cfg.min_meta_lr)
     run.track(model, optimizer, scheduler=scheduler)  # checkpointed (and restored by l2l-recipes run --resume)
-    # engine=fast builds the same tasks from the split's images held on the device
-    loader = fast.DeviceEpisodes(train_tasks, train_set, device) if cfg.engine == "fast" else train_tasks
+    if cfg.engine == "fast":  # the same tasks, built from the split's images held on the device
+        train_tasks = fast.DeviceEpisodes(train_tasks, train_set, device)
     for iteration in run.iterations(cfg.iterations):  # (l2l-recipes run: or until its time budget)
         # this iteration's MSL step weights and derivative order (DA)
         step_weights = msl_weights(iteration, cfg.adaptation_steps, cfg.msl_iterations)
@@ -232,14 +232,14 @@ def train(cfg, run):
         tasks = [data.draw(train_tasks) for _ in range(cfg.meta_batch_size)]
         tasks = run.share(tasks)
         if cfg.engine == "fast":  # all tasks at once, one grouped network (l2l_recipes.fast_mamlpp)
-            batch = data.split_support_query(*loader.get_tasks(tasks), cfg.shots)  # [tasks, ...] each
+            batch = data.split_support_query(*train_tasks.get_tasks(tasks), cfg.shots)  # [tasks, ...] each
             meta_loss, meta_acc = fast_mamlpp.meta_batch(model, batch, step_weights, second_order,
                                                          1 / cfg.meta_batch_size)
             meta_loss, meta_acc = meta_loss / cfg.meta_batch_size, meta_acc / cfg.meta_batch_size
         else:  # task by task
             meta_loss = meta_acc = 0.0
             for task in tasks:
-                x, y = loader.get_task(task)
+                x, y = train_tasks.get_task(task)
                 sx, sy, qx, qy = data.split_support_query(x.to(device), y.to(device), cfg.shots)
                 loss, acc = fast_adapt(model, sx, sy, qx, qy, step_weights, second_order)
                 (loss / cfg.meta_batch_size).backward()

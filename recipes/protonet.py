@@ -150,12 +150,10 @@ def train(cfg, run):
     val_set = data.load_split(cfg.dataset, "val", run.data_root)
     val_tasks = data.fixed_taskset(val_set, cfg.ways, cfg.shots, cfg.queries, cfg.val_episodes, cfg.val_seed)
 
-    # engine=fast: the same episodes, built from the split's images held on the device
-    loaders = {name: fast.DeviceEpisodes(tasks[name], sets[name], device) if cfg.engine == "fast" else tasks[name]
-               for name in splits}
+    if cfg.engine == "fast":  # the same episodes, built from the split's images held on the device
+        tasks = {name: fast.DeviceEpisodes(tasks[name], sets[name], device) for name in splits}
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = build_model(cfg).to(device, memory_format=layout)
-    embed = (lambda x: fast.conv4_embed(model, x)) if cfg.engine == "fast" else model
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     # mixed precision (amp=bf16|fp16); fp16 gradients are scaled against underflow
@@ -176,11 +174,12 @@ def train(cfg, run):
         episodes = [data.draw(tasks[split]) for _ in range(cfg.meta_batch_size)]
         meta_loss = meta_acc = 0.0
         for episode in run.share(episodes):
-            x, y = loaders[split].get_task(episode)
+            x, y = tasks[split].get_task(episode)
             sx, sy, qx, qy = data.split_support_query(x.to(device), y.to(device), cfg.shots)
             # one forward pass for support and query, as in the paper's code (shared batch norm statistics)
             with autocast:
-                embeddings = embed(torch.cat([sx, qx]).contiguous(memory_format=layout))
+                images = torch.cat([sx, qx]).contiguous(memory_format=layout)
+                embeddings = fast.conv4_embed(model, images) if cfg.engine == "fast" else model(images)
                 logits = proto_logits(embeddings[: len(sx)].float(), sy, embeddings[len(sx):].float(),
                                       cfg.train_ways)
                 loss = F.cross_entropy(logits, qy)

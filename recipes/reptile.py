@@ -165,8 +165,8 @@ def train(cfg, run):
 
     model = build_model(cfg).to(device)
     run.track(model)  # checkpointed (and restored by l2l-recipes run --resume)
-    # engine=fast builds the same tasks from the split's images held on the device
-    loader = fast.DeviceEpisodes(train_tasks, train_set, device) if cfg.engine == "fast" else train_tasks
+    if cfg.engine == "fast":  # the same tasks, built from the split's images held on the device
+        train_tasks = fast.DeviceEpisodes(train_tasks, train_set, device)
     for iteration in run.iterations(cfg.iterations):  # (l2l-recipes run: or until its time budget)
         # meta-batch: every process draws the same tasks and adapts a copy of the network to
         # each task of its share (all of them in one process); the adapted weights are averaged
@@ -176,9 +176,9 @@ def train(cfg, run):
         tasks = run.share(tasks)
         inner = (cfg.adaptation_steps, cfg.inner_batch_size, cfg.inner_lr)
         if cfg.engine == "fast":  # all tasks at once, one grouped network (l2l_recipes.fast_reptile)
-            adapted, losses = adapt_fast(model, *loader.get_tasks(tasks), *inner)
+            adapted, losses = adapt_fast(model, *train_tasks.get_tasks(tasks), *inner)
         else:  # a copy per task
-            pairs = ((x.to(device), y.to(device)) for x, y in map(loader.get_task, tasks))
+            pairs = ((x.to(device), y.to(device)) for x, y in map(train_tasks.get_task, tasks))
             adapted, losses = adapt_copies(model, pairs, *inner)
         outer_step(model, adapted, outer_lr, cfg.meta_batch_size, run)
         meta_loss = sum(loss / cfg.meta_batch_size for loss in losses)

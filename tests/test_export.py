@@ -278,8 +278,8 @@ def test_exported_recipe_reproduces_the_package_run(exported_runs, package_runs,
 # lengths, as a ratchet (lower them as exports shrink, never raise them). Issue #17 asks for
 # 350, and 450 for MetaOptNet, SNAIL and MAML++; l2l_recipes.plain (~160 lines), the episodes
 # and the uncached loader (~140 for Omniglot, ~180 for mini-ImageNet) keep them above.
-LINE_LIMITS = {"maml": 553, "protonet": 615, "matchingnet": 564, "anil": 556, "metasgd": 577, "reptile": 575,
-               "transfer": 575, "metaoptnet": 638, "snail": 690, "mamlpp": 640}
+LINE_LIMITS = {"maml": 552, "protonet": 613, "matchingnet": 564, "anil": 555, "metasgd": 576, "reptile": 574,
+               "transfer": 575, "metaoptnet": 638, "snail": 690, "mamlpp": 639}
 
 
 def test_every_default_export_is_within_its_line_limit(tmp_path):

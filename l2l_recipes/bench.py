@@ -216,8 +216,9 @@ def _tested_as(name, cfg, run_dir, device, data_root, progress):
     if path.is_file():
         return json.loads(path.read_text())
     result = harness.meta_test(run_dir, cfg.test_episodes, str(device), data_root, progress, out_name=path.name,
-                               ways=cfg.ways, shots=cfg.shots)
-    return {key: result[key] for key in ("accuracy", "ci95", "loss", "episodes", "eval_seconds")}
+                               ways=getattr(cfg, "ways", None), shots=cfg.shots)
+    kept = (result["metric"], "ci95", "loss", "episodes", "eval_seconds")
+    return {key: value for key, value in result.items() if key in kept or key.startswith("before_")}
 
 
 def _train_seed(name, cfg, run_dir, device, data_root, progress, max_minutes):

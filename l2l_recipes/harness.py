@@ -696,7 +696,8 @@ def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=Tr
     `ways` and `shots` test the model on other tasks than it was trained for (models that do
     not fix the number of ways: ProtoNet, Matching Networks, MetaOptNet, transfer; the others
     refuse other ways). `run` writes result.json; a later `eval` writes
-    eval-[<ways>w<shots>s-]<episodes>.json, so it never replaces the run's recorded result.
+    eval-[<ways>w<shots>s-]<episodes>.json (<shots>s- for a recipe without ways), so it never
+    replaces the run's recorded result.
     `extra` fields are added to the result; "checkpoint" names the one tested (best.pt, or
     ckpt.pt with a note on stderr where no validation wrote best.pt). Under torchrun every
     process evaluates its share of the tasks and returns the gathered result; rank 0 writes it.
@@ -712,7 +713,7 @@ def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=Tr
         raise UserError(f"recipe {recipe} has no ways and shots to change")
     if setting:
         predictor.cfg = dataclasses.replace(predictor.cfg, **setting)
-        extra = {"trained_ways": trained["ways"], "trained_shots": trained["shots"], **extra}
+        extra = {**{f"trained_{key}": value for key, value in trained.items()}, **extra}
     cfg = predictor.cfg
     episodes = episodes or cfg.test_episodes
     tasks = predictor.test_tasks(episodes, cfg.test_seed)
@@ -728,6 +729,6 @@ def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=Tr
         "run_dir": str(run_dir), **extra,
     }
     if distributed.is_main():
-        tag = f"{cfg.ways}w{cfg.shots}s-" if setting else ""
+        tag = "".join(f"{getattr(cfg, key)}{key[0]}" for key in trained) + "-" if setting else ""
         write_json(Path(run_dir) / (out_name or f"eval-{tag}{episodes}.json"), result)
     return result

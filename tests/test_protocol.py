@@ -247,3 +247,24 @@ def test_bench_refuses_folders_it_cannot_write_before_training(tmp_path, data_ro
         assert out.exit_code == 1 and f"cannot write {option} {blocker / 'sub'}" in out.stderr, out.output
         assert len(out.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "runs" / "protonet-omniglot-5w1s").exists()  # a later bench needs no --resume
+
+
+def test_one_sine_model_tested_at_other_shots(tmp_path):
+    """bench maml-sine-10s tests the maml-sine-5s model with 10 support points (Finn et al.'s single
+    meta-learned model); `eval --shots 10` on that run gives the same error."""
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    args = ["--seeds", 1, "--episodes", 20, "--iterations", 20, "--set", "val_interval=10", "--set", "val_episodes=10",
+            "--device", "cpu", "--no-progress", "--runs-dir", runs, "--results-dir", results]
+    assert cli("bench", "maml-sine-5s", *args).exit_code == 0
+    out = cli("bench", "maml-sine-10s", *args)
+    assert out.exit_code == 0, out.output
+    (record,) = [json.loads(p.read_text()) for p in results.glob("maml-sine-10s-*.json")]
+    assert record["trained_as"] == "maml-sine-5s" and record["shots"] == 10 and record["config"]["shots"] == 5
+    (five,) = [json.loads(p.read_text()) for p in results.glob("maml-sine-5s-*.json")]
+    assert record["seeds"][0]["mse"] != five["seeds"][0]["mse"]  # tested on other support sets
+    (seed_dir,) = (runs / "maml-sine-5s").glob("bench-*/seed-1")
+    evaluated = cli("eval", seed_dir, "--shots", 10, "--episodes", 20, "--device", "cpu", "--no-progress")
+    assert evaluated.exit_code == 0, evaluated.output
+    result = json.loads((seed_dir / "eval-10s-20.json").read_text())
+    assert result["shots"] == 10 and result["trained_shots"] == 5 and "trained_ways" not in result
+    assert result["mse"] == record["seeds"][0]["mse"] and result["before_mse"] == record["seeds"][0]["before_mse"]

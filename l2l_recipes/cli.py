@@ -125,16 +125,19 @@ def _train_and_test(run, progress):
         processes = f", {world} processes ({distributed.backend()})" if world > 1 else ""
         click.echo(f"run directory: {run.path}  (device {run.device}{processes})")
     try:
-        registry.get_recipe(run.recipe).load_module().train(run.cfg, run)
-    except BaseException:
-        if run.remove_if_empty():  # e.g. its data failed to load
-            click.echo(f"run directory {run.path} removed: the run stopped before writing anything")
-        raise
-    # every process tests its share of the tasks on best.pt, which rank 0 reads and sends
-    result = harness.meta_test(run.path, device=str(run.device), data_root=run.data_root, progress=progress,
-                               out_name="result.json", train_seconds=round(time.time() - run.started, 1),
-                               iterations_done=run.iterations_done, max_minutes=run.max_minutes,
-                               stopped_by_time_budget=run.stopped_early, ended_by_stopping_rule=run.ended)
+        try:
+            registry.get_recipe(run.recipe).load_module().train(run.cfg, run)
+        except BaseException:
+            if run.remove_if_empty():  # e.g. its data failed to load
+                click.echo(f"run directory {run.path} removed: the run stopped before writing anything")
+            raise
+        # every process tests its share of the tasks on best.pt, which rank 0 reads and sends
+        result = harness.meta_test(run.path, device=str(run.device), data_root=run.data_root, progress=progress,
+                                   out_name="result.json", train_seconds=round(time.time() - run.started, 1),
+                                   iterations_done=run.iterations_done, max_minutes=run.max_minutes,
+                                   stopped_by_time_budget=run.stopped_early, ended_by_stopping_rule=run.ended)
+    finally:
+        harness.release_run_dir(run.path)  # held since create() or resume(): no other process trains it
     if distributed.is_main():
         click.echo(_result_line(result))
 
@@ -248,6 +251,7 @@ def recipes_bench(names, seeds, episodes, iterations, max_minutes, assignments, 
     trains the seeds no other holds, the last to finish writes the record.
     """
     from l2l_recipes import bench
+    names = tuple(dict.fromkeys(names))  # a name given twice is benched once
     for name in names:
         registry.get_recipe(name)  # fail on a typo before hours of training
     progress = sys.stderr.isatty() if progress is None else progress

@@ -1,0 +1,156 @@
+"""What an adversarial user of the command line found, kept fixed: damaged or missing run files,
+two processes on one run, folders that cannot be written, damaged benchmark records. Each gets
+one clear line (or goes on safely) and nothing of the user's is lost."""
+import fcntl
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import cli
+from test_reliability import NAME, TINY, copy_of, finished, one_line  # noqa: F401 (finished: a fixture)
+from l2l_recipes import bench, harness
+
+
+def unfinished(finished, tmp_path):  # noqa: F811
+    """A copy of the finished tiny run as a killed one leaves it: a checkpoint, no result.json."""
+    run_dir = copy_of(finished, tmp_path)
+    (run_dir / "result.json").unlink()
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- damaged run files
+
+@pytest.mark.parametrize("content", [b'{"recipe": "protonet-omn', b"[]", b"{}", b"\xff\xfe\x00"],
+                         ids=["cut short", "a list", "no recipe", "not text"])
+def test_a_damaged_config_json_is_one_line(finished, tmp_path, content):  # noqa: F811
+    run_dir = copy_of(finished, tmp_path)
+    (run_dir / "config.json").write_bytes(content)
+    for args in (["eval", run_dir, "--episodes", 2, "--device", "cpu"], ["publish", run_dir, tmp_path / "pub"]):
+        line = one_line(cli(*args))
+        assert str(run_dir / "config.json") in line and "restore it" in line
+    assert not (tmp_path / "pub").exists()
+
+
+@pytest.mark.parametrize("env", ["cut short", "missing"])
+def test_resume_after_a_crash_cut_metrics_short_and_files_went_missing(finished, tmp_path, data_root, env):  # noqa: F811
+    """Appends to metrics.jsonl are not synced: a power cut can leave half a line. A lost
+    config.json is written again from the checkpoint; a damaged env.json is set aside, not lost."""
+    run_dir = unfinished(finished, tmp_path)
+    config = (run_dir / "config.json").read_text()
+    saved = harness.read_checkpoint(run_dir / "ckpt.pt")["iteration"]
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(f'{{"iteration": {saved}, "lo')
+    (run_dir / "config.json").unlink()
+    if env == "missing":
+        (run_dir / "env.json").unlink()
+    else:
+        (run_dir / "env.json").write_text('{"python": "3.1')
+    result = cli("run", "--resume", run_dir, "--data-root", data_root, "--no-progress")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "1 unreadable line(s)" in result.stdout and "env.json" in result.stdout
+    assert json.loads((run_dir / "result.json").read_text())["episodes"] == 5
+    assert json.loads((run_dir / "config.json").read_text()) == json.loads(config)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(row["iteration"] <= saved for row in rows)
+    assert json.loads((run_dir / "env.json").read_text())["recreated_after_iteration"] == saved
+    assert (run_dir / "env.json.unreadable").is_file() == (env == "cut short")
+
+
+# ----------------------------------------------------------------------------- two processes, one run
+
+def test_a_run_another_process_trains_is_not_resumed_beside_it(finished, tmp_path, data_root):  # noqa: F811
+    """Two `run --resume` of one run (or one beside the bench that trains it) would both train,
+    interleave metrics.jsonl and overwrite each other's checkpoints; the second must leave the
+    run untouched, the other's checkpoint being written included."""
+    run_dir = unfinished(finished, tmp_path)
+    (run_dir / ".ckpt.pt.tmp999").write_bytes(b"the other process writes its checkpoint")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    other = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)  # what the training process holds
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        line = one_line(cli("run", "--resume", run_dir, "--data-root", data_root, "--no-progress"))
+    finally:
+        os.close(other)
+    assert f"run {run_dir} is being trained by another process right now" in line
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+    resumed = cli("run", "--resume", run_dir, "--data-root", data_root, "--no-progress")
+    assert resumed.exit_code == 0, resumed.output + resumed.stderr
+    assert (run_dir / "result.json").is_file() and not (run_dir / ".ckpt.pt.tmp999").exists()
+
+
+# ----------------------------------------------------------------------------- folders one cannot write
+
+def test_eval_of_a_run_in_a_read_only_folder_prints_its_result(finished, monkeypatch, data_root):  # noqa: F811
+    """e.g. published models on a read-only mount: the test result is printed, not lost."""
+    write_json = harness.write_json
+
+    def read_only(path, obj):
+        if Path(path).parent == finished:
+            raise OSError(30, "Read-only file system", str(path))
+        return write_json(path, obj)
+    monkeypatch.setattr(harness, "write_json", read_only)
+    result = cli("eval", finished, "--episodes", 3, "--device", "cpu", "--data-root", data_root, "--no-progress")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout.splitlines()[0])["episodes"] == 3
+    assert "test accuracy" in result.stdout.splitlines()[1]
+    assert result.stderr.strip() == (f"note: cannot write {finished / 'eval-3.json'} (Read-only file system): "
+                                     f"the result is printed, not saved")
+    assert not (finished / "eval-3.json").exists()
+
+
+def test_publish_into_a_folder_that_cannot_be_made_is_one_line(finished, tmp_path):  # noqa: F811
+    (tmp_path / "file").write_text("")
+    dest = tmp_path / "file" / "model"
+    line = one_line(cli("publish", finished, dest))
+    assert line == f"Error: cannot write {dest} (Not a directory): publish into a folder you can write"
+
+
+# ----------------------------------------------------------------------------- benchmark records
+
+def test_a_damaged_record_is_named_and_the_bench_writes_a_new_one(tmp_path, data_root):
+    """A merge conflict in a committed record stopped bench and bench-table with a traceback."""
+    results = tmp_path / "benchmarks" / "results"
+    args = ["bench", NAME, "--seeds", 1, "--episodes", 5, "--iterations", 2, "--set", "train_ways=5",
+            "--set", "val_episodes=5", "--device", "cpu", "--data-root", data_root,
+            "--runs-dir", tmp_path / "runs", "--results-dir", results, "--no-progress"]
+    assert cli(*args).exit_code == 0
+    (record,) = results.glob("*.json")
+    good = json.loads(record.read_text())
+    record.write_text("<<<<<<< HEAD\n" + record.read_text())
+    line = one_line(cli("bench-table", "--results-dir", results))
+    assert str(record) in line and "merge conflict" in line and "l2l-recipes bench-table" in line
+    again = cli(*args, "--resume")  # the seed is kept; the latest record is unreadable: a new one
+    assert str(record) in one_line(again) and "1 seed" in again.stdout
+    (new,) = set(results.glob("*.json")) - {record}
+    assert json.loads(new.read_text())["seeds"][0]["accuracy"] == good["seeds"][0]["accuracy"]
+    record.unlink()
+    assert cli("bench-table", "--results-dir", results).exit_code == 0
+
+
+def test_bench_table_into_an_unwritable_folder_is_one_line(tmp_path, monkeypatch):
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    write_text = Path.write_text
+
+    def refuse(self, *args, **kwargs):
+        if self.name == "README.md":
+            raise PermissionError(13, "Permission denied", str(self))
+        return write_text(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "write_text", refuse)
+    line = one_line(cli("bench-table", "--results-dir", results))
+    assert str(tmp_path / "benchmarks" / "README.md") in line and "Permission denied" in line
+
+
+def test_a_recipe_named_twice_is_benched_once(tmp_path, monkeypatch):
+    """(the second went on to 'this bench was started before' after the first's hours of training)"""
+    benched = []
+
+    def fake(name, *args, **kwargs):
+        benched.append(name)
+        raise bench.BenchPending(f"{name}: pending")
+    monkeypatch.setattr(bench, "bench_recipe", fake)
+    result = cli("bench", NAME, NAME, "--results-dir", tmp_path / "results")
+    assert result.exit_code == 0 and benched == [NAME]
+

@@ -1,16 +1,19 @@
 """What an adversarial user of the command line found, kept fixed: damaged or missing run files,
-two processes on one run, folders that cannot be written, damaged benchmark records. Each gets
-one clear line (or goes on safely) and nothing of the user's is lost."""
+two processes on one run, folders that cannot be written, damaged benchmark records, images of
+unusual modes. Each gets one clear line (or goes on safely) and nothing of the user's is lost."""
 import fcntl
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import cli
 from test_reliability import NAME, TINY, copy_of, finished, one_line  # noqa: F401 (finished: a fixture)
-from l2l_recipes import bench, harness
+from l2l_recipes import bench, harness, predict
+from l2l_recipes.datasets import omniglot
 
 
 def unfinished(finished, tmp_path):  # noqa: F811
@@ -154,3 +157,22 @@ def test_a_recipe_named_twice_is_benched_once(tmp_path, monkeypatch):
     result = cli("bench", NAME, NAME, "--results-dir", tmp_path / "results")
     assert result.exit_code == 0 and benched == [NAME]
 
+
+# ----------------------------------------------------------------------------- images of unusual modes
+
+def test_16_bit_and_transparent_images_are_read_as_the_drawing_they_show(data_root, tmp_path):
+    """PIL's own conversion clips 16-bit pixels (a 16-bit scan of a drawing turned almost all
+    white) and shows transparent pixels black (ink, to an Omniglot model)."""
+    png = sorted((data_root / "omniglot-py" / "images_evaluation").glob("*/character01/*.png"))[0]
+    with Image.open(png) as image:
+        drawing = np.array(image.convert("L"))
+    expected = predict.read_image(png, omniglot.transform)
+    Image.fromarray(drawing.astype(np.uint16) * 257).save(tmp_path / "16-bit.png")
+    ink = np.zeros((*drawing.shape, 4), np.uint8)
+    ink[..., 3] = 255 - drawing  # black strokes on a transparent background
+    Image.fromarray(ink, "RGBA").save(tmp_path / "transparent.png")
+    Image.fromarray(ink[..., [0, 3]], "LA").save(tmp_path / "transparent-la.png")
+    for name in ("16-bit.png", "transparent.png", "transparent-la.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.mode in ("I;16", "RGBA", "LA")
+        assert (predict.read_image(tmp_path / name, omniglot.transform) - expected).abs().max() <= 1 / 255, name

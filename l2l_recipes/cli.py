@@ -268,6 +268,11 @@ def recipes_bench(names, seeds, episodes, iterations, max_minutes, assignments, 
         except bench.BenchPending as pending:
             click.echo(str(pending))
             continue
+        except harness.Stopped as stopped:  # its seed's `run --resume` would leave the bench without a record
+            folders = "".join(f" {option} {shlex.quote(str(value))}" for option, value in (
+                ("--data-root", data_root), ("--runs-dir", runs_dir), ("--results-dir", results_dir)) if value)
+            again = f"l2l-recipes bench {' '.join(map(shlex.quote, names))}{flags}{folders} --resume"
+            raise UserError(f"{str(stopped).split(' Resume with: ')[0]} Resume the bench with: {again}") from None
         click.echo(f"{name}: {bench.summary(record)}; record {Path(results_dir) / record['curve'][:-4]}.json")
     bench.write_table(results_dir, Path(results_dir).parent / "README.md")
 

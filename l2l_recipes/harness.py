@@ -217,6 +217,11 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+class Stopped(UserError):
+    """A run stopped by SIGINT or SIGTERM, its checkpoint saved; the message ends with
+    "Resume with: <command>"."""
+
+
 class Run(plain.PlainRun):
     """A run directory being written: config, environment, metrics, checkpoints.
 
@@ -337,7 +342,7 @@ class Run(plain.PlainRun):
                 if self.ended:
                     return
                 if stop:  # every process stops; rank 0 alone prints it
-                    error = UserError(f"stopped by {self.stop_signal or 'a signal to another process'} after "
+                    error = Stopped(f"stopped by {self.stop_signal or 'a signal to another process'} after "
                                       f"iteration {iteration}; checkpoint saved. Resume with: "
                                       f"{self._resume_command()}")
                     error.quiet = not distributed.is_main()

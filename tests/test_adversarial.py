@@ -4,10 +4,12 @@ unusual modes. Each gets one clear line (or goes on safely) and nothing of the u
 import fcntl
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import cli
@@ -157,6 +159,24 @@ def test_a_recipe_named_twice_is_benched_once(tmp_path, monkeypatch):
     result = cli("bench", NAME, NAME, "--results-dir", tmp_path / "results")
     assert result.exit_code == 0 and benched == [NAME]
 
+
+
+def test_a_stopped_bench_says_how_to_resume_the_bench(tmp_path, monkeypatch):
+    """Ctrl-C in a bench printed its seed's `run --resume` command, which leaves the bench without
+    its record; the command printed is the bench's own, with its folders and --resume."""
+    def train_until_sigint(name, cfg, run_dir, device, *args):
+        run = harness.Run(run_dir, name, cfg, device, progress=False)
+        run.track(torch.nn.Linear(2, 2))
+        for _ in run.iterations(10):
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(bench, "_train_seed", train_until_sigint)
+    runs, results = tmp_path / "my runs", tmp_path / "results"
+    line = one_line(cli("bench", NAME, "--seeds", 2, "--iterations", 10, "--device", "cpu", "--runs-dir", runs,
+                        "--results-dir", results))
+    assert line == (f"Error: stopped by SIGINT after iteration 1; checkpoint saved. Resume the bench with: "
+                    f"l2l-recipes bench {NAME} --seeds 2 --iterations 10 --device cpu --runs-dir '{runs}' "
+                    f"--results-dir {results} --resume")
+    assert list(runs.glob("*/*/seed-1/ckpt.pt"))
 
 # ----------------------------------------------------------------------------- images of unusual modes
 

@@ -47,7 +47,7 @@ def read_image(path, transform):
         with Image.open(path) as image:
             image.load()
             return transform(as_8_bit(image))
-    except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for foreign or damaged files
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # foreign, damaged, huge
         reason = (str(e).splitlines() or [""])[0][:120]
         raise UserError(f"cannot read image {path} ({type(e).__name__}: {reason}): replace or remove it") from None
 

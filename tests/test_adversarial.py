@@ -16,6 +16,7 @@ from conftest import cli
 from test_reliability import NAME, TINY, copy_of, finished, one_line  # noqa: F401 (finished: a fixture)
 from l2l_recipes import bench, harness, predict
 from l2l_recipes.datasets import omniglot
+from l2l_recipes.errors import UserError
 
 
 def unfinished(finished, tmp_path):  # noqa: F811
@@ -196,3 +197,15 @@ def test_16_bit_and_transparent_images_are_read_as_the_drawing_they_show(data_ro
         with Image.open(tmp_path / name) as image:
             assert image.mode in ("I;16", "RGBA", "LA")
         assert (predict.read_image(tmp_path / name, omniglot.transform) - expected).abs().max() <= 1 / 255, name
+
+
+def test_an_image_too_large_for_pil_is_one_line(tmp_path, monkeypatch):
+    """PIL refuses images of more than twice MAX_IMAGE_PIXELS (a 14000x14000 scan) with its own
+    exception, which went through as a traceback."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the limit lowered, not a 200-megapixel file
+    Image.new("L", (28, 28), 255).save(tmp_path / "big.png")
+    with pytest.raises(UserError) as e:
+        predict.read_image(tmp_path / "big.png", omniglot.transform)
+    assert str(e.value).startswith(f"cannot read image {tmp_path / 'big.png'} (DecompressionBombError: Image size "
+                                   f"(784 pixels) exceeds limit of 200 pixels")
+    assert str(e.value).endswith("replace or remove it")

@@ -278,8 +278,8 @@ def recipes_bench(names, seeds, episodes, iterations, max_minutes, assignments, 
 
 
 @cli.command("bench-table")
-@click.option("--results-dir", type=click.Path(file_okay=False), default="benchmarks/results",
-              show_default=True)
+@click.option("--results-dir", type=click.Path(exists=True, file_okay=False), default="benchmarks/results",
+              show_default=True, help="The folder of the records; the table goes into README.md beside it.")
 def recipes_bench_table(results_dir):
     """Regenerate benchmarks/README.md's table from the records in RESULTS_DIR."""
     from l2l_recipes import bench

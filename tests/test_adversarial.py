@@ -149,6 +149,16 @@ def test_bench_table_into_an_unwritable_folder_is_one_line(tmp_path, monkeypatch
     assert str(tmp_path / "benchmarks" / "README.md") in line and "Permission denied" in line
 
 
+
+def test_bench_table_of_a_missing_results_folder_leaves_the_readme_beside_it_alone(tmp_path, monkeypatch):
+    """A mistyped --results-dir appended the (empty) generated table to the README.md of its
+    parent folder: the user's own project README."""
+    monkeypatch.chdir(tmp_path)
+    Path("README.md").write_text("# my project\n")
+    result = cli("bench-table", "--results-dir", "result")
+    assert result.exit_code == 2 and "Directory 'result' does not exist" in result.stderr
+    assert Path("README.md").read_text() == "# my project\n"
+
 def test_a_recipe_named_twice_is_benched_once(tmp_path, monkeypatch):
     """(the second went on to 'this bench was started before' after the first's hours of training)"""
     benched = []

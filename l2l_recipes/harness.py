@@ -252,7 +252,8 @@ class Run(plain.PlainRun):
     @classmethod
     def resume(cls, run_dir, device, **options):
         """The run of `run_dir`, to continue from its ckpt.pt (its config is the checkpoint's), with
-        the data root it was started with unless `data_root` is given."""
+        the data root and the time budget (--max-minutes, of training in all) it was started with
+        unless `data_root` or `max_minutes` is given."""
         run_dir = Path(run_dir)
         state = distributed.on_main(_claim_resumable, run_dir)  # nodes need no shared disk
         trained, world = state.get("world_size", 1), distributed.world_size()
@@ -265,6 +266,7 @@ class Run(plain.PlainRun):
                             f"with as many, e.g. {how}")
         cfg = _config_of(state, run_dir / "ckpt.pt")
         options["data_root"] = options.get("data_root") or _recorded_root(state)
+        options["max_minutes"] = options.get("max_minutes") or state.get("max_minutes")
         run = cls(run_dir, state["recipe"], cfg, device, **options)
         run.resume_state = state
         if distributed.is_main():
@@ -511,6 +513,7 @@ class Run(plain.PlainRun):
             "elapsed_seconds": time.time() - self.started,
             "world_size": distributed.world_size(),
             "training_ended": self.ended,
+            "max_minutes": self.max_minutes,  # a resume keeps the budget (elapsed_seconds counts against it)
             "data_root": str(Path(self.data_root).expanduser().resolve()) if self.data_root else None,
             **extra,
         }

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import cli
 from test_reliability import NAME, TINY, copy_of, finished, one_line  # noqa: F401 (finished: a fixture)
-from l2l_recipes import bench, harness, predict
+from l2l_recipes import bench, harness, predict, registry
 from l2l_recipes.datasets import omniglot
 from l2l_recipes.errors import UserError
 
@@ -85,6 +85,17 @@ def test_a_run_another_process_trains_is_not_resumed_beside_it(finished, tmp_pat
     assert resumed.exit_code == 0, resumed.output + resumed.stderr
     assert (run_dir / "result.json").is_file() and not (run_dir / ".ckpt.pt.tmp999").exists()
 
+
+
+def test_a_resumed_run_keeps_its_time_budget(tmp_path):
+    """`make run` (an 8-minute budget) stopped with Ctrl-C and resumed with the printed
+    `run --resume DIR` trained on without a budget: the recipe's full protocol, hours."""
+    cfg = registry.get_recipe(NAME).config()
+    run = harness.Run.create(tmp_path, NAME, cfg, torch.device("cpu"), max_minutes=8)
+    run.track(torch.nn.Linear(2, 2))
+    run.checkpoint(1)
+    assert harness.Run.resume(run.path, torch.device("cpu")).max_minutes == 8
+    assert harness.Run.resume(run.path, torch.device("cpu"), max_minutes=60).max_minutes == 60
 
 # ----------------------------------------------------------------------------- folders one cannot write
 

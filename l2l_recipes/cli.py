@@ -11,7 +11,7 @@ import click
 
 from l2l_recipes import distributed, harness, registry
 from l2l_recipes.bench import format_value
-from l2l_recipes.config import apply_overrides
+from l2l_recipes.config import apply_overrides, parse_assignment
 from l2l_recipes.errors import UserError
 
 
@@ -254,6 +254,11 @@ def recipes_bench(names, seeds, episodes, iterations, max_minutes, assignments, 
     names = tuple(dict.fromkeys(names))  # a name given twice is benched once
     for name in names:
         registry.get_recipe(name)  # fail on a typo before hours of training
+    keys = {parse_assignment(a)[0] for a in assignments}
+    if "seed" in keys:  # each seed's run sets it: the record would name an override that did nothing
+        raise UserError("bench trains seeds 1..N (--seeds N): drop --set seed")
+    if "iterations" in keys and iterations:
+        raise UserError("--iterations and --set iterations=... both set the budget: give one")
     progress = sys.stderr.isatty() if progress is None else progress
     budget = [f"iterations={iterations}"] if iterations else []
     flags = f" --seeds {seeds}" + (f" --episodes {episodes}" if episodes else "")

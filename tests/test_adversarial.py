@@ -200,6 +200,17 @@ def test_a_stopped_bench_says_how_to_resume_the_bench(tmp_path, monkeypatch):
                     f"--results-dir {results} --resume")
     assert list(runs.glob("*/*/seed-1/ckpt.pt"))
 
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "seed=7"], "bench trains seeds 1..N (--seeds N): drop --set seed"),
+    (["--iterations", 5, "--set", "iterations=10"],
+     "--iterations and --set iterations=... both set the budget: give one")])
+def test_bench_options_that_would_be_ignored_are_refused(tmp_path, args, message):
+    """--set seed was replaced by each seed's own, yet listed in the record's overrides (and made
+    its protocol 'modified'); --set iterations silently won over --iterations."""
+    line = one_line(cli("bench", NAME, *args, "--runs-dir", tmp_path / "runs", "--results-dir", tmp_path / "r"))
+    assert line == f"Error: {message}" and not (tmp_path / "runs").exists()
+
 # ----------------------------------------------------------------------------- images of unusual modes
 
 def test_16_bit_and_transparent_images_are_read_as_the_drawing_they_show(data_root, tmp_path):

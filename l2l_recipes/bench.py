@@ -73,8 +73,8 @@ def bench_recipe(name, seeds, episodes, assignments=(), max_minutes=None, device
     with _locked(home / ".record.lock", wait=True):
         written = home / f"record-{name}.txt"  # the latest record: returned again for as many seeds
         last = Path(written.read_text().strip()) if written.is_file() else None
-        last = json.loads(last.read_text()) if last and last.is_file() else None
-        if last and len(last["seeds"]) == seeds:
+        last = _readable_record(last) if last and last.is_file() else None  # damaged: write another
+        if last and len(last.get("seeds", ())) == seeds:
             return last
         bench = Bench(name, recipe, trainer, cfg, default, tested, seeds, home, dev, data_root, progress,
                       max_minutes, tuple(assignments), Path(results_dir), command)
@@ -137,7 +137,8 @@ class Bench:
 def _seed_entry(bench, seed):
     """One seed's entry of the record, its validation curve, its env.json and (metric, higher is better)."""
     run_dir = bench.home / f"seed-{seed}"
-    result = json.loads((run_dir / "result.json").read_text())
+    result = harness.read_json(run_dir / "result.json", "remove it and run the bench again with --resume: the "
+                                                        "seed is tested again from its checkpoint")
     if bench.trainer is not bench.recipe:  # the trained model tested at this variant's ways and shots
         result = {**result, **_tested_as(bench.name, bench.tested, run_dir, bench.device, bench.data_root,
                                          bench.progress)}
@@ -239,11 +240,14 @@ def _train_seed(name, cfg, run_dir, device, data_root, progress, max_minutes):
             shutil.rmtree(run_dir)
         run = harness.Run(run_dir, name, cfg, device, **options)
     harness.keep_freed_memory()  # this process trains: keep its freed activation buffers
-    registry.get_recipe(name).load_module().train(cfg, run)
-    harness.meta_test(run_dir, device=str(device), data_root=data_root, progress=progress,
-                      out_name="result.json", train_seconds=round(time.time() - run.started, 1),
-                      iterations_done=run.iterations_done, stopped_by_time_budget=run.stopped_early,
-                      ended_by_stopping_rule=run.ended)
+    try:
+        registry.get_recipe(name).load_module().train(cfg, run)
+        harness.meta_test(run_dir, device=str(device), data_root=data_root, progress=progress,
+                          out_name="result.json", train_seconds=round(time.time() - run.started, 1),
+                          iterations_done=run.iterations_done, stopped_by_time_budget=run.stopped_early,
+                          ended_by_stopping_rule=run.ended)
+    finally:
+        harness.release_run_dir(run_dir)
 
 
 def display(metric):
@@ -413,7 +417,7 @@ def speed_rows(speed_dir):
     """(row, date, threads) of every recipe timed by `l2l-recipes speed --recipes` (records in `speed_dir`)."""
     rows = []
     for path in sorted(Path(speed_dir).glob("recipes-*.json")):
-        record = json.loads(path.read_text())
+        record = _record_of(path)
         if not record.get("tiny"):
             rows += [(row, record["environment"]["date"], record.get("threads", 1)) for row in record["recipes"]]
     return rows
@@ -421,7 +425,7 @@ def speed_rows(speed_dir):
 
 def write_table(results_dir="benchmarks/results", readme="benchmarks/README.md"):
     """Rebuild the table between the markers of `readme` from every record in `results_dir`."""
-    records = [json.loads(p.read_text()) for p in sorted(Path(results_dir).glob("*.json"))]
+    records = [_record_of(p) for p in sorted(Path(results_dir).glob("*.json"))]
     records = [r for r in records if "seeds" in r]  # accuracy records, not speed records
     readme = Path(readme)
     speeds = speed_rows(Path(results_dir).parent / "speed")
@@ -439,5 +443,24 @@ def write_table(results_dir="benchmarks/results", readme="benchmarks/README.md")
         text = before + table + rest.split(TABLE_END, 1)[1]
     else:
         text = text + ("\n" if text else "") + table + "\n"
-    readme.write_text(text)
+    try:
+        readme.write_text(text)
+    except OSError as e:
+        raise UserError(f"cannot write {readme} ({e.strerror}): give a --results-dir whose parent folder you "
+                        f"can write") from None
     return len(records)
+
+
+def _record_of(path):
+    """The record in `path`; a UserError naming it when it is damaged (a merge conflict in a
+    committed record, a file cut short), as the whole table is built from every record."""
+    return harness.read_json(path, "repair it (a merge conflict?) or remove it, then rebuild the table with "
+                                   "`l2l-recipes bench-table`")
+
+
+def _readable_record(path):
+    """The record in `path`, or None when it cannot be read."""
+    try:
+        return harness.read_json(path, "")
+    except UserError:
+        return None

@@ -11,7 +11,7 @@ import click
 
 from l2l_recipes import distributed, harness, registry
 from l2l_recipes.bench import format_value
-from l2l_recipes.config import apply_overrides
+from l2l_recipes.config import apply_overrides, parse_assignment
 from l2l_recipes.errors import UserError
 
 
@@ -125,16 +125,19 @@ def _train_and_test(run, progress):
         processes = f", {world} processes ({distributed.backend()})" if world > 1 else ""
         click.echo(f"run directory: {run.path}  (device {run.device}{processes})")
     try:
-        registry.get_recipe(run.recipe).load_module().train(run.cfg, run)
-    except BaseException:
-        if run.remove_if_empty():  # e.g. its data failed to load
-            click.echo(f"run directory {run.path} removed: the run stopped before writing anything")
-        raise
-    # every process tests its share of the tasks on best.pt, which rank 0 reads and sends
-    result = harness.meta_test(run.path, device=str(run.device), data_root=run.data_root, progress=progress,
-                               out_name="result.json", train_seconds=round(time.time() - run.started, 1),
-                               iterations_done=run.iterations_done, max_minutes=run.max_minutes,
-                               stopped_by_time_budget=run.stopped_early, ended_by_stopping_rule=run.ended)
+        try:
+            registry.get_recipe(run.recipe).load_module().train(run.cfg, run)
+        except BaseException:
+            if run.remove_if_empty():  # e.g. its data failed to load
+                click.echo(f"run directory {run.path} removed: the run stopped before writing anything")
+            raise
+        # every process tests its share of the tasks on best.pt, which rank 0 reads and sends
+        result = harness.meta_test(run.path, device=str(run.device), data_root=run.data_root, progress=progress,
+                                   out_name="result.json", train_seconds=round(time.time() - run.started, 1),
+                                   iterations_done=run.iterations_done, max_minutes=run.max_minutes,
+                                   stopped_by_time_budget=run.stopped_early, ended_by_stopping_rule=run.ended)
+    finally:
+        harness.release_run_dir(run.path)  # held since create() or resume(): no other process trains it
     if distributed.is_main():
         click.echo(_result_line(result))
 
@@ -248,8 +251,14 @@ def recipes_bench(names, seeds, episodes, iterations, max_minutes, assignments, 
     trains the seeds no other holds, the last to finish writes the record.
     """
     from l2l_recipes import bench
+    names = tuple(dict.fromkeys(names))  # a name given twice is benched once
     for name in names:
         registry.get_recipe(name)  # fail on a typo before hours of training
+    keys = {parse_assignment(a)[0] for a in assignments}
+    if "seed" in keys:  # each seed's run sets it: the record would name an override that did nothing
+        raise UserError("bench trains seeds 1..N (--seeds N): drop --set seed")
+    if "iterations" in keys and iterations:
+        raise UserError("--iterations and --set iterations=... both set the budget: give one")
     progress = sys.stderr.isatty() if progress is None else progress
     budget = [f"iterations={iterations}"] if iterations else []
     flags = f" --seeds {seeds}" + (f" --episodes {episodes}" if episodes else "")
@@ -264,13 +273,18 @@ def recipes_bench(names, seeds, episodes, iterations, max_minutes, assignments, 
         except bench.BenchPending as pending:
             click.echo(str(pending))
             continue
+        except harness.Stopped as stopped:  # its seed's `run --resume` would leave the bench without a record
+            folders = "".join(f" {option} {shlex.quote(str(value))}" for option, value in (
+                ("--data-root", data_root), ("--runs-dir", runs_dir), ("--results-dir", results_dir)) if value)
+            again = f"l2l-recipes bench {' '.join(map(shlex.quote, names))}{flags}{folders} --resume"
+            raise UserError(f"{str(stopped).split(' Resume with: ')[0]} Resume the bench with: {again}") from None
         click.echo(f"{name}: {bench.summary(record)}; record {Path(results_dir) / record['curve'][:-4]}.json")
     bench.write_table(results_dir, Path(results_dir).parent / "README.md")
 
 
 @cli.command("bench-table")
-@click.option("--results-dir", type=click.Path(file_okay=False), default="benchmarks/results",
-              show_default=True)
+@click.option("--results-dir", type=click.Path(exists=True, file_okay=False), default="benchmarks/results",
+              show_default=True, help="The folder of the records; the table goes into README.md beside it.")
 def recipes_bench_table(results_dir):
     """Regenerate benchmarks/README.md's table from the records in RESULTS_DIR."""
     from l2l_recipes import bench

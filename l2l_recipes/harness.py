@@ -16,6 +16,7 @@ progress; evaluation is split over the processes and gathered, and every decisio
 from it (the best weights, stopping) is the same on every process.
 """
 import dataclasses
+import fcntl
 import itertools
 import json
 import math
@@ -161,12 +162,64 @@ def json_safe(obj):
     return obj
 
 
+def read_json(path, fix):
+    """The JSON object in file `path`, or a one-line UserError naming it, why, and `fix`."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:  # missing, unreadable, cut short, not JSON, not UTF-8
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [""])[0][:120]
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {reason}): {fix}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds no JSON object: {fix}")
+    return value
+
+
+# the run directories this process trains, each held with an exclusive flock on the directory
+# itself (no file added to it): realpath -> file descriptor; released when the process ends
+_HELD = {}
+
+
+def hold_run_dir(path):
+    """Claim run directory `path` for this process: a UserError if another process trains it now
+    (two `run --resume` of one run, or one beside the bench that trains it). No-op if the
+    directory does not exist yet or the file system has no locks."""
+    key = os.path.realpath(path)
+    if key in _HELD:
+        return
+    try:
+        fd = os.open(key, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"run {path} is being trained by another process right now: let it finish, or stop it "
+                        f"(its checkpoint is kept) and resume the run once") from None
+    except OSError:  # a file system without flock: go on unclaimed, as before
+        os.close(fd)
+        return
+    _HELD[key] = fd
+
+
+def release_run_dir(path):
+    """Give up the claim of hold_run_dir (when the run's process is done with it)."""
+    fd = _HELD.pop(os.path.realpath(path), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def write_json(path, obj):
     """Write `obj` as indented JSON (null for non-finite floats) through a temporary file and a rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
+
+
+class Stopped(UserError):
+    """A run stopped by SIGINT or SIGTERM, its checkpoint saved; the message ends with
+    "Resume with: <command>"."""
 
 
 class Run(plain.PlainRun):
@@ -199,9 +252,10 @@ class Run(plain.PlainRun):
     @classmethod
     def resume(cls, run_dir, device, **options):
         """The run of `run_dir`, to continue from its ckpt.pt (its config is the checkpoint's), with
-        the data root it was started with unless `data_root` is given."""
+        the data root and the time budget (--max-minutes, of training in all) it was started with
+        unless `data_root` or `max_minutes` is given."""
         run_dir = Path(run_dir)
-        state = distributed.on_main(_resumable, run_dir)  # nodes need no shared disk
+        state = distributed.on_main(_claim_resumable, run_dir)  # nodes need no shared disk
         trained, world = state.get("world_size", 1), distributed.world_size()
         if trained != world:
             quoted = shlex.quote(str(run_dir))
@@ -212,10 +266,13 @@ class Run(plain.PlainRun):
                             f"with as many, e.g. {how}")
         cfg = _config_of(state, run_dir / "ckpt.pt")
         options["data_root"] = options.get("data_root") or _recorded_root(state)
+        options["max_minutes"] = options.get("max_minutes") or state.get("max_minutes")
         run = cls(run_dir, state["recipe"], cfg, device, **options)
         run.resume_state = state
         if distributed.is_main():
             _note_continuation(run_dir, state["iteration"], device)
+            if not (run_dir / "config.json").is_file():  # lost: the checkpoint's config is the run's
+                write_json(run_dir / "config.json", {"recipe": run.recipe, **dataclasses.asdict(cfg)})
             for partial in run_dir.glob(".*.tmp*"):  # writes cut short by a crash
                 partial.unlink()
         return run
@@ -244,11 +301,23 @@ class Run(plain.PlainRun):
         self.started = time.time() - state["elapsed_seconds"]
         if not distributed.is_main():
             return
-        # drop metrics logged after the checkpoint: those iterations run again
+        # drop metrics logged after the checkpoint: those iterations run again; and lines a crash
+        # cut short (appends are not synced), which nothing could read
         metrics = self.path / "metrics.jsonl"
-        kept = [line for line in metrics.read_text().splitlines()
-                if json.loads(line)["iteration"] <= self.start_iteration]
-        metrics.write_text("".join(line + "\n" for line in kept))
+        kept, unreadable = [], 0
+        for line in metrics.read_text(errors="replace").splitlines() if metrics.is_file() else []:
+            try:
+                after = json.loads(line)["iteration"] > self.start_iteration
+            except (ValueError, KeyError, TypeError):
+                unreadable += 1
+                continue
+            if not after:
+                kept.append(line)
+        if unreadable:
+            tqdm.write(f"note: {unreadable} unreadable line(s) of {metrics} dropped (cut short by a crash?)")
+        tmp = metrics.with_name(f".{metrics.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, metrics)
         tqdm.write(f"resuming {self.path} after iteration {self.start_iteration}")
 
     def iterations(self, total):
@@ -275,7 +344,7 @@ class Run(plain.PlainRun):
                 if self.ended:
                     return
                 if stop:  # every process stops; rank 0 alone prints it
-                    error = UserError(f"stopped by {self.stop_signal or 'a signal to another process'} after "
+                    error = Stopped(f"stopped by {self.stop_signal or 'a signal to another process'} after "
                                       f"iteration {iteration}; checkpoint saved. Resume with: "
                                       f"{self._resume_command()}")
                     error.quiet = not distributed.is_main()
@@ -330,6 +399,7 @@ class Run(plain.PlainRun):
                     path = parent / (f"{stamp}-s{cfg.seed}" + (f"-{k}" if k > 1 else ""))
                     try:
                         path.mkdir()  # atomic: of two runs making it, one gets FileExistsError
+                        hold_run_dir(path)
                         return path, made
                     except FileExistsError:
                         continue
@@ -346,6 +416,7 @@ class Run(plain.PlainRun):
         made for it if they are empty (rank 0); True if removed."""
         if not distributed.is_main():
             return False
+        release_run_dir(self.path)
         for k, folder in enumerate([self.path, *self._made_parents]):
             try:
                 folder.rmdir()  # only ever removes an empty directory
@@ -357,6 +428,7 @@ class Run(plain.PlainRun):
         if not distributed.is_main() or (self.path / "config.json").exists():
             return
         self.path.mkdir(parents=True, exist_ok=True)
+        hold_run_dir(self.path)
         write_json(self.path / "env.json", environment(self.device))
         # config.json last: its presence marks the directory as complete
         write_json(self.path / "config.json", {"recipe": self.recipe, **dataclasses.asdict(self.cfg)})
@@ -441,6 +513,7 @@ class Run(plain.PlainRun):
             "elapsed_seconds": time.time() - self.started,
             "world_size": distributed.world_size(),
             "training_ended": self.ended,
+            "max_minutes": self.max_minutes,  # a resume keeps the budget (elapsed_seconds counts against it)
             "data_root": str(Path(self.data_root).expanduser().resolve()) if self.data_root else None,
             **extra,
         }
@@ -592,11 +665,25 @@ def _resumable(run_dir):
     return state
 
 
+def _claim_resumable(run_dir):
+    """hold_run_dir, then _resumable: a run another process trains is neither read nor touched."""
+    hold_run_dir(run_dir)
+    return _resumable(run_dir)
+
+
 def _note_continuation(run_dir, iteration, device):
     """Add to env.json's `continued` list where, when and with what the run continues after
-    `iteration` (it may be another machine and device than the one that started it)."""
-    env = json.loads((run_dir / "env.json").read_text())
+    `iteration` (it may be another machine and device than the one that started it). An env.json
+    lost or damaged is set aside (env.json.unreadable) and started again from this machine."""
     here = environment(device)
+    try:
+        env = read_json(run_dir / "env.json", "")
+    except UserError as e:
+        if (run_dir / "env.json").exists():
+            os.replace(run_dir / "env.json", run_dir / "env.json.unreadable")
+        tqdm.write(f"note: {str(e).rstrip(': ')}; a new env.json records this machine from iteration "
+                   f"{iteration} on")
+        env = {**here, "recreated_after_iteration": iteration}
     keep = ("device", "gpu", "processor", "cpu_count", "hostname", "torch", "git_commit", "command")
     env.setdefault("continued", []).append({"after_iteration": iteration,
                                             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -645,11 +732,16 @@ def _read_run(run_dir):
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.json)")
+    path = run_dir / "config.json"
+    fix = "restore it from a copy of the run (or resume an unfinished run, which writes it again)"
+    recipe = read_json(path, fix).get("recipe")
+    if not isinstance(recipe, str):
+        raise UserError(f"{path} names no recipe: {fix}")
     ckpt = run_dir / "best.pt"
     if not ckpt.is_file():
         ckpt = run_dir / "ckpt.pt"
     state = read_checkpoint(ckpt)
-    return json.loads((run_dir / "config.json").read_text())["recipe"], ckpt, state
+    return recipe, ckpt, state
 
 
 def _load(run_dir, device, data_root):
@@ -679,13 +771,17 @@ def publish(run_dir, dest):
         raise UserError(f"{run_dir} has no result.json: finish and test the run before publishing it")
     if dest.exists() and any(dest.iterdir()):
         raise UserError(f"{dest} is not empty: publish into a new folder")
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "env.json", "result.json"):
-        if (run_dir / name).is_file():
-            (dest / name).write_text((run_dir / name).read_text())
     kept = {key: state[key] for key in ("format", "recipe", "config", "iteration", "model", "world_size")
             if key in state}
-    data.atomic_save({**kept, "published_from": str(run_dir), "checkpoint": ckpt.name}, dest / "best.pt")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "env.json", "result.json"):
+            if (run_dir / name).is_file():
+                (dest / name).write_text((run_dir / name).read_text())
+        data.atomic_save({**kept, "published_from": str(run_dir), "checkpoint": ckpt.name}, dest / "best.pt")
+    except OSError as e:
+        raise UserError(f"cannot write {e.filename or dest} ({e.strerror}): publish into a folder you can "
+                        f"write") from None
     return dest
 
 
@@ -730,5 +826,14 @@ def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=Tr
     }
     if distributed.is_main():
         tag = "".join(f"{getattr(cfg, key)}{key[0]}" for key in trained) + "-" if setting else ""
-        write_json(Path(run_dir) / (out_name or f"eval-{tag}{episodes}.json"), result)
+        path = Path(run_dir) / (out_name or f"eval-{tag}{episodes}.json")
+        try:
+            write_json(path, result)
+        except OSError as e:
+            if out_name:  # the run's own record (run, bench): it must be written
+                raise UserError(f"cannot write {path} ({e.strerror}): free space or make {run_dir} writable, "
+                                f"then test the run again with `l2l-recipes eval`") from None
+            # `eval` of a run in a folder one cannot write (a read-only mount, another user's models)
+            print(f"note: cannot write {path} ({e.strerror}): the result is printed, not saved",
+                  file=sys.stderr)
     return result

@@ -9,6 +9,7 @@ a query's probabilities are the softmax of its logits.
 """
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -26,13 +27,27 @@ def image_files(folder):
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
+def as_8_bit(image):
+    """`image` as the datasets' files are, 8 bits per channel and opaque: 16-bit pixels scaled to
+    8 bits (PIL's own conversion clips them: a 16-bit scan would turn almost all white), and
+    transparent pixels shown on white (else they turn black: ink, to an Omniglot model)."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
+        pixels = np.asarray(image, dtype=np.float64) / 257  # 0..65535 -> 0..255
+        image = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image
+
+
 def read_image(path, transform):
-    """Image file `path` through `transform`; an unreadable or corrupt file is a UserError naming it."""
+    """Image file `path` through `transform` (after as_8_bit); an unreadable or corrupt file is a
+    UserError naming it."""
     try:
         with Image.open(path) as image:
             image.load()
-            return transform(image)
-    except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for foreign or damaged files
+            return transform(as_8_bit(image))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # foreign, damaged, huge
         reason = (str(e).splitlines() or [""])[0][:120]
         raise UserError(f"cannot read image {path} ({type(e).__name__}: {reason}): replace or remove it") from None
 

@@ -110,3 +110,5 @@ for name in maml-sine-5s metaoptnet-ridge-omniglot-5w1s reptile-omniglot-5w1s an
   bench "$name" --seeds 1 --resume --runs-dir /root/l2l-long/bench
 done
 bench protonet-omniglot-5w1s protonet-omniglot-20w1s --seeds 3 --episodes 1000 --resume --runs-dir /root/l2l-long/bench
+# the maml-sine-10s row: the maml-sine-5s model tested with 10 support points (commit 1b01f17)
+bench maml-sine-5s maml-sine-10s --seeds 1 --resume --runs-dir /root/l2l-long/bench

@@ -252,8 +252,8 @@ class Run(plain.PlainRun):
     @classmethod
     def resume(cls, run_dir, device, **options):
         """The run of `run_dir`, to continue from its ckpt.pt (its config is the checkpoint's), with
-        the data root and the time budget (--max-minutes, of training in all) it was started with
-        unless `data_root` or `max_minutes` is given."""
+        the data root and the time budget (--max-minutes, of training in all) it was started with,
+        unless `data_root` or `max_minutes` is given; a run its budget stopped goes on without one."""
         run_dir = Path(run_dir)
         state = distributed.on_main(_claim_resumable, run_dir)  # nodes need no shared disk
         trained, world = state.get("world_size", 1), distributed.world_size()
@@ -513,7 +513,9 @@ class Run(plain.PlainRun):
             "elapsed_seconds": time.time() - self.started,
             "world_size": distributed.world_size(),
             "training_ended": self.ended,
-            "max_minutes": self.max_minutes,  # a resume keeps the budget (elapsed_seconds counts against it)
+            # a resume keeps a budget not yet spent (elapsed_seconds counts against it); resuming a
+            # run its budget stopped means going on without one (or with a new --max-minutes)
+            "max_minutes": None if self.stopped_early else self.max_minutes,
             "data_root": str(Path(self.data_root).expanduser().resolve()) if self.data_root else None,
             **extra,
         }

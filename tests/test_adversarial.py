@@ -96,6 +96,10 @@ def test_a_resumed_run_keeps_its_time_budget(tmp_path):
     run.checkpoint(1)
     assert harness.Run.resume(run.path, torch.device("cpu")).max_minutes == 8
     assert harness.Run.resume(run.path, torch.device("cpu"), max_minutes=60).max_minutes == 60
+    run.stopped_early = True  # its budget spent: resuming it means going on without one
+    run.checkpoint(2)
+    assert harness.Run.resume(run.path, torch.device("cpu")).max_minutes is None
+    assert harness.Run.resume(run.path, torch.device("cpu"), max_minutes=60).max_minutes == 60
 
 # ----------------------------------------------------------------------------- folders one cannot write
 

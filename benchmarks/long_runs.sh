@@ -47,17 +47,13 @@ queue() {  # queue NICE NAME...: one background process benching these one after
 # the paper's protocols (issue 15), the rows that finish within one working session first (a
 # machine may come back without LONG: 2026-12-04 it did, and ~30 core-hours of runs were lost).
 # Done, reproduced or with a verdict, and not run again here: MAML and FOMAML omniglot-5w1s, Matching
-# Nets 5w1s/5w5s/20w1s, transfer 5w1s/5w5s.
-# Matching Nets 20w5s (published 98.5), one seed, one thread:
-start 0 "matchingnet-omniglot-20w5s" --seeds 1
+# Nets (all four rows), transfer 5w1s/5w5s, MetaOptNet-ridge 5w1s, MAML sine.
 if [ "${QUEUE:-1}" = 1 ]; then  # one seed each, one after another (finished ones return at once):
-  # MAML sine (~0.5 h), MetaOptNet-ridge (~0.7 h), Reptile (published 97.68; ~3 h), ANIL (~2 h),
-  # SNAIL (~2.8 h), Meta-SGD (~4 h)
-  queue 0 maml-sine-5s metaoptnet-ridge-omniglot-5w1s reptile-omniglot-5w1s anil-omniglot-5w1s \
-    snail-omniglot-5w1s metasgd-omniglot-5w1s
+  # Reptile (published 97.68; ~3 h, started 2026-12-05), ANIL (~2 h), Meta-SGD (~4 h), SNAIL (~2.8 h)
+  queue 0 reptile-omniglot-5w1s anil-omniglot-5w1s metasgd-omniglot-5w1s snail-omniglot-5w1s
 fi
-# ProtoNet (Snell's protocol: ~40,000-70,000 episodes a seed, ~5 core-hours) takes what the others and
-# a working session leave: each seed stops 200 validations (20,000 episodes) after its best
-# validation loss, then retrains a fresh model on train+val for best + 19,900 episodes.
+# ProtoNet (Snell's protocol: ~40,000-70,000 episodes a seed, ~5 core-hours) on the other core: each
+# seed stops 200 validations (20,000 episodes) after its best validation loss, then retrains a fresh
+# model on train+val for best + 19,900 episodes.
 # (seeds started on a GPU with benchmarks/gpu_bench.sh continue here: the runs do not depend on the device)
-start 19 "protonet-omniglot-5w1s protonet-omniglot-20w1s" --seeds 3 --episodes 1000
+start 0 "protonet-omniglot-5w1s protonet-omniglot-20w1s" --seeds 3 --episodes 1000

@@ -214,8 +214,9 @@ def _tested_as(name, cfg, run_dir, device, data_root, progress):
     """The test result of the model in `run_dir` on recipe `name`'s fixed test tasks (its
     ways and shots), kept in `run_dir/test-<name>.json`."""
     path = run_dir / f"test-{name}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    cached = _readable_record(path) if path.is_file() else None  # damaged (a crash while writing): test again
+    if cached is not None:
+        return cached
     result = harness.meta_test(run_dir, cfg.test_episodes, str(device), data_root, progress, out_name=path.name,
                                ways=getattr(cfg, "ways", None), shots=cfg.shots)
     kept = (result["metric"], "ci95", "loss", "episodes", "eval_seconds")
@@ -343,18 +344,19 @@ def _rank(record):
             len(record["seeds"]), record["date"])
 
 
-def _row(r, notes_dir):
+def _row(r, notes_dir, gpu=None):
     device = " + ".join(r.get("machines") or harness.machines(r))  # older records: the machine of seed 1
     tested = f" (the `{r['trained_as']}` model)" if r.get("trained_as", r["recipe"]) != r["recipe"] else ""
+    estimate = "" if is_paper_protocol(r) else _gpu_cost(r["recipe"], gpu or {}, "; the paper's protocol: ")
     return (f"| `{r['recipe']}`{tested} | {_pct(r['published'])} | {_pct(r['learn2learn'])} | {summary(r)} | "
-            f"{verdict(r, notes_dir)} | {_budget(r)}, {seconds_per_iteration(r):.2f} s/it | "
+            f"{verdict(r, notes_dir)}{estimate} | {_budget(r)}, {seconds_per_iteration(r):.2f} s/it | "
             f"{r['wall_seconds'] / 60:.1f} min | {device}, {r['date'][:10]}, `{(r['git_commit'] or '?')[:10]}` | "
             f"`{r['command']}` | [curve](results/{r['curve']}) |")
 
 
-def table_rows(records, notes_dir=None, speeds=()):
+def table_rows(records, notes_dir=None, speeds=(), gpu=None):
     """(rows, history, reproduced count): one row per recipe from its most faithful record, one
-    per unmeasured recipe; the other records as history lines."""
+    per unmeasured recipe; the other records as history lines. `gpu`: gpu_estimates()."""
     by_recipe = {}
     for r in records:
         by_recipe.setdefault(r["recipe"], []).append(r)
@@ -363,13 +365,14 @@ def table_rows(records, notes_dir=None, speeds=()):
         recipe = registry.get_recipe(name)
         if name not in by_recipe:
             cost = _cost(name, by_recipe, speeds)
+            cost += _gpu_cost(name, gpu or {}, "; " if cost else ": ")
             rows.append(f"| `{name}` | {_pct(recipe.published and dataclasses.asdict(recipe.published))} | "
                         f"{_pct(recipe.learn2learn and dataclasses.asdict(recipe.learn2learn))} | "
                         f"not measured on this machine | not measured{cost} | – | – | – | "
                         f"`l2l-recipes bench {name} --seeds 3` | – |")
             continue
         best, *others = sorted(by_recipe[name], key=_rank, reverse=True)
-        rows.append(_row(best, notes_dir))
+        rows.append(_row(best, notes_dir, gpu))
         reproduced += verdict(best).startswith("**reproduced")
         for r in sorted(others, key=lambda r: r["date"]):
             history.append(f"- `{name}`: {summary(r)}, {_budget(r)}, {r['date'][:10]}, "
@@ -413,6 +416,24 @@ def _cost(name, by_recipe, speeds=()):
             f"`{record['recipe']}` x {cfg.iterations} it)")
 
 
+def _gpu_cost(name, gpu, lead):
+    """'<lead>~Y h on one GPU (estimate: ...)' from `gpu` (gpu_estimates()), or ''."""
+    if name not in gpu:
+        return ""
+    row = gpu[name]
+    part = row["phases"][0]
+    return (f"{lead}~{row['gpu_hours']:.1f} h on one GPU (estimate from {part['ops']} operations and "
+            f"{part['flops'] / 1e9:.1f} GFLOP per iteration, [how](#gpu-estimates))")
+
+
+def gpu_estimates(speed_dir):
+    """{recipe: row} of the `speed --recipes --gpu-estimate` records in `speed_dir`, the newest per recipe."""
+    rows = {}
+    for path in sorted(Path(speed_dir).glob("gpu-estimate-*.json"), key=lambda p: p.stem[-15:]):
+        rows.update((row["recipe"], row) for row in _record_of(path)["recipes"])
+    return rows
+
+
 def speed_rows(speed_dir):
     """(row, date, threads) of every recipe timed by `l2l-recipes speed --recipes` (records in `speed_dir`)."""
     rows = []
@@ -428,8 +449,9 @@ def write_table(results_dir="benchmarks/results", readme="benchmarks/README.md")
     records = [_record_of(p) for p in sorted(Path(results_dir).glob("*.json"))]
     records = [r for r in records if "seeds" in r]  # accuracy records, not speed records
     readme = Path(readme)
-    speeds = speed_rows(Path(results_dir).parent / "speed")
-    rows, history, reproduced = table_rows(records, readme.parent / "notes", speeds)
+    speed_dir = Path(results_dir).parent / "speed"
+    rows, history, reproduced = table_rows(records, readme.parent / "notes", speed_rows(speed_dir),
+                                           gpu_estimates(speed_dir))
     with_published = sum(1 for name in registry.list_recipes() if registry.get_recipe(name).published)
     header = ("| recipe | published | learn2learn's claim | ours: mean ± 95% CI (seeds) | verdict | budget | "
               "wall time | device, date, commit | command | curve |\n" + "|---" * 10 + "|")

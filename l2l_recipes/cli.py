@@ -304,10 +304,20 @@ def recipes_bench_table(results_dir):
                    "on both engines and project its paper budget.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --recipes: threads per timed process.")
-def recipes_speed(iterations, tiny, data_root, out, pattern, threads):
+@click.option("--gpu-estimate", is_flag=True,
+              help="With --recipes: instead of timing, count each recipe's operations and FLOPs per iteration "
+                   "and estimate its paper budget on one GPU from the one GPU run measured.")
+def recipes_speed(iterations, tiny, data_root, out, pattern, threads, gpu_estimate):
     """Time learn2learn's plain MAML and ProtoNet loops against the fast path, side by side (CPU);
     with --recipes, every recipe's own loop on both engines."""
     from l2l_recipes.lab import speed
+    if gpu_estimate:
+        if pattern is None:
+            raise click.UsageError("--gpu-estimate counts the recipes of --recipes PATTERN: add it")
+        from l2l_recipes.lab import gpu_estimate as estimate
+        record = estimate.measure(pattern, data_root=data_root, progress=click.echo)
+        click.echo(f"record: {speed.write_record(record, out, prefix='gpu-estimate')}")
+        return
     if pattern is not None:
         from l2l_recipes.lab import recipe_speed
         record = recipe_speed.measure(pattern, iterations=iterations, threads=threads, tiny=tiny,

@@ -1,7 +1,7 @@
 """`l2l-recipes bench`: real short runs, their records, curves, budgets and the generated table."""
 import json
 
-from conftest import cli
+from conftest import REPO, cli
 
 
 def test_bench_records_seeds_budget_and_table(tmp_path, data_root):
@@ -109,3 +109,29 @@ def test_unmeasured_rows_cost_comes_from_speed_measurements(tmp_path):
     assert "0.05 s/it of `fomaml-omniglot-5w1s` x 60000 it, `speed --recipes` 2026-12-03, 1 thread," in bench._cost(
         "fomaml-omniglot-5w5s", {}, speeds)
     assert "0.10 s/it of `maml-omniglot-5w1s`" in bench._cost("maml-omniglot-5w5s", {}, speeds)
+
+
+def test_rows_show_the_gpu_estimate_of_the_papers_protocol(tmp_path):
+    """An unmeasured row, and a row whose record was cut short, show the newest `speed --recipes
+    --gpu-estimate` estimate of the recipe's paper budget; a row at the paper's protocol does not."""
+    from l2l_recipes import bench
+    row = {"recipe": "maml-omniglot-5w5s", "phases": [{"iterations": 60000, "ops": 600, "flops": 2.5e10}],
+           "gpu_hours": 1.25}
+    folder = tmp_path / "speed"
+    folder.mkdir()
+    for stamp, hours in (("20261205-020000", 0.75), ("20261204-020000", 9.0)):  # the newer is taken
+        (folder / f"gpu-estimate-vm-torch2.14.1-{stamp}.json").write_text(
+            json.dumps({"recipes": [{**row, "gpu_hours": hours}]}))
+    gpu = bench.gpu_estimates(folder)
+    assert gpu["maml-omniglot-5w5s"]["gpu_hours"] == 0.75
+    rows, _, _ = bench.table_rows([], speeds=(), gpu=gpu)
+    (line,) = [r for r in rows if r.startswith("| `maml-omniglot-5w5s` |")]
+    assert "| not measured: ~0.8 h on one GPU (estimate from 600 operations and 25.0 GFLOP per iteration" in line
+    # a committed record, cut short of the paper's budget
+    path = max((REPO / "benchmarks" / "results").glob("maml-omniglot-20w1s-*.json"))
+    record = {**json.loads(path.read_text()), "recipe": "maml-omniglot-5w5s", "published": None}
+    rows, _, _ = bench.table_rows([record], speeds=(), gpu=gpu)
+    (line,) = [r for r in rows if r.startswith("| `maml-omniglot-5w5s` |")]
+    assert "| no published number; the paper's protocol: ~0.8 h on one GPU (estimate from 600" in line
+    rows, _, _ = bench.table_rows([{**record, "protocol": "paper"}], speeds=(), gpu=gpu)
+    assert "on one GPU" not in [r for r in rows if r.startswith("| `maml-omniglot-5w5s` |")][0]

@@ -1,6 +1,7 @@
 """Paper protocols: early stopping and train+val retraining (ProtoNet), a bench that survives
 a kill and is shared by several processes, one trained model tested at other ways and shots,
 a published model that re-tests to its record."""
+import dataclasses
 import fcntl
 import json
 import os
@@ -11,7 +12,7 @@ import sys
 import torch
 
 from conftest import REPO, cli
-from l2l_recipes import bench
+from l2l_recipes import bench, registry
 
 TINY = ["--set", "train_ways=10", "--set", "val_episodes=10", "--set", "log_interval=5"]
 # Snell et al.'s protocol, shrunk: validate every 5 episodes, patience 3 validations
@@ -146,6 +147,13 @@ def test_one_model_tested_at_other_ways(tmp_path, data_root):
     assert result["ways"] == 20 and result["trained_ways"] == 5 and result["run_dir"] == str(seed_dir)
     assert result["accuracy"] == record["seeds"][0]["accuracy"] > 0.1  # 20-way chance is 0.05
     assert "20-way 1-shot test accuracy" in evaluated.output
+    # a cached test result cut short (a crash while it was written) is tested again, not a traceback
+    cached = seed_dir / "test-protonet-omniglot-20w1s.json"
+    cached.write_text(cached.read_text()[:20])
+    tested = dataclasses.replace(registry.get_recipe("protonet-omniglot-20w1s").config(), test_episodes=10)
+    again = bench._tested_as("protonet-omniglot-20w1s", tested, seed_dir, torch.device("cpu"), data_root, False)
+    assert again["accuracy"] == record["seeds"][0]["accuracy"]
+    assert json.loads(cached.read_text())["accuracy"] == again["accuracy"]
 
 
 def test_published_model_is_small_and_re_tests_to_its_recorded_accuracy(protonet_run, tmp_path, data_root):

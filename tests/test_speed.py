@@ -1,10 +1,13 @@
 """The speed benchmark runs end to end in a tiny configuration (timings belong to the benchmark)."""
 import json
 
+import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
+from torch.utils.flop_counter import FlopCounterMode
 
 from l2l_recipes import cli
-from l2l_recipes.lab import recipe_speed, speed
+from l2l_recipes.lab import gpu_estimate, recipe_speed, speed
 
 
 def test_speed_benchmark_tiny(tmp_path):
@@ -76,3 +79,38 @@ def test_recipe_speed_projects_each_phase_of_a_changing_schedule():
 def test_recipe_speed_refuses_an_empty_pattern():
     result = CliRunner().invoke(cli.cli, ["speed", "--recipes", "nothing-*"])
     assert result.exit_code == 1 and "no recipe matches 'nothing-*'" in result.output
+
+
+def test_gpu_estimate_counts_operations_and_flops_of_a_recipes_own_loop(data_root):
+    """`speed --recipes --gpu-estimate` counts operations (views apart) and FLOPs (a grouped
+    convolution's gradients counted as grouped) and projects them at the measured GPU run's rate."""
+    x = torch.randn(4, 6)
+    with gpu_estimate.CountOps() as ops:
+        y = x + 1
+        y.t(), y.view(-1), torch.mm(x, x.t())
+    assert ops.count == {"ops": 2, "views": 3}  # add, mm; t, view, t
+    x, w = torch.randn(4, 64, 10, 10, requires_grad=True), torch.randn(64, 32, 3, 3, requires_grad=True)
+    with FlopCounterMode(display=False, custom_mapping={
+            torch.ops.aten.convolution_backward: gpu_estimate.conv_backward_flops}) as flops:
+        F.conv2d(x, w, groups=2).sum().backward()
+    forward = 2 * 4 * 64 * 8 * 8 * 32 * 9  # 2 x batch x output channels x output pixels x (inputs/group x 3 x 3)
+    assert flops.get_flop_counts()["Global"] == {torch.ops.aten.convolution: forward,
+                                                 torch.ops.aten.convolution_backward: 2 * forward}
+    # ProtoNet's 60-way 1-shot 5-query training episode: 360 images through Conv4 (3x3, 64 filters,
+    # padding 1, 2x2 max-pool) forward, the weights' gradients, the inputs' from the second layer on
+    row = gpu_estimate.count_recipe("protonet-omniglot-5w1s", data_root)
+    macs = [28 * 28 * 64 * 1 * 9, 14 * 14 * 64 * 64 * 9, 7 * 7 * 64 * 64 * 9, 3 * 3 * 64 * 64 * 9]
+    convolutions = 360 * 2 * (2 * sum(macs) + sum(macs[1:]))
+    (part,) = row["phases"]
+    assert part["iterations"] == 60_000 and 0 <= part["flops"] - convolutions < 1e-3 * convolutions  # + distances
+    assert part["ops"] > 50 and row["validation_task"]["ops"] > 10
+    assert row["validation_tasks"] == 60_000 // 100 * 100 and row["test_tasks"] == 1000
+    # the measured run's own interval (100 episodes and a validation) projects to its measured time
+    c = gpu_estimate.seconds_per_op(row)
+    interval = {**row, "phases": [{**part, "iterations": 100}], "validation_tasks": 100, "test_tasks": 0}
+    assert abs(gpu_estimate.gpu_hours(interval, c) * 3600 - 100 / 28.0) < 1e-9
+
+
+def test_gpu_estimate_needs_recipes():
+    result = CliRunner().invoke(cli.cli, ["speed", "--gpu-estimate"])
+    assert result.exit_code == 2 and "--gpu-estimate counts the recipes of --recipes PATTERN" in result.output

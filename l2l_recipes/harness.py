@@ -814,7 +814,13 @@ def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=Tr
         extra = {**{f"trained_{key}": value for key, value in trained.items()}, **extra}
     cfg = predictor.cfg
     episodes = episodes or cfg.test_episodes
-    tasks = predictor.test_tasks(episodes, cfg.test_seed)
+    try:
+        tasks = predictor.test_tasks(episodes, cfg.test_seed)
+    except UserError as e:  # data.taskset names --set's fix; here the setting is eval's
+        if not setting:
+            raise
+        reason = str(e).split(": lower --set", 1)[0]
+        raise UserError(f"{reason}: test with fewer {' or '.join(f'--{key}' for key in setting)}") from None
     started = time.time()
     result = {
         "recipe": recipe,

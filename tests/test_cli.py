@@ -71,6 +71,10 @@ def test_eval_reproduces_the_run_result_and_keeps_it(protonet_run, data_root):
     short = cli("eval", run_dir, "--episodes", 30, "--data-root", data_root, "--device", "cpu")
     assert short.exit_code == 0 and json.loads((run_dir / "eval-30.json").read_text())["episodes"] == 30
     assert (run_dir / "result.json").read_text() == recorded
+    # more shots than an Omniglot class has images (20, with 15 queries): the fix is eval's option
+    many = cli("eval", run_dir, "--shots", 10, "--episodes", 5, "--data-root", data_root, "--device", "cpu")
+    assert many.exit_code == 1 and many.output.strip().splitlines()[-1] == (
+        "Error: shots + queries = 25 but each class has only 20 images: test with fewer --shots")
 
 
 def test_load_and_predict_a_hand_built_task(protonet_run, data_root, splits):

@@ -133,7 +133,6 @@ def measure(pattern, data_root=None, progress=print):
     if not names:
         raise UserError(f"no recipe matches {pattern!r}: see `l2l-recipes list`")
     torch.set_num_threads(1)
-    harness.keep_freed_memory()
     rows, skipped = {}, {}
     for name in dict.fromkeys([MEASURED["recipe"], *names]):
         try:

@@ -128,7 +128,7 @@ def gpu_hours(row, op_seconds):
 
 def measure(pattern, data_root=None, progress=print):
     """Count every recipe matching `pattern` (and the measured GPU run's recipe); the record (dict)."""
-    started = time.time()
+    started, environment = time.time(), speed.environment()  # commit read before counting
     names = registry.list_recipes(pattern)
     if not names:
         raise UserError(f"no recipe matches {pattern!r}: see `l2l-recipes list`")
@@ -147,7 +147,7 @@ def measure(pattern, data_root=None, progress=print):
             progress(format_row(row))
     return {"pattern": pattern, "measured": MEASURED, "assumed_flops_per_second": ASSUMED_FLOPS,
             "seconds_per_op": op_seconds, "recipes": [rows[n] for n in names if n in rows], "skipped": skipped,
-            "method": __doc__.split("\n\n", 1)[1].strip(), "environment": speed.environment(),
+            "method": __doc__.split("\n\n", 1)[1].strip(), "environment": environment,
             "wall_seconds": round(time.time() - started, 1)}
 
 

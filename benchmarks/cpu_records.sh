@@ -112,3 +112,14 @@ done
 bench protonet-omniglot-5w1s protonet-omniglot-20w1s --seeds 3 --episodes 1000 --resume --runs-dir /root/l2l-long/bench
 # the maml-sine-10s row: the maml-sine-5s model tested with 10 support points (commit 1b01f17)
 bench maml-sine-5s maml-sine-10s --seeds 1 --resume --runs-dir /root/l2l-long/bench
+# 2026-12-05 (01:46), session 13: /root/l2l-long survived; long_runs.sh (bfc8f57) continued Reptile 5w1s
+# (iteration 1,600) in the queue and ProtoNet 5w1s seed 1 (episode 1,800), both at priority 0 (Reptile's
+# autogroup at -5 so that it kept a core beside the session's work)
+bench reptile-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
+bench protonet-omniglot-5w1s protonet-omniglot-20w1s --seeds 3 --episodes 1000 --resume --runs-dir /root/l2l-long/bench
+# the GPU estimates of the table's unmeasured rows (benchmarks/speed/gpu-estimate-*.json): one process per
+# pattern, one thread, beside the two runs above (counts do not depend on the load)
+for pattern in '*-omniglot-*' 'maml-sine-*' 'maml-rl-*' 'anil-mini*' 'fomaml-mini*' 'maml-mini*' 'metasgd-mini*' \
+    'protonet-mini*' 'reptile-mini*' 'matchingnet*mini*' 'transfer-mini*'; do  # snail-mini*: killed at 22 GB
+  .venv/bin/l2l-recipes speed --recipes "$pattern" --gpu-estimate
+done

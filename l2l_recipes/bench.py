@@ -344,10 +344,10 @@ def _rank(record):
             len(record["seeds"]), record["date"])
 
 
-def _row(r, notes_dir, gpu=None):
+def _row(r, notes_dir, gpu):
     device = " + ".join(r.get("machines") or harness.machines(r))  # older records: the machine of seed 1
     tested = f" (the `{r['trained_as']}` model)" if r.get("trained_as", r["recipe"]) != r["recipe"] else ""
-    estimate = "" if is_paper_protocol(r) else _gpu_cost(r["recipe"], gpu or {}, "; the paper's protocol: ")
+    estimate = "" if is_paper_protocol(r) else _gpu_cost(r["recipe"], gpu, "; the paper's protocol: ")
     return (f"| `{r['recipe']}`{tested} | {_pct(r['published'])} | {_pct(r['learn2learn'])} | {summary(r)} | "
             f"{verdict(r, notes_dir)}{estimate} | {_budget(r)}, {seconds_per_iteration(r):.2f} s/it | "
             f"{r['wall_seconds'] / 60:.1f} min | {device}, {r['date'][:10]}, `{(r['git_commit'] or '?')[:10]}` | "
@@ -357,7 +357,7 @@ def _row(r, notes_dir, gpu=None):
 def table_rows(records, notes_dir=None, speeds=(), gpu=None):
     """(rows, history, reproduced count): one row per recipe from its most faithful record, one
     per unmeasured recipe; the other records as history lines. `gpu`: gpu_estimates()."""
-    by_recipe = {}
+    by_recipe, gpu = {}, gpu or {}
     for r in records:
         by_recipe.setdefault(r["recipe"], []).append(r)
     rows, history, reproduced = [], [], 0
@@ -365,7 +365,7 @@ def table_rows(records, notes_dir=None, speeds=(), gpu=None):
         recipe = registry.get_recipe(name)
         if name not in by_recipe:
             cost = _cost(name, by_recipe, speeds)
-            cost += _gpu_cost(name, gpu or {}, "; " if cost else ": ")
+            cost += _gpu_cost(name, gpu, "; " if cost else ": ")
             rows.append(f"| `{name}` | {_pct(recipe.published and dataclasses.asdict(recipe.published))} | "
                         f"{_pct(recipe.learn2learn and dataclasses.asdict(recipe.learn2learn))} | "
                         f"not measured on this machine | not measured{cost} | – | – | – | "

@@ -10,10 +10,6 @@ taken out first) + FLOPs / `ASSUMED_FLOPS`. An estimate, not a measurement: data
 the host (the reference engine's learn2learn Tasksets) is not in it.
 """
 import collections
-import contextlib
-import dataclasses
-import os
-import tempfile
 import time
 
 import torch
@@ -74,15 +70,8 @@ class CountingRun(harness.Run):
 
 def _count(name, changes, data_root):
     """(ops, flops) of a training iteration and of one validation task of `name` with `changes`."""
-    recipe = registry.get_recipe(name)
-    cfg = recipe.config()
-    fields = {f.name for f in dataclasses.fields(cfg)}
     settings = {**changes, "iterations": 3, "val_interval": 3, "log_interval": 3, "val_episodes": VAL_TASKS}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in settings.items() if k in fields})
-    with tempfile.TemporaryDirectory() as folder, open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-        run = CountingRun(folder, name, cfg, torch.device("cpu"), data_root=data_root, progress=False,
-                          checkpoint_every=0)
-        recipe.load_module().train(cfg, run)
+    run = recipe_speed.train_quietly(name, settings, data_root, CountingRun)
     (train_ops, train_flops), (last_ops, last_flops) = run.counts  # iteration 3 validates too
     return (train_ops, train_flops), ((last_ops - train_ops) / VAL_TASKS, (last_flops - train_flops) / VAL_TASKS)
 
@@ -106,8 +95,8 @@ def count_recipe(name, data_root=None):
 def totals(row):
     """(ops, flops) of a row's whole paper budget: training, validations, the test."""
     tasks = row["validation_tasks"] + row["test_tasks"]
-    return (sum(p["iterations"] * p["ops"] for p in row["phases"]) + tasks * row["validation_task"]["ops"],
-            sum(p["iterations"] * p["flops"] for p in row["phases"]) + tasks * row["validation_task"]["flops"])
+    return tuple(sum(p["iterations"] * p[key] for p in row["phases"]) + tasks * row["validation_task"][key]
+                 for key in ("ops", "flops"))
 
 
 def seconds_per_op(row):
@@ -115,8 +104,7 @@ def seconds_per_op(row):
     cfg = registry.get_recipe(row["recipe"]).config()
     part, task = row["phases"][0], row["validation_task"]
     # one validation interval: its iterations and one validation
-    ops = cfg.val_interval * part["ops"] + cfg.val_episodes * task["ops"]
-    flops = cfg.val_interval * part["flops"] + cfg.val_episodes * task["flops"]
+    ops, flops = (cfg.val_interval * part[key] + cfg.val_episodes * task[key] for key in ("ops", "flops"))
     seconds = cfg.val_interval / MEASURED["iterations_per_second"]
     return (seconds - flops / ASSUMED_FLOPS) / ops
 

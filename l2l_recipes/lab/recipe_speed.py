@@ -62,22 +62,28 @@ class TimedRun(harness.Run):
             self.seconds.append(time.perf_counter() - started)
 
 
+def train_quietly(name, settings, data_root, run_class, **run_options):
+    """Train recipe `name` on the CPU with `settings` (those its Config has), in a folder thrown
+    away after, its printing silenced, under a `run_class` run; returns the run."""
+    recipe = registry.get_recipe(name)
+    cfg = recipe.config()
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in settings.items() if k in fields})
+    with tempfile.TemporaryDirectory() as folder, open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        run = run_class(folder, name, cfg, torch.device("cpu"), data_root=data_root, progress=False,
+                        checkpoint_every=0, **run_options)
+        recipe.load_module().train(cfg, run)
+    return run
+
+
 def _serve(connection, name, engine, warmup, iterations, threads, changes, data_root):
     """One loop's process: trains `name` on `engine` for warmup + iterations, validating at the
     end, taking turns; sends the per-iteration seconds."""
     torch.set_num_threads(threads)
     harness.keep_freed_memory()  # as every run here
-    recipe = registry.get_recipe(name)
-    cfg = recipe.config()
     total = warmup + iterations + 1  # + the last, validating one
-    fields = {f.name for f in dataclasses.fields(cfg)}
-    settings = {k: v for k, v in {**changes, "iterations": total, "val_interval": total,
-                                  "log_interval": total, "engine": engine}.items() if k in fields}
-    cfg = dataclasses.replace(cfg, **settings)
-    with tempfile.TemporaryDirectory() as folder, open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-        run = TimedRun(folder, name, cfg, torch.device("cpu"), data_root=data_root, progress=False,
-                       checkpoint_every=0, connection=connection)
-        recipe.load_module().train(cfg, run)
+    settings = {**changes, "iterations": total, "val_interval": total, "log_interval": total, "engine": engine}
+    run = train_quietly(name, settings, data_root, TimedRun, connection=connection)
     connection.send(("done", run.seconds))
 
 

@@ -123,3 +123,10 @@ for pattern in '*-omniglot-*' 'maml-sine-*' 'maml-rl-*' 'anil-mini*' 'fomaml-min
     'protonet-mini*' 'reptile-mini*' 'matchingnet*mini*' 'transfer-mini*'; do  # snail-mini*: killed at 22 GB
   .venv/bin/l2l-recipes speed --recipes "$pattern" --gpu-estimate
 done
+# 2026-12-05 (05:27), session 14: Reptile 5w1s finished from iteration ~61,000 (commit 59a8778, the last
+# commit with a fresh inner Adam per task): 83.99 ± 0.53 (record reptile-omniglot-5w1s-...-20261205-065932,
+# an earlier version of the recipe now: benchmarks/notes/reptile-omniglot-5w1s.md). ProtoNet 5w1s seed 1
+# stopped at episode ~11,100 (for a GPU: long_runs.sh PROTONET=1 continues it).
+bench reptile-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
+# the inner Adam's state, three ways, 2,000 iterations each (one thread each, beside the run above)
+for mode in fresh sequential shared; do python benchmarks/reptile_inner_adam.py $mode 2000; done

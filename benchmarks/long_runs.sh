@@ -34,11 +34,11 @@ start() {  # start NICE "NAME..." [bench options...], unless that bench is alrea
 
 queue() {  # queue NICE NAME...: one background process benching these one after another (one seed each)
   local nice=$1; shift
-  if pgrep -f "bench_queue.sh" >/dev/null; then echo "queue: running"; return; fi
+  if pgrep -f "bench_queue.sh $LONG $1 " >/dev/null; then echo "queue $1...: running"; return; fi
   (cd "$LONG/code" && L2L_RECIPES_DATA="$DATA" OMP_NUM_THREADS=1 setsid nohup bash benchmarks/bench_queue.sh \
     "$LONG" "$@" >/dev/null 2>&1 </dev/null &)
   sleep 1
-  for pid in $(pgrep -f "bench_queue.sh"); do
+  for pid in $(pgrep -f "bench_queue.sh $LONG $1 "); do
     echo "$nice" 2>/dev/null >"/proc/$pid/autogroup" || renice -n "$nice" -p "$pid" >/dev/null
   done
   echo "queue: started, priority $nice ($*)"
@@ -48,12 +48,16 @@ queue() {  # queue NICE NAME...: one background process benching these one after
 # machine may come back without LONG: 2026-12-04 it did, and ~30 core-hours of runs were lost).
 # Done, reproduced or with a verdict, and not run again here: MAML and FOMAML omniglot-5w1s, Matching
 # Nets (all four rows), transfer 5w1s/5w5s, MetaOptNet-ridge 5w1s, MAML sine.
-if [ "${QUEUE:-1}" = 1 ]; then  # one seed each, one after another (finished ones return at once):
-  # Reptile (published 97.68; ~3 h, started 2026-12-05), ANIL (~2 h), Meta-SGD (~4 h), SNAIL (~2.8 h)
-  queue 0 reptile-omniglot-5w1s anil-omniglot-5w1s metasgd-omniglot-5w1s snail-omniglot-5w1s
+if [ "${QUEUE:-1}" = 1 ]; then  # two queues, one per core; one seed each, finished ones return at once:
+  # Reptile (published 97.68; ~3 h, started 2026-12-05), ANIL (~2 h), SNAIL (~2.8 h)
+  queue 0 reptile-omniglot-5w1s anil-omniglot-5w1s snail-omniglot-5w1s
+  # Meta-SGD (~4 h), MAML++ (~7 h)
+  queue 0 metasgd-omniglot-5w1s mamlpp-omniglot-5w1s
 fi
-# ProtoNet (Snell's protocol: ~40,000-70,000 episodes a seed, ~5 core-hours) on the other core: each
-# seed stops 200 validations (20,000 episodes) after its best validation loss, then retrains a fresh
-# model on train+val for best + 19,900 episodes.
-# (seeds started on a GPU with benchmarks/gpu_bench.sh continue here: the runs do not depend on the device)
-start 0 "protonet-omniglot-5w1s protonet-omniglot-20w1s" --seeds 3 --episodes 1000
+# ProtoNet (Snell's protocol: ~60,000 episodes a seed with the train+val retraining, ~14 h of a
+# core each at ~0.85 s/episode: 3 seeds and the 5-shot model ~60 core-hours) is for a GPU
+# (benchmarks/gpu_bench.sh: ~35 min a seed); seed 1 ran here to episode ~10,300 (2026-12-05)
+# and continues, on the CPU or a GPU, with PROTONET=1 (the runs do not depend on the device).
+if [ "${PROTONET:-0}" = 1 ]; then
+  start 0 "protonet-omniglot-5w1s protonet-omniglot-20w1s" --seeds 3 --episodes 1000
+fi

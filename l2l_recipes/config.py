@@ -3,6 +3,7 @@
 Order: dataclass defaults < variant < each `--set`, left to right. Values are parsed
 with `ast.literal_eval` (falling back to a plain string) and must match the field's
 type (an int is accepted for a float). Configs are never mutated: `dataclasses.replace`.
+A config stored before its recipe gained a field is read with the value it ran with (`as_ran`).
 """
 import ast
 import dataclasses
@@ -10,6 +11,19 @@ import math
 import typing
 
 from l2l_recipes.errors import UserError
+
+# Fields a recipe family gained after runs had been written without them, with the value those
+# runs ran with: a stored config (config.json, a checkpoint, a bench record) without the field is
+# read with it, when a run is loaded or resumed and when bench-table compares a record's config.
+OLDER_RUNS = {
+    "matchingnet": {"distance": "cosine", "cosine_scale": 1.0},  # 2026-12-04: the attention's options
+    "reptile": {"carry_adam": False},  # 2026-12-05: the inner Adam's carried state (a fresh Adam before)
+}
+
+
+def as_ran(family, stored):
+    """The stored config dict `stored` of a `family` run, with the fields added since filled in."""
+    return {**OLDER_RUNS.get(family, {}), **stored}
 
 
 def parse_assignment(text):

@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm, trange
 
 from l2l_recipes import data, distributed, plain
+from l2l_recipes.config import as_ran
 from l2l_recipes.errors import UserError
 from l2l_recipes.registry import get_recipe
 
@@ -711,10 +712,12 @@ def _recorded_root(state):
 
 
 def _config_of(state, path):
-    """The recipe config stored in checkpoint `state` (read from `path`)."""
+    """The recipe config stored in checkpoint `state` (read from `path`); a field the recipe gained
+    after the run was written takes the value the run ran with (`config.as_ran`)."""
     name = state["recipe"]
+    config = recipe_module(name).Config
     try:
-        return recipe_module(name).Config(**state["config"])
+        return config(**as_ran(config.__module__.rpartition(".")[2], state["config"]))
     except TypeError as e:
         raise UserError(f"checkpoint {path} does not match recipe {name}'s config ({e})") from None
 

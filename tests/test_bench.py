@@ -81,6 +81,32 @@ def test_verdict_needs_the_papers_protocol_and_the_published_ci(tmp_path):
     assert bench.verdict({**record, "published": None}) == "no published number"
 
 
+def test_a_record_of_an_earlier_version_of_the_recipe_is_not_its_protocol():
+    """Reptile's protocol gained the carried inner Adam state (carry_adam) after records had been
+    made without it: such a record, at the paper's settings of its day, no longer counts as the
+    paper's protocol; a field added since with the value the record ran with (config.OLDER_RUNS:
+    Matching Networks' distance) changes nothing; JSON lists match tuple defaults."""
+    import dataclasses
+    from l2l_recipes import bench, registry
+    published = {"accuracy": 97.68, "ci95": 0.04, "source": "Nichol et al. 2018, Table 1"}
+    config = dataclasses.asdict(registry.get_recipe("reptile-omniglot-5w1s").config())
+    record = {"recipe": "reptile-omniglot-5w1s", "published": published, "metric": "accuracy",
+              "mean_accuracy": 0.98, "mean_ci95": 0.002, "protocol": "paper", "config": config}
+    assert bench.changed_since(record) == [] and bench.verdict(record) == "**reproduced**"
+    older = {**record, "config": {k: v for k, v in config.items() if k != "carry_adam"}}
+    assert bench.changed_since(older) == ["carry_adam"] and not bench.is_paper_protocol(older)
+    assert bench.verdict(older) == ("0.32 points above, from an earlier version of the recipe "
+                                    "(defaults changed since: carry_adam)")
+    matching = dataclasses.asdict(registry.get_recipe("matchingnet-omniglot-5w1s").config())
+    before_options = {k: v for k, v in matching.items() if k not in ("distance", "cosine_scale")}
+    assert bench.changed_since({"recipe": "matchingnet-omniglot-5w1s", "config": before_options}) == []
+    assert bench.changed_since({"recipe": "matchingnet-omniglot-5w1s",
+                                "config": {**before_options, "hidden_size": 32}}) == ["hidden_size"]
+    metaoptnet = registry.get_recipe("metaoptnet-ridge-omniglot-5w1s").config()
+    as_json = json.loads(json.dumps(dataclasses.asdict(metaoptnet)))
+    assert bench.changed_since({"recipe": "metaoptnet-ridge-omniglot-5w1s", "config": as_json}) == []
+
+
 def test_unmeasured_rows_cost_comes_from_speed_measurements(tmp_path):
     """A row without a record shows its cost from `speed --recipes` (its own projection, else a
     sibling's s/it x its budget), before any bench record of the family."""

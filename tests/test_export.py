@@ -275,10 +275,12 @@ def test_exported_recipe_reproduces_the_package_run(exported_runs, package_runs,
 
 
 # The most lines of a family's default export of an Omniglot or mini-ImageNet variant: today's
-# lengths, as a ratchet (lower them as exports shrink, never raise them). Issue #17 asks for
-# 350, and 450 for MetaOptNet, SNAIL and MAML++; l2l_recipes.plain (~160 lines), the episodes
-# and the uncached loader (~140 for Omniglot, ~180 for mini-ImageNet) keep them above.
-LINE_LIMITS = {"maml": 552, "protonet": 613, "matchingnet": 564, "anil": 555, "metasgd": 576, "reptile": 574,
+# lengths, as a ratchet (lower them as exports shrink, never raise them but for the paper's
+# protocol: Reptile's carried inner Adam state took it from 574 to 618 lines, 2026-12-05).
+# Issue #17 asks for 350, and 450 for MetaOptNet, SNAIL and MAML++; l2l_recipes.plain (~160
+# lines), the episodes and the uncached loader (~140 for Omniglot, ~180 for mini-ImageNet) keep
+# them above.
+LINE_LIMITS = {"maml": 552, "protonet": 613, "matchingnet": 564, "anil": 555, "metasgd": 576, "reptile": 618,
                "transfer": 575, "metaoptnet": 638, "snail": 690, "mamlpp": 639}
 
 

@@ -24,42 +24,54 @@ def _meta_batch(split, ways=5, shots=10, tasks=5, seed=0):
     return tuple(map(torch.stack, zip(*(taskset.sample() for _ in range(tasks)))))
 
 
-def _model(dtype):
+def _model(dtype, state="carried"):
+    """The recipe's model; state "carried": with a carried inner Adam state (as after 40 steps),
+    "zero": the state a run starts from, "fresh": without one (carry_adam=False)."""
     torch.manual_seed(0)
-    return reptile.build_model(reptile.Config()).to(dtype)
+    model = reptile.build_model(reptile.Config(carry_adam=state != "fresh")).to(dtype)
+    if state == "carried":
+        for v in reptile.carried_state(model)[0]:
+            v.copy_(torch.rand_like(v) * 1e-4)
+        model.adam_step.fill_(40)
+    return model
 
 
 def _both_engines(model, x, y, steps, batch_size):
-    """(reference, fast): each engine's adapted weights per task and last losses, from the same
-    generator state; both must leave torch's generator in the same state."""
+    """(reference, fast): each engine's adapted weights, second moments and last loss per task,
+    from the same generator state; both must leave torch's generator in the same state."""
     results = []
     for adapt in (lambda: reptile.adapt_copies(model, zip(x, y), steps, batch_size, 1e-3),
                   lambda: reptile.adapt_fast(model, x, y, steps, batch_size, 1e-3)):
         torch.manual_seed(1)
         results.append((*adapt(), torch.rand(1)))
-    assert results[0][2] == results[1][2]
-    return [r[:2] for r in results]
+    assert results[0][3] == results[1][3]
+    return [r[:3] for r in results]
 
 
 def _is_conv_bias(name):
     return name.endswith("conv.bias")
 
 
-@pytest.mark.parametrize("steps,batch_size", [(5, 10), (7, 15)])  # the paper's; cycling, a short last batch
-def test_adapted_weights_and_outer_step_equal_the_loop_float64(splits, steps, batch_size):
-    model = _model(torch.float64)
+@pytest.mark.parametrize("steps,batch_size,state", [(5, 10, "carried"), (7, 15, "zero"), (5, 10, "fresh")])
+def test_adapted_weights_and_outer_step_equal_the_loop_float64(splits, steps, batch_size, state):
+    """(5, 10) is the paper's; (7, 15) cycles with a short last batch."""
+    model = _model(torch.float64, state)
     x, y = _meta_batch(splits["train"])
     x = x.double()
-    (ref_weights, ref_losses), (fast_weights, fast_losses) = _both_engines(model, x, y, steps, batch_size)
+    (ref_weights, ref_squares, ref_losses), (fast_weights, fast_squares, fast_losses) = \
+        _both_engines(model, x, y, steps, batch_size)
     assert fast_losses == pytest.approx(ref_losses, rel=1e-12)
     names = [name for name, _ in model.named_parameters()]
-    for ref_task, fast_task in zip(ref_weights, fast_weights, strict=True):
-        for name, r, f, p in zip(names, ref_task, fast_task, model.parameters(), strict=True):
+    for ref_task, fast_task, ref_moments, fast_moments in zip(ref_weights, fast_weights, ref_squares, fast_squares,
+                                                              strict=True):
+        for name, r, f, p, rm, fm in zip(names, ref_task, fast_task, model.parameters(), ref_moments, fast_moments,
+                                         strict=True):
             if _is_conv_bias(name):
                 assert f.abs().max() < 1e-7 and r.abs().max() < 1e-7, name
             else:
                 assert (r - p).abs().max() > 1e-4, name  # it did move
                 assert (f - r).abs().max() <= 1e-9 * r.abs().max(), name
+                assert (fm - rm).abs().max() <= 1e-9 * rm.abs().max(), name
     # Reptile's outer step from either engine's weights
     updated, one_process = [], plain.PlainRun("unwritten", "reptile-omniglot-5w1s", None, torch.device("cpu"))
     for adapted in (ref_weights, fast_weights):
@@ -75,11 +87,15 @@ def test_adapted_weights_and_outer_step_equal_the_loop_float64(splits, steps, ba
 
 def test_float32_fast_is_as_close_to_float64_as_the_loop(splits):
     """In float32 both engines round differently; against the float64 result the fast path's
-    error is at most twice the loop's own (plus 1e-7)."""
+    error is at most twice the loop's own (plus 1e-7). From a run's initial state: from a
+    carried one, an element whose second moment is near 0 takes a full Adam step of the sign
+    of its gradient's rounding on either engine (measured with random moments: after 5 steps
+    one element 1.4e-4 off on the fast path, 9e-9 on the loop; in float64 both agree to 1e-9,
+    test above)."""
     x, y = _meta_batch(splits["train"], seed=1)
-    model = _model(torch.float32)
-    (ref_weights, _), (fast_weights, _) = _both_engines(model, x, y, 5, 10)
-    (exact, _), _ = _both_engines(model.double(), x.double(), y, 5, 10)
+    model = _model(torch.float32, "zero")
+    (ref_weights, _, _), (fast_weights, _, _) = _both_engines(model, x, y, 5, 10)
+    (exact, _, _), _ = _both_engines(model.double(), x.double(), y, 5, 10)
     names = [name for name, _ in model.named_parameters()]
     for ref_task, fast_task, exact_task in zip(ref_weights, fast_weights, exact):
         for name, r, f, e in zip(names, ref_task, fast_task, exact_task):
@@ -87,6 +103,53 @@ def test_float32_fast_is_as_close_to_float64_as_the_loop(splits):
                 reference_error = (r.double() - e).abs().max().item()
                 fast_error = (f.double() - e).abs().max().item()
                 assert fast_error <= 2 * reference_error + 1e-7, name
+
+
+def test_carried_state_with_one_task_is_the_official_codes_one_adam(splits):
+    """With one task per meta-batch, the state carried across iterations is that of one
+    torch.optim.Adam trained through the tasks one after another, the weights reset after each
+    (openai/supervised-reptile); the outer step is left out (it does not touch the state)."""
+    model = _model(torch.float64, "zero")
+    sequential = copy.deepcopy(model)
+    adam = torch.optim.Adam(sequential.parameters(), lr=1e-3, betas=(0.0, reptile.BETA2))
+    one_process = plain.PlainRun("unwritten", "reptile-omniglot-5w1s", None, torch.device("cpu"))
+    for seed in range(3):
+        x, y = _meta_batch(splits["train"], tasks=1, seed=seed)
+        torch.manual_seed(seed)
+        _, squares, _ = reptile.adapt_copies(model, zip(x.double(), y), 5, 10, 1e-3)
+        reptile.carry_state(model, [0], squares, 5, 1, one_process)
+        torch.manual_seed(seed)
+        order = torch.randperm(len(y[0]))
+        for i in range(5):
+            batch = order[i * 10:(i + 1) * 10]
+            adam.zero_grad()
+            torch.nn.functional.cross_entropy(sequential(x[0, batch].double()), y[0, batch]).backward()
+            adam.step()
+        sequential.load_state_dict(model.state_dict())  # the weights reset (to unchanged ones here)
+    carried, step = reptile.carried_state(model)
+    assert step == 15 == int(adam.state[next(sequential.parameters())]["step"])
+    for v, (name, p) in zip(carried, sequential.named_parameters()):
+        if not _is_conv_bias(name):  # their gradients are rounding noise (~1e-15), see above
+            expected = adam.state[p]["exp_avg_sq"]
+            assert expected.abs().max() > 1e-8, name
+            assert (v - expected).abs().max() <= 1e-12 * expected.abs().max(), name
+
+
+def test_carried_state_composes_the_tasks_in_order():
+    """Tasks 0 and 1 each reached v_k = d v + c_k from the state v (d = BETA2^steps): the state
+    after them is what running task 0 then task 1 gives, d^2 v + d c_0 + c_1, whichever order
+    this process holds them in; the step count advances by steps x tasks."""
+    model = _model(torch.float64, "carried")
+    v = [t.clone() for t in reptile.carried_state(model)[0]]
+    d = reptile.BETA2 ** 3
+    c = [[torch.rand_like(t) for t in v] for _ in range(2)]
+    reached = [[d * t + ck for t, ck in zip(v, c[k])] for k in range(2)]
+    one_process = plain.PlainRun("unwritten", "reptile-omniglot-5w1s", None, torch.device("cpu"))
+    reptile.carry_state(model, [1, 0], reached[::-1], 3, 2, one_process)
+    squares, step = reptile.carried_state(model)
+    assert step == 40 + 6
+    for got, t, c0, c1 in zip(squares, v, *c):
+        assert torch.allclose(got, d * d * t + d * c0 + c1, rtol=1e-12, atol=0)
 
 
 def test_batched_evaluation_scores_each_task_as_the_loop(splits, monkeypatch):
@@ -159,3 +222,16 @@ def test_fast_engine_learns(tmp_path, data_root):
     _, log = _train(tmp_path, data_root, iterations=40, val_interval=40, val_episodes=10, log_interval=40)
     (validation,) = [m for m in log if "val_accuracy" in m]
     assert validation["val_accuracy"] > 0.33
+
+
+def test_a_run_written_before_carry_adam_loads_as_it_ran(tmp_path):
+    """A run folder whose config predates `carry_adam` (a fresh Adam per task, weights without the
+    state's buffers) loads with carry_adam=False (config.OLDER_RUNS; a resume reads it the same way)."""
+    cfg = reptile.Config(carry_adam=False, device="cpu")
+    stored = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "carry_adam"}
+    (tmp_path / "config.json").write_text(json.dumps({"recipe": "reptile-omniglot-5w1s", **stored}))
+    torch.save({"format": harness.CHECKPOINT_FORMAT, "recipe": "reptile-omniglot-5w1s", "config": stored,
+                "iteration": 1, "model": reptile.build_model(cfg).state_dict()}, tmp_path / "best.pt")
+    predictor = harness.load(tmp_path, device="cpu")
+    assert predictor.cfg.carry_adam is False
+    assert reptile.carried_state(predictor.model) == (None, 0)

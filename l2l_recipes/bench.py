@@ -318,12 +318,12 @@ def is_paper_protocol(record):
 
 def changed_since(record):
     """The config fields whose default the recipe (the one that trained the record's model) has
-    changed since the record ran, apart from those that change no number: a recipe whose
+    changed since a record of its defaults ran, apart from those that change no number: a recipe whose
     protocol was corrected no longer counts its earlier records as its protocol's. A field
     added since takes the value the record ran with (`config.as_ran`)."""
     name = record.get("trained_as", record["recipe"])
-    if "config" not in record or name not in registry.list_recipes():
-        return []
+    if record.get("protocol") != "paper" or "config" not in record or name not in registry.list_recipes():
+        return []  # a modified record's config differs by its overrides
     recipe = registry.get_recipe(name)
     ran = as_ran(recipe.family, record["config"])
     ran, now = json.loads(json.dumps(ran)), json.loads(json.dumps(dataclasses.asdict(recipe.config())))

@@ -99,12 +99,16 @@ def test_a_record_of_an_earlier_version_of_the_recipe_is_not_its_protocol():
                                     "(defaults changed since: carry_adam)")
     matching = dataclasses.asdict(registry.get_recipe("matchingnet-omniglot-5w1s").config())
     before_options = {k: v for k, v in matching.items() if k not in ("distance", "cosine_scale")}
-    assert bench.changed_since({"recipe": "matchingnet-omniglot-5w1s", "config": before_options}) == []
-    assert bench.changed_since({"recipe": "matchingnet-omniglot-5w1s",
-                                "config": {**before_options, "hidden_size": 32}}) == ["hidden_size"]
+    paper = {"recipe": "matchingnet-omniglot-5w1s", "protocol": "paper"}
+    assert bench.changed_since({**paper, "config": before_options}) == []
+    assert bench.changed_since({**paper, "config": {**before_options, "hidden_size": 32}}) == ["hidden_size"]
+    # a modified record's config differs by its overrides: not "changed since"
+    modified = {**paper, "protocol": "modified", "config": {**before_options, "hidden_size": 32}}
+    assert bench.changed_since(modified) == []
     metaoptnet = registry.get_recipe("metaoptnet-ridge-omniglot-5w1s").config()
     as_json = json.loads(json.dumps(dataclasses.asdict(metaoptnet)))
-    assert bench.changed_since({"recipe": "metaoptnet-ridge-omniglot-5w1s", "config": as_json}) == []
+    assert bench.changed_since({"recipe": "metaoptnet-ridge-omniglot-5w1s", "protocol": "paper",
+                                "config": as_json}) == []
 
 
 def test_unmeasured_rows_cost_comes_from_speed_measurements(tmp_path):
@@ -140,7 +144,8 @@ def test_unmeasured_rows_cost_comes_from_speed_measurements(tmp_path):
 def test_rows_show_the_gpu_estimate_of_the_papers_protocol(tmp_path):
     """An unmeasured row, and a row whose record was cut short, show the newest `speed --recipes
     --gpu-estimate` estimate of the recipe's paper budget; a row at the paper's protocol does not."""
-    from l2l_recipes import bench
+    import dataclasses
+    from l2l_recipes import bench, registry
     row = {"recipe": "maml-omniglot-5w5s", "phases": [{"iterations": 60000, "ops": 600, "flops": 2.5e10}],
            "gpu_hours": 1.25}
     folder = tmp_path / "speed"
@@ -159,5 +164,6 @@ def test_rows_show_the_gpu_estimate_of_the_papers_protocol(tmp_path):
     rows, _, _ = bench.table_rows([record], speeds=(), gpu=gpu)
     (line,) = [r for r in rows if r.startswith("| `maml-omniglot-5w5s` |")]
     assert "| no published number; the paper's protocol: ~0.8 h on one GPU (estimate from 600" in line
-    rows, _, _ = bench.table_rows([{**record, "protocol": "paper"}], speeds=(), gpu=gpu)
+    defaults = dataclasses.asdict(registry.get_recipe("maml-omniglot-5w5s").config())
+    rows, _, _ = bench.table_rows([{**record, "protocol": "paper", "config": defaults}], speeds=(), gpu=gpu)
     assert "on one GPU" not in [r for r in rows if r.startswith("| `maml-omniglot-5w5s` |")][0]

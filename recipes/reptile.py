@@ -117,14 +117,14 @@ def carried_state(model):
     return squares, int(model.adam_step)
 
 
-def inner_train(model, x, y, steps, batch_size, lr, generator=None, squares=None, step=0):
-    """Train `model` in place with Adam (beta1 = 0) for `steps` mini-batches cycling through (x, y),
-    from the state (`squares`, `step`); the last mini-batch's loss and the second moments reached."""
+def inner_train(model, x, y, order, steps, batch_size, lr, squares=None, step=0):
+    """Train `model` in place with Adam (beta1 = 0) for `steps` mini-batches cycling through (x, y)
+    in the order `order` (a permutation), from the state (`squares`, `step`); the last mini-batch's
+    loss and the second moments reached."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, BETA2))
     for p, square in zip(model.parameters(), squares or ()):
         optimizer.state[p] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(p),
                               "exp_avg_sq": square.clone()}
-    order = torch.randperm(len(y), generator=generator).to(y.device)
     for i in range(steps):
         start = (i * batch_size) % len(y)
         batch = order[start: start + batch_size]
@@ -135,25 +135,25 @@ def inner_train(model, x, y, steps, batch_size, lr, generator=None, squares=None
     return loss, [optimizer.state[p]["exp_avg_sq"] for p in model.parameters()]
 
 
-def adapt_copies(model, tasks, steps, batch_size, lr):
-    """engine=reference: per task (x, y) of `tasks`, a copy of `model` trained by `inner_train`
-    from the model's carried Adam state (its mini-batch order drawn from torch's global
-    generator). Each copy's parameters, its second moments, its loss on its last mini-batch."""
+def adapt_copies(model, tasks, orders, steps, batch_size, lr):
+    """engine=reference: per task (x, y) of `tasks`, a copy of `model` trained by `inner_train` in
+    its order of `orders`, from the model's carried Adam state. Each copy's parameters, its second
+    moments, its loss on its last mini-batch."""
     adapted, squares, losses = [], [], []
-    for x, y in tasks:
+    for (x, y), order in zip(tasks, orders):
         learner = copy.deepcopy(model)
-        loss, reached = inner_train(learner, x, y, steps, batch_size, lr, None, *carried_state(model))
+        loss, reached = inner_train(learner, x, y, order.to(y.device), steps, batch_size, lr,
+                                    *carried_state(model))
         adapted.append([p.detach() for p in learner.parameters()])
         squares.append(reached)
         losses.append(loss.item())
     return adapted, squares, losses
 
 
-def adapt_fast(model, x, y, steps, batch_size, lr):
+def adapt_fast(model, x, y, orders, steps, batch_size, lr):
     """engine=fast: what `adapt_copies` returns, for the tasks x [tasks, n, ...], y [tasks, n]
-    adapted at once (`fast_reptile.adapt`), with the same mini-batch orders (one permutation
-    per task, drawn in task order from torch's global generator)."""
-    orders = torch.stack([torch.randperm(y.shape[1]) for _ in range(len(y))]).to(y.device)
+    adapted at once (`fast_reptile.adapt`) in the same `orders`."""
+    orders = torch.stack(list(orders)).to(y.device)
     weights, squares, losses = fast_reptile.adapt(model, x, y, orders, steps, batch_size, lr, *carried_state(model))
     per_task = range(len(y))
     return [[w[t] for w in weights] for t in per_task], [[s[t] for s in squares] for t in per_task], losses.tolist()
@@ -197,10 +197,11 @@ class Predictor(_Predictor):
             return self.predict_tasks(support_x[None], support_y[None], query_x[None])[0]
         self.check_ways(support_y)
         learner = copy.deepcopy(self.model).train()  # batch statistics: transductive, as in the paper
-        generator = torch.Generator().manual_seed(0)  # the same fine-tuning order every time
+        # the same fine-tuning order every time
+        order = torch.randperm(len(support_y), generator=torch.Generator().manual_seed(0)).to(support_y.device)
         with torch.enable_grad():
-            inner_train(learner, support_x, support_y, self.cfg.test_adaptation_steps,
-                        self.cfg.test_batch_size, self.cfg.inner_lr, generator, *carried_state(self.model))
+            inner_train(learner, support_x, support_y, order, self.cfg.test_adaptation_steps,
+                        self.cfg.test_batch_size, self.cfg.inner_lr, *carried_state(self.model))
         with torch.no_grad():
             return learner(query_x)
 
@@ -230,17 +231,18 @@ def train(cfg, run):
         model.train()
         outer_lr = cfg.outer_lr * (1 - (iteration - 1) / cfg.iterations)
         tasks = [data.draw(train_tasks) for _ in range(cfg.meta_batch_size)]
-        order = run.share(range(cfg.meta_batch_size))  # this process's tasks
-        tasks = [tasks[k] for k in order]
+        orders = [torch.randperm(cfg.ways * cfg.train_shots) for _ in tasks]  # each task's mini-batch order
+        mine = run.share(range(cfg.meta_batch_size))  # this process's tasks
+        tasks, orders = [tasks[k] for k in mine], [orders[k] for k in mine]
         inner = (cfg.adaptation_steps, cfg.inner_batch_size, cfg.inner_lr)
         if cfg.engine == "fast":  # all tasks at once, one grouped network (l2l_recipes.fast_reptile)
-            adapted, squares, losses = adapt_fast(model, *train_tasks.get_tasks(tasks), *inner)
+            adapted, squares, losses = adapt_fast(model, *train_tasks.get_tasks(tasks), orders, *inner)
         else:  # a copy per task
             pairs = ((x.to(device), y.to(device)) for x, y in map(train_tasks.get_task, tasks))
-            adapted, squares, losses = adapt_copies(model, pairs, *inner)
+            adapted, squares, losses = adapt_copies(model, pairs, orders, *inner)
         outer_step(model, adapted, outer_lr, cfg.meta_batch_size, run)
         if cfg.carry_adam:
-            carry_state(model, order, squares, cfg.adaptation_steps, cfg.meta_batch_size, run)
+            carry_state(model, mine, squares, cfg.adaptation_steps, cfg.meta_batch_size, run)
         meta_loss = sum(loss / cfg.meta_batch_size for loss in losses)
 
         if iteration % cfg.log_interval == 0:

@@ -243,3 +243,24 @@ def test_draw_uses_the_random_numbers_of_sample(splits):
     assert random.getstate() == after_sample  # loading draws nothing: processes stay in step
     for (x, y), (x2, y2) in zip(sampled, loaded):
         assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_reptile_two_processes_carry_the_inner_adam_state_of_one(tmp_path, data_root):
+    """Reptile's carried inner Adam state advances over the whole meta-batch whichever process
+    adapted each task (`carry_state` sums the processes' shares): after two iterations of four
+    tasks, the state and the weights under torchrun are those of one process."""
+    args = ["reptile-omniglot-5w1s", "--device", "cpu", "--no-progress", "--set", "hidden_size=8", "--set",
+            "meta_batch_size=4", "--set", "iterations=2", "--set", "val_episodes=4", "--set",
+            "test_adaptation_steps=3", "--set", "test_episodes=4", "--data-root", data_root]
+    one = cli("run", *args, "--out", tmp_path / "one")
+    assert one.exit_code == 0, one.output
+    two = torchrun(*args, "--out", tmp_path / "two", data_root=data_root)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one, two = (torch.load(the_run(tmp_path / n, "reptile-omniglot-5w1s") / "ckpt.pt", weights_only=True)["model"]
+                for n in ("one", "two"))
+    assert int(one["adam_step"]) == int(two["adam_step"]) == 2 * 4 * 5
+    for name, value in one.items():
+        if name.startswith("adam_sq_") and not name.endswith("conv_bias"):
+            assert value.abs().max() > 0 and torch.allclose(two[name], value, rtol=1e-4, atol=0), name
+        elif not name.startswith("adam_") and not name.endswith("conv.bias"):
+            assert (two[name] - value).abs().max() <= 1e-4, name

@@ -118,9 +118,8 @@ def carried_state(model):
 
 
 def inner_train(model, x, y, order, steps, batch_size, lr, squares=None, step=0):
-    """Train `model` in place with Adam (beta1 = 0) for `steps` mini-batches cycling through (x, y)
-    in the order `order` (a permutation), from the state (`squares`, `step`); the last mini-batch's
-    loss and the second moments reached."""
+    """Train `model` in place with Adam (beta1 = 0), `steps` mini-batches cycling through (x, y) in
+    `order`, from the state (`squares`, `step`); the last mini-batch's loss, the moments reached."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, BETA2))
     for p, square in zip(model.parameters(), squares or ()):
         optimizer.state[p] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(p),
@@ -136,9 +135,8 @@ def inner_train(model, x, y, order, steps, batch_size, lr, squares=None, step=0)
 
 
 def adapt_copies(model, tasks, orders, steps, batch_size, lr):
-    """engine=reference: per task (x, y) of `tasks`, a copy of `model` trained by `inner_train` in
-    its order of `orders`, from the model's carried Adam state. Each copy's parameters, its second
-    moments, its loss on its last mini-batch."""
+    """engine=reference: per task (x, y) of `tasks`, a copy of `model` trained by `inner_train` in its
+    order of `orders` from the carried state: each copy's parameters, moments and last loss."""
     adapted, squares, losses = [], [], []
     for (x, y), order in zip(tasks, orders):
         learner = copy.deepcopy(model)
@@ -197,10 +195,9 @@ class Predictor(_Predictor):
             return self.predict_tasks(support_x[None], support_y[None], query_x[None])[0]
         self.check_ways(support_y)
         learner = copy.deepcopy(self.model).train()  # batch statistics: transductive, as in the paper
-        # the same fine-tuning order every time
-        order = torch.randperm(len(support_y), generator=torch.Generator().manual_seed(0)).to(support_y.device)
+        order = torch.randperm(len(support_y), generator=torch.Generator().manual_seed(0))  # the same every time
         with torch.enable_grad():
-            inner_train(learner, support_x, support_y, order, self.cfg.test_adaptation_steps,
+            inner_train(learner, support_x, support_y, order.to(support_y.device), self.cfg.test_adaptation_steps,
                         self.cfg.test_batch_size, self.cfg.inner_lr, *carried_state(self.model))
         with torch.no_grad():
             return learner(query_x)

@@ -130,3 +130,8 @@ done
 bench reptile-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
 # the inner Adam's state, three ways, 2,000 iterations each (one thread each, beside the run above)
 for mode in fresh sequential shared; do python benchmarks/reptile_inner_adam.py $mode 2000; done
+# 2026-12-05 (07:01), session 14: long_runs.sh (2ad224d) with two queues, one per core: Reptile 5w1s with the
+# carried inner Adam state (its fresh-Adam bench folder moved to /root/l2l-long/earlier/), then ANIL and SNAIL
+# 5w1s; Meta-SGD 5w1s, then MAML++ 5w1s
+bench reptile-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
+bench metasgd-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench

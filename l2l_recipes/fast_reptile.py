@@ -4,8 +4,8 @@ Task t's copy of a Conv4 classifier is group t of `l2l_recipes.fast`'s grouped n
 (grouped convolutions, batch norm per task and channel, batched head), and the copies'
 Adam (beta1 = 0) is written as tensor operations on the stacked weights [tasks, ...]: the
 update of `torch.optim.Adam(betas=(0, beta2))`, operation for operation, from a common
-starting state (one step count for all tasks: they take their steps together). Each task takes the mini-batches of its own
-permutation of its images, as `recipes/reptile.py`'s `inner_train` does on a copy; the
+starting state (one step count for all tasks: they take their steps together). Each task
+takes the mini-batches of its own permutation of its images, as `recipes/reptile.py`'s `inner_train` does on a copy; the
 adapted weights are those of the copy-per-task loop up to float rounding
 (tests/test_reptile_fast.py compares them). First order: plain autograd of the grouped
 forward.

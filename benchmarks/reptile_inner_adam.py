@@ -31,6 +31,42 @@ from l2l_recipes.plain import seed_everything
 BETA2, STEPS, BATCH, TASKS = 0.999, 5, 10, 5
 
 
+class TFOmniglotModel(torch.nn.Sequential):
+    """openai/supervised-reptile's OmniglotModel: 4 x [3x3 conv stride 2 with TF's 'same' padding
+    (the extra row and column at the bottom and right), batch norm (weight 1, eps 1e-3), ReLU],
+    flattened (2 x 2 x 64), a Glorot-uniform linear layer."""
+
+    def __init__(self, ways, hidden=64):
+        layers, channels = [], 1
+        for side in (28, 14, 7, 4):
+            total = max((-(-side // 2) - 1) * 2 + 3 - side, 0)
+            layers += [torch.nn.ZeroPad2d((total // 2, total - total // 2, total // 2, total - total // 2)),
+                       torch.nn.Conv2d(channels, hidden, 3, stride=2), torch.nn.BatchNorm2d(hidden, eps=1e-3),
+                       torch.nn.ReLU()]
+            channels = hidden
+        layers += [torch.nn.Flatten(), torch.nn.Linear(hidden * 4, ways)]
+        super().__init__(*layers)
+        for m in self.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                torch.nn.init.xavier_uniform_(m.weight)
+                torch.nn.init.zeros_(m.bias)
+
+
+def build(name):
+    """The recipe's model (l2l's OmniglotCNN: mean-pooled, batch norm weight ~ U(0, 1), classifier
+    weight ~ N(0, 1)), the official code's (tf), or the recipe's with the official initialisation
+    of batch norm and classifier (l2l-init)."""
+    if name == "tf":
+        return TFOmniglotModel(5)
+    model = models.conv4_classifier("omniglot", 5, 64)
+    if name == "l2l-init":
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                torch.nn.init.ones_(m.weight)
+        torch.nn.init.xavier_uniform_(model.classifier.weight)
+    return model
+
+
 def adam(params):
     return torch.optim.Adam(params, lr=1e-3, betas=(0.0, BETA2))
 
@@ -56,6 +92,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["fresh", "sequential", "shared"])
     parser.add_argument("iterations", type=int)
+    parser.add_argument("--model", choices=["l2l", "l2l-init", "tf"], default="l2l")
     parser.add_argument("--data-root", default="../shared/data")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -63,7 +100,7 @@ def main():
     train = data.taskset(data.load_split("omniglot", "train", args.data_root), 5, 10, 0)
     val = data.fixed_taskset(data.load_split("omniglot", "val", args.data_root), 5, 1, 15, 200, 1)
     val_tasks = [val[i] for i in range(100)]
-    model = models.conv4_classifier("omniglot", 5, 64).train()
+    model = build(args.model).train()
     params = list(model.parameters())
     optimizer = adam(params)
     started = time.time()
@@ -104,7 +141,7 @@ def main():
         if iteration % 500 == 0:
             tests = ["fresh"] if args.mode == "fresh" else ["fresh", "carried"]
             scores = " ".join(f"{t} {validate(model, optimizer, val_tasks, t == 'carried'):.4f}" for t in tests)
-            print(f"{args.mode} iteration {iteration} validation accuracy tested {scores} "
+            print(f"{args.mode} {args.model} iteration {iteration} validation accuracy tested {scores} "
                   f"({time.time() - started:.0f} s)", flush=True)
 
 

@@ -32,7 +32,7 @@ tensor and step; learn2learn 0.2.0 ships no per-step batch norm.
 Settings (the authors' released configs, HowToTrainYourMAMLPytorch experiment_config/*maml++*;
 an epoch is 500 meta-iterations): 5 inner steps in training and test, 100 epochs, Adam 1e-3
 annealed to 1e-5 (their mini-ImageNet configs keep 1e-3: `--set min_meta_lr=0.001`).
-Omniglot: meta-batch 8, 1 query image per class in training, fast_lr 0.1, MSL over 10 epochs.
+Omniglot: meta-batch 8, 1 query image per class (training and test), fast_lr 0.1, MSL over 10 epochs.
 mini-ImageNet: meta-batch 2, 15 query images, fast_lr 0.01, MSL over 15 epochs, meta-gradients
 clamped to +-10. DA over the first 50 epochs follows the paper (the released configs train
 second order throughout: `--set first_order_iterations=0`). Not reproduced: the paper's test
@@ -69,7 +69,7 @@ class Config:
     dataset: str = "omniglot"
     ways: int = 5
     shots: int = 1
-    queries: int = 15  # query images per class at validation and test
+    queries: int = 1  # query images per class at validation and test (the authors' num_target_samples)
     train_queries: int = 1  # query images per class in training
     # model
     hidden_size: int = 64  # Conv4 filters
@@ -293,7 +293,7 @@ def mamlpp_omniglot_20w5s():
 
 # RGB datasets (84x84 or 32x32): the authors' mini-ImageNet settings.
 def _rgb(dataset, shots):
-    return Config(dataset=dataset, ways=5, shots=shots, train_queries=15, hidden_size=48, fast_lr=0.01,
+    return Config(dataset=dataset, ways=5, shots=shots, queries=15, train_queries=15, hidden_size=48, fast_lr=0.01,
                   meta_batch_size=2, msl_iterations=7500, grad_clamp=10.0)
 
 

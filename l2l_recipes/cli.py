@@ -152,13 +152,17 @@ def _train_and_test(run, progress):
               help="Test on N-way tasks instead of the recipe's (models without a fixed head).")
 @click.option("--shots", type=click.IntRange(min=1), default=None,
               help="Test with K support images per class instead of the recipe's.")
+@click.option("--queries", type=click.IntRange(min=1), default=None,
+              help="Score Q query images per class instead of the recipe's (a batch-norm model "
+                   "normalising with the query batch's statistics gives other numbers).")
 @click.option("--progress/--no-progress", default=None,
               help="Show progress bars (default: when stderr is a terminal).")
-def recipes_eval(run_dir, episodes, device, data_root, ways, shots, progress):
+def recipes_eval(run_dir, episodes, device, data_root, ways, shots, queries, progress):
     """Meta-test the model of RUN_DIR on the fixed test tasks of its recipe (or, with --ways and
     --shots, on fixed test tasks of that setting: one 1-shot ProtoNet gives the 5- and 20-way rows)."""
     progress = sys.stderr.isatty() if progress is None else progress
-    result = harness.meta_test(run_dir, episodes, device, data_root, progress, ways=ways, shots=shots)
+    result = harness.meta_test(run_dir, episodes, device, data_root, progress, ways=ways, shots=shots,
+                               queries=queries)
     click.echo(json.dumps(harness.json_safe(result), allow_nan=False))
     click.echo(_result_line(result))
 

@@ -791,14 +791,14 @@ def publish(run_dir, dest):
 
 
 def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=True, out_name=None,
-              ways=None, shots=None, **extra):
+              ways=None, shots=None, queries=None, **extra):
     """Meta-test a run's model on its fixed test tasks; writes the result to `out_name` and returns it.
 
     `ways` and `shots` test the model on other tasks than it was trained for (models that do
     not fix the number of ways: ProtoNet, Matching Networks, MetaOptNet, transfer; the others
-    refuse other ways). `run` writes result.json; a later `eval` writes
-    eval-[<ways>w<shots>s-]<episodes>.json (<shots>s- for a recipe without ways), so it never
-    replaces the run's recorded result.
+    refuse other ways); `queries` scores another number of query images per class. `run` writes
+    result.json; a later `eval` writes eval-[<ways>w<shots>s[<queries>q]-]<episodes>.json (<shots>s-
+    for a recipe without ways), so it never replaces the run's recorded result.
     `extra` fields are added to the result; "checkpoint" names the one tested (best.pt, or
     ckpt.pt with a note on stderr where no validation wrote best.pt). Under torchrun every
     process evaluates its share of the tasks and returns the gathered result; rank 0 writes it.
@@ -808,10 +808,10 @@ def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=Tr
         print(f"note: {run_dir} has no best.pt (no validation finished): testing {ckpt.name}, "
               f"its last checkpoint", file=sys.stderr)
     data.PROGRESS["decoding"] = progress and distributed.is_main()
-    trained = {key: getattr(predictor.cfg, key) for key in ("ways", "shots") if hasattr(predictor.cfg, key)}
-    setting = {key: value for key, value in (("ways", ways), ("shots", shots)) if value is not None}
+    trained = {key: getattr(predictor.cfg, key) for key in ("ways", "shots", "queries") if hasattr(predictor.cfg, key)}
+    setting = {key: value for key, value in (("ways", ways), ("shots", shots), ("queries", queries)) if value is not None}
     if set(setting) - set(trained):
-        raise UserError(f"recipe {recipe} has no ways and shots to change")
+        raise UserError(f"recipe {recipe} has no {' or '.join(sorted(set(setting) - set(trained)))} to change")
     if setting:
         predictor.cfg = dataclasses.replace(predictor.cfg, **setting)
         extra = {**{f"trained_{key}": value for key, value in trained.items()}, **extra}
@@ -836,7 +836,8 @@ def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=Tr
         "run_dir": str(run_dir), **extra,
     }
     if distributed.is_main():
-        tag = "".join(f"{getattr(cfg, key)}{key[0]}" for key in trained) + "-" if setting else ""
+        tagged = [key for key in trained if key != "queries" or "queries" in setting]
+        tag = "".join(f"{getattr(cfg, key)}{key[0]}" for key in tagged) + "-" if setting else ""
         path = Path(run_dir) / (out_name or f"eval-{tag}{episodes}.json")
         try:
             write_json(path, result)

@@ -9,10 +9,12 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO, cli
-from l2l_recipes import bench, registry
+import l2l_recipes
+from l2l_recipes import bench, data, registry
 
 TINY = ["--set", "train_ways=10", "--set", "val_episodes=10", "--set", "log_interval=5"]
 # Snell et al.'s protocol, shrunk: validate every 5 episodes, patience 3 validations
@@ -154,6 +156,25 @@ def test_one_model_tested_at_other_ways(tmp_path, data_root):
     again = bench._tested_as("protonet-omniglot-20w1s", tested, seed_dir, torch.device("cpu"), data_root, False)
     assert again["accuracy"] == record["seeds"][0]["accuracy"]
     assert json.loads(cached.read_text())["accuracy"] == again["accuracy"]
+
+
+def test_eval_scores_another_number_of_queries(protonet_run, data_root):
+    """`eval --queries 1` scores one query image per class of fixed test tasks drawn for it,
+    as scoring those tasks one by one with the loaded model does, in its own file."""
+    run_dir, _ = protonet_run
+    out = cli("eval", run_dir, "--queries", 1, "--episodes", 20, "--device", "cpu", "--data-root", data_root,
+              "--no-progress")
+    assert out.exit_code == 0, out.output
+    result = json.loads((run_dir / "eval-5w1s1q-20.json").read_text())
+    assert result["queries"] == 1 and result["trained_queries"] == 15 and result["episodes"] == 20
+    predictor = l2l_recipes.load(run_dir, "cpu", data_root)
+    tasks = data.fixed_taskset(data.load_split("omniglot", "test", data_root), 5, 1, 1, 20, predictor.cfg.test_seed)
+    correct = []
+    for x, y in (tasks[i] for i in range(20)):
+        sx, sy, qx, qy = data.split_support_query(x, y, 1)
+        assert len(qy) == 5
+        correct.append((predictor.predict(sx, sy, qx).argmax(1) == qy).float().mean().item())
+    assert result["accuracy"] == pytest.approx(sum(correct) / 20, abs=1e-6)
 
 
 def test_published_model_is_small_and_re_tests_to_its_recorded_accuracy(protonet_run, tmp_path, data_root):

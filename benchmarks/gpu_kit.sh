@@ -5,12 +5,9 @@
 # cloudpickle) and Omniglot as one archive. Writes KIT (default .dev, ignored by git):
 #   KIT/wh/*.whl  KIT/omniglot.tgz
 # Keep a copy outside the work tree (e.g. /root/l2l-long/gpu-kit) and copy it to .dev in a
-# session that is lent a GPU; then, with the device tool (`run`, carry [".dev"]):
-#   pip install -q --no-deps --target /tmp/site .dev/wh/*.whl && mkdir -p /tmp/data &&
-#   tar -xzf .dev/omniglot.tgz -C /tmp/data && export PYTHONPATH=/tmp/site:$PWD L2L_RECIPES_DATA=/tmp/data \
-#   L2L_RECIPES_GIT_COMMIT=<commit> L2L="python -m l2l_recipes.cli" && DEADLINE=480 RUNS=.dev/runs \
-#   RESULTS=.dev/results BENCH_OPTS="--seeds 3" bash benchmarks/gpu_bench.sh protonet-omniglot-5w1s ...
-# (measured 2026-12-04 on an H200 with torch 2.11 and Python 3.12: docs/speed.md).
+# session that is lent a GPU (with any runs to continue in .dev/runs/<recipe>/), then run
+# benchmarks/gpu_run.sh there with the device tool (`run`, carry [".dev"]); the setting it
+# reproduces ran on an H200 with torch 2.11 and Python 3.12 on 2026-12-04 (docs/speed.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KIT=${KIT:-.dev}

@@ -135,3 +135,13 @@ for mode in fresh sequential shared; do python benchmarks/reptile_inner_adam.py 
 # 5w1s; Meta-SGD 5w1s, then MAML++ 5w1s
 bench reptile-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
 bench metasgd-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
+# 2026-12-05 (08:37), session 15: /root/l2l-long survived; long_runs.sh (a722a3a) continued both queues. The
+# official network and initialisation against ours, 1,000 iterations each (one thread each, the runs paused):
+for model in tf l2l-init; do python benchmarks/reptile_inner_adam.py shared 2000 --model $model; done  # stopped at 1,000
+# the carried Reptile run's best weights (iteration 5,000, 15 queries per class) tested with 1 and 15 queries
+# per class (commit 2a3c79a; its folder moved to /root/l2l-long/earlier/reptile-omniglot-5w1s-carried-15queries)
+for q in 1 15; do l2l-recipes eval RUN_DIR --queries $q --episodes 1000 --device cpu; done
+# (08:57) Reptile 5w1s restarted with 1 query per class at validation and test (8c098a9, then 298a243 and
+# b129679 for MAML++'s queue); Meta-SGD 5w1s continued (iteration ~2,700)
+bench reptile-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
+bench metasgd-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench

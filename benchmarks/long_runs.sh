@@ -49,7 +49,7 @@ queue() {  # queue NICE NAME...: one background process benching these one after
 # Done, reproduced or with a verdict, and not run again here: MAML and FOMAML omniglot-5w1s, Matching
 # Nets (all four rows), transfer 5w1s/5w5s, MetaOptNet-ridge 5w1s, MAML sine.
 if [ "${QUEUE:-1}" = 1 ]; then  # two queues, one per core; one seed each, finished ones return at once:
-  # Reptile (published 97.68; ~3 h, started 2026-12-05), ANIL (~2 h), SNAIL (~2.8 h)
+  # Reptile (published 97.68; ~4 h, restarted 2026-12-05 08:57 with 1 query per class), ANIL (~2 h), SNAIL (~2.8 h)
   queue 0 reptile-omniglot-5w1s anil-omniglot-5w1s snail-omniglot-5w1s
   # Meta-SGD (~4 h), MAML++ (~7 h)
   queue 0 metasgd-omniglot-5w1s mamlpp-omniglot-5w1s

@@ -809,7 +809,8 @@ def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=Tr
               f"its last checkpoint", file=sys.stderr)
     data.PROGRESS["decoding"] = progress and distributed.is_main()
     trained = {key: getattr(predictor.cfg, key) for key in ("ways", "shots", "queries") if hasattr(predictor.cfg, key)}
-    setting = {key: value for key, value in (("ways", ways), ("shots", shots), ("queries", queries)) if value is not None}
+    asked = (("ways", ways), ("shots", shots), ("queries", queries))
+    setting = {key: value for key, value in asked if value is not None}
     if set(setting) - set(trained):
         raise UserError(f"recipe {recipe} has no {' or '.join(sorted(set(setting) - set(trained)))} to change")
     if setting:

@@ -138,6 +138,7 @@ bench metasgd-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
 # 2026-12-05 (08:37), session 15: /root/l2l-long survived; long_runs.sh (a722a3a) continued both queues. The
 # official network and initialisation against ours, 1,000 iterations each (one thread each, the runs paused):
 for model in tf l2l-init; do python benchmarks/reptile_inner_adam.py shared 2000 --model $model; done  # stopped at 1,000
+python benchmarks/reptile_inner_adam.py shared 1000 --binarize
 # the carried Reptile run's best weights (iteration 5,000, 15 queries per class) tested with 1 and 15 queries
 # per class (commit 2a3c79a; its folder moved to /root/l2l-long/earlier/reptile-omniglot-5w1s-carried-15queries)
 for q in 1 15; do l2l-recipes eval RUN_DIR --queries $q --episodes 1000 --device cpu; done

@@ -10,8 +10,9 @@ supervised-reptile: one Adam through all tasks, one after another; only the weig
 after each task), shared (the recipe's carry_adam: every task of a meta-batch starts from the
 iteration's state, which then advances over the tasks in order). Omniglot 5w1s with the
 paper's settings and its 100,000-iteration annealing (truncated at ITERATIONS); every 500
-iterations the validation accuracy on the first 100 of the recipe's fixed validation tasks
-(50 steps of Adam on the support set from a fresh state, and from the carried one).
+iterations the validation accuracy on the first 100 of the recipe's fixed validation tasks as
+it drew them until 2026-12-05, with 15 query images per class (the recipe now validates with
+1), after 50 steps of Adam on the support set from a fresh state and from the carried one.
 
 Measured 2026-12-05 (commit after 59a8778, 2-core AMD EPYC, one thread, beside other runs),
 validation accuracy at iteration 500 / 1000 / 1500 / 2000, tested from the carried state:

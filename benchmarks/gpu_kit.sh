@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Prepares here what a bench on a lent GPU machine needs and cannot download there (it reaches no
-# network): wheels for its Python (3.12) of what its torch image lacks (learn2learn 0.2.0, built
-# from its regenerated Cython as tools/bootstrap.sh does for 3.11, gym, qpth, click, tqdm,
-# cloudpickle) and Omniglot as one archive. Writes KIT (default .dev, ignored by git):
+# network): wheels for its Python (3.12) of what its torch image lacks (learn2learn 0.2.0, built by
+# tools/learn2learn_wheel.sh as for 3.11, gym, qpth, click, tqdm, cloudpickle) and Omniglot as
+# one archive. Writes KIT (default .dev, ignored by git):
 #   KIT/wh/*.whl  KIT/omniglot.tgz
 # Keep a copy outside the work tree (e.g. /root/l2l-long/gpu-kit) and copy it to .dev in a
 # session that is lent a GPU (with any runs to continue in .dev/runs/<recipe>/), then run
@@ -23,11 +23,7 @@ trap 'rm -rf "$work"' EXIT
 "$PY" -m venv "$work/venv"
 pip() { "$work/venv/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 pip install 'setuptools>=68' wheel 'cython>=3.0'
-mkdir -p "$KIT/wh"
-pip download --no-deps --no-build-isolation --no-binary learn2learn learn2learn==0.2.0 -d "$work"
-tar -xzf "$work/learn2learn-0.2.0.tar.gz" -C "$work"
-(cd "$work/learn2learn-0.2.0" && "$work/venv/bin/cython" -3 learn2learn/data/{meta_dataset,task_dataset,transforms}.pyx)
-pip wheel --no-deps --no-build-isolation "$work/learn2learn-0.2.0" -w "$KIT/wh"
+bash tools/learn2learn_wheel.sh "$work/venv/bin" "$KIT/wh"
 pip wheel --no-deps gym==0.26.2 gym_notices qpth==0.0.18 -w "$KIT/wh"
 pip download --no-deps --only-binary=:all: --python-version 3.12 -d "$KIT/wh" \
   "$(grep -E '^click==' requirements.txt)" "$(grep -E '^tqdm==' requirements.txt)" \

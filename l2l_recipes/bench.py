@@ -19,7 +19,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from l2l_recipes import harness, registry
+from l2l_recipes import harness, plain, registry
 from l2l_recipes.config import apply_overrides, as_ran
 from l2l_recipes.errors import UserError
 
@@ -52,7 +52,7 @@ def bench_recipe(name, seeds, episodes, assignments=(), max_minutes=None, device
     episodes_set = [f"test_episodes={episodes}"] if episodes else []  # else the recipe's
     cfg = apply_overrides(default, [*episodes_set, *assignments])
     tested = apply_overrides(recipe.config(), [*episodes_set, *assignments])
-    dev = harness.resolve_device(device)
+    dev = plain.resolve_device(device)
     home = bench_dir(runs_dir, trainer.name, episodes, assignments, max_minutes)
     if home.exists() and not resume and trainer is recipe:  # a tested_from variant reuses its trainer's runs
         raise UserError(f"this bench was started before, its runs are in {home}: continue it with --resume "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from l2l_recipes import distributed, harness, registry
+from l2l_recipes import distributed, harness, plain, registry
 from l2l_recipes.bench import format_value
 from l2l_recipes.config import apply_overrides, parse_assignment
 from l2l_recipes.errors import UserError
@@ -37,7 +37,11 @@ def cli():
 @click.argument("pattern", default="*")
 def recipes_list(pattern):
     """List recipe names matching PATTERN (wildcards allowed, e.g. 'maml-*')."""
-    for name in registry.list_recipes(pattern):
+    names = registry.list_recipes(pattern)
+    if not names:
+        raise UserError(f"no recipe matches '{pattern}': use wildcards (e.g. '*omniglot*'), or "
+                        f"`l2l-recipes list` for all")
+    for name in names:
         recipe = registry.get_recipe(name)
         doc = (inspect.getdoc(recipe.make_config) or "").split("\n")[0]
         published = f" Published: {recipe.published}" if recipe.published else ""
@@ -92,14 +96,14 @@ def recipes_run(name, resume_dir, data_root, download, device, seed, out, assign
     if resume_dir:
         if name or seed is not None or assignments:
             raise UserError("--resume continues a run with its own recipe and config: drop NAME, --seed and --set")
-        device = harness.resolve_device(device or "auto")
+        device = plain.resolve_device(device or "auto")
     else:
         if not name:
             raise UserError("run needs a recipe NAME (see `l2l-recipes list`) or --resume RUN_DIR")
         recipe = registry.get_recipe(name)
         flags = [f"seed={seed}"] * (seed is not None) + [f"device='{device}'"] * (device is not None)
         cfg = apply_overrides(recipe.config(), flags + list(assignments))
-        device = harness.resolve_device(cfg.device)
+        device = plain.resolve_device(cfg.device)
     device = distributed.init(device)  # joins torchrun's processes, if launched by torchrun
     try:
         progress = progress and distributed.is_main()

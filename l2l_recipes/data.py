@@ -171,12 +171,8 @@ def draw(tasks):
 def split_support_query(x, y, shots):
     """Per class, the first `shots` samples are the support set, the rest the query set; y is [n]
     or [tasks, n] (each task split on its own, keeping the task dimension)."""
-    order = torch.argsort(y, dim=-1, stable=True)
-    y_sorted = y.gather(-1, order)
-    first = torch.searchsorted(y_sorted, y_sorted)  # first position of each sample's class
-    position = torch.arange(y.shape[-1], device=y.device).expand_as(y)
-    rank = torch.empty_like(order).scatter_(-1, order, position - first)
-    support = rank < shots
+    one_hot = torch.nn.functional.one_hot(y)
+    support = (one_hot.cumsum(-2) * one_hot).sum(-1) <= shots  # each sample's 1-based rank in its class
 
     def part(t, mask):
         return t[mask].view(*y.shape[:-1], -1, *t.shape[y.dim():])

@@ -1264,7 +1264,7 @@ import shlex
 import sys
 import time
 
-from l2l_recipes import cli, harness
+from l2l_recipes import cli, harness, plain
 from l2l_recipes.config import apply_overrides
 from l2l_recipes.errors import UserError
 
@@ -1300,13 +1300,13 @@ def main(argv=None):
         if args.resume:
             if args.seed is not None or args.assignments:
                 raise UserError("--resume continues a run with its own config: drop --seed and --set")
-            run = harness.Run.resume(args.resume, harness.resolve_device(args.device or "auto"), **options)
+            run = harness.Run.resume(args.resume, plain.resolve_device(args.device or "auto"), **options)
         else:
             flags = [f"seed={args.seed}"] * (args.seed is not None) + [f"device='{args.device}'"] * bool(args.device)
             cfg = apply_overrides(Config(), flags + args.assignments)
             for text in args.assignments:
                 print(f"override: {text}")
-            run = harness.Run.create(args.out, RECIPE, cfg, harness.resolve_device(cfg.device), **options)
+            run = harness.Run.create(args.out, RECIPE, cfg, plain.resolve_device(cfg.device), **options)
         print(f"run directory: {run.path}  (device {run.device})")
         harness.keep_freed_memory()  # this process trains: keep its freed activation buffers
         try:
@@ -1333,7 +1333,7 @@ from pathlib import Path
 import torch
 
 from l2l_recipes.errors import UserError
-from l2l_recipes.plain import PlainRun, override
+from l2l_recipes.plain import PlainRun, override, resolve_device
 
 
 def main(argv=None):
@@ -1348,7 +1348,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         cfg = override(Config(), [f"device={args.device}"] * bool(args.device) + args.assignments)
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+        device = resolve_device(cfg.device)
         path = Path(args.out) / RECIPE / f"{time.strftime('%Y%m%d-%H%M%S')}-s{cfg.seed}"
         run = PlainRun(path, RECIPE, cfg, device, args.data_root, args.download)
         train(cfg, run)

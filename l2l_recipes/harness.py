@@ -42,17 +42,6 @@ from l2l_recipes.registry import get_recipe
 CHECKPOINT_FORMAT = 1
 
 
-def resolve_device(name):
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a UserError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UserError(f"unknown device '{name}': use auto, cpu or cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda but PyTorch sees no CUDA GPU here: use --device cpu or auto")
-    return torch.device(name)
-
-
 def keep_freed_memory():
     """Ask glibc's malloc to keep freed memory instead of handing it back to the OS.
 
@@ -763,7 +752,7 @@ def _load(run_dir, device, data_root):
     except RuntimeError as e:
         raise UserError(f"checkpoint {ckpt} does not fit recipe {name}'s model "
                         f"({str(e).splitlines()[0]})") from None
-    return recipe, ckpt, module.Predictor(cfg, model, resolve_device(device), data_root or _recorded_root(state))
+    return recipe, ckpt, module.Predictor(cfg, model, plain.resolve_device(device), data_root or _recorded_root(state))
 
 
 def publish(run_dir, dest):
@@ -813,6 +802,10 @@ def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=Tr
     setting = {key: value for key, value in asked if value is not None}
     if set(setting) - set(trained):
         raise UserError(f"recipe {recipe} has no {' or '.join(sorted(set(setting) - set(trained)))} to change")
+    if predictor.head and setting.get("ways", trained.get("ways")) != trained.get("ways"):
+        raise UserError(f"this {predictor.head} model has a {trained['ways']}-way head: test it with --ways "
+                        f"{trained['ways']}, or train a {setting['ways']}-way model (ProtoNet, Matching Networks, "
+                        f"MetaOptNet and transfer models take any number of ways)")
     if setting:
         predictor.cfg = dataclasses.replace(predictor.cfg, **setting)
         extra = {**{f"trained_{key}": value for key, value in trained.items()}, **extra}

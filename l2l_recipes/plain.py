@@ -29,9 +29,25 @@ def override(cfg, assignments):
         if key not in {f.name for f in dataclasses.fields(cfg)}:
             raise UserError(f"unknown config key '{key}'")
         kind = type(getattr(cfg, key))
-        value = value if kind is str and not value.startswith(("'", '"')) else ast.literal_eval(value)
+        try:
+            value = value if kind is str and not value.startswith(("'", '"')) else ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass  # left a string: refused below unless the field is one
+        if not isinstance(value, kind) and not (kind is float and type(value) is int):
+            raise UserError(f"--set {text}: expected {kind.__name__}, got {type(value).__name__}")
         cfg = dataclasses.replace(cfg, **{key: float(value) if kind is float else value})
     return cfg
+
+
+def resolve_device(name):
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserError(f"unknown device '{name}': use auto, cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda but PyTorch sees no CUDA GPU here: use --device cpu or auto")
+    return torch.device(name)
 
 
 def load_split(dataset, split, root="data", download=False):
@@ -193,6 +209,8 @@ class PlainRun:
     def test(self, predictor):
         """Test the weights of best.pt (else ckpt.pt) on the fixed test tasks; write and print result.json."""
         cfg, name = self.cfg, "best.pt" if (self.path / "best.pt").is_file() else "ckpt.pt"
+        if not (self.path / name).is_file():
+            raise UserError("nothing to test: training ran no validation (is iterations below 1?)")
         predictor.model.load_state_dict(torch.load(self.path / name, map_location="cpu", weights_only=True)["model"])
         result = {"recipe": self.recipe, "metric": predictor.metric, "higher_is_better": predictor.higher_is_better,
                   **predictor.evaluate(predictor.test_tasks(cfg.test_episodes, cfg.test_seed)),

@@ -145,7 +145,7 @@ def test_cuda_without_gpu_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_device_choice_is_honoured(monkeypatch):
-    from l2l_recipes.harness import resolve_device
+    from l2l_recipes.plain import resolve_device
     assert resolve_device("cpu").type == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto").type == "cuda" and resolve_device("cpu").type == "cpu"

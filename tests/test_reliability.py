@@ -18,7 +18,7 @@ import torch
 
 from conftest import REPO, cli
 from test_data import _tiny_omniglot
-from test_export import BLOCKED_RUN, run_blocked
+from test_export import BLOCKED_RUN, VARIANTS, run_blocked
 from l2l_recipes import config, distributed, export, harness, registry
 from l2l_recipes.cli import _Group
 from l2l_recipes.errors import UserError
@@ -244,6 +244,37 @@ def test_eval_says_which_checkpoint_it_tested(finished, tmp_path, data_root):
     (note,) = fallback.stderr.strip().splitlines()
     assert "no best.pt" in note and "ckpt.pt" in note
     assert json.loads((run_dir / "eval-5.json").read_text())["checkpoint"] == "ckpt.pt"
+
+
+@pytest.mark.parametrize("ways", [3, 20])
+def test_eval_of_a_fixed_head_model_at_other_ways_names_the_head(ways):
+    # the committed MAML model: refused before any data is read (no traceback from its 5 outputs)
+    result = cli("eval", REPO / "benchmarks" / "models" / "maml-omniglot-5w1s", "--ways", ways, "--device", "cpu")
+    assert result.exit_code == 1
+    assert "this MAML model has a 5-way head: test it with --ways 5" in one_line(result)
+
+
+@pytest.mark.parametrize("name", [name for name in VARIANTS.values() if name.endswith("-omniglot-5w1s")])
+def test_eval_at_20_ways_refuses_in_one_line_or_tests(name, tmp_path, data_root):
+    """Every Omniglot classifier family's untrained model, evaluated at 20 ways: a family whose
+    model fixes the ways says so in one line, the others test (never a traceback)."""
+    recipe = registry.get_recipe(name)
+    cfg = recipe.config()
+    run = harness.Run.create(tmp_path, name, cfg, CPU)
+    run.save("best.pt", recipe.load_module().build_model(cfg), 0)
+    result = cli("eval", run.path, "--ways", 20, "--episodes", 2, "--data-root", data_root, "--device", "cpu",
+                 "--no-progress")
+    if recipe.load_module().Predictor.head:
+        assert result.exit_code == 1 and "-way head: test it with --ways 5" in one_line(result)
+    else:
+        assert result.exit_code == 0, result.output + result.stderr
+        assert json.loads((run.path / "eval-20w1s-2.json").read_text())["ways"] == 20
+
+
+def test_list_of_a_pattern_that_matches_nothing_says_so():
+    result = cli("list", "zzz*")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert "no recipe matches 'zzz*'" in one_line(result)
 
 
 def test_eval_of_one_episode_is_refused_and_json_never_holds_nan(finished, tmp_path):

@@ -89,11 +89,56 @@ def conv4_embed(backbone, x):
     for block in backbone:
         pool = block.max_pool
         if isinstance(pool, torch.nn.MaxPool2d):
-            h = block.normalize(block.conv(h))
+            h = batch_norm(block.conv(h), block.normalize)
             h = block.relu(MaxPool.apply(h, pool.kernel_size) if h.is_contiguous() and _tiling(pool) else pool(h))
         else:
             h = block(h)
     return h.reshape(h.size(0), -1)
+
+
+def batch_norm(x, bn):
+    """`bn(x)`; in training on a channels-last CPU batch, with PyTorch's NCHW precision: its
+    channels-last CPU kernel sums the batch statistics ~1e-4 off (the NCHW one ~1e-7), so they
+    are summed here in two passes (the mean, then the squared deviations from it) and the
+    running statistics updated as `bn` does; the backward is PyTorch's kernel given them."""
+    if not (bn.training and bn.affine and x.device.type == "cpu" and x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last) and x.dtype in (torch.float32, torch.float64)):
+        return bn(x)
+    y, mean, var = _PreciseBatchNorm.apply(x, bn.weight, bn.bias, bn.eps)
+    if bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            momentum = 1 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            n = x.numel() // x.size(1)
+            bn.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+            bn.running_var.mul_(1 - momentum).add_(var * (n / (n - 1)), alpha=momentum)  # unbiased, as bn
+    return y
+
+
+class _PreciseBatchNorm(torch.autograd.Function):
+    """Training-mode batch norm of a channels-last batch [N, C, H, W]; also returns the batch's
+    mean and (biased) variance."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        rows = x.permute(0, 2, 3, 1).reshape(-1, x.size(1))  # a view: channels-last memory is [N, H, W, C]
+        mean = rows.sum(0).div_(len(rows))
+        var = (rows - mean).square_().sum(0).div_(len(rows))
+        invstd = torch.rsqrt(var + eps)
+        y = torch.addcmul(bias - mean * weight * invstd, rows, weight * invstd)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var)
+        return y.view(x.size(0), x.size(2), x.size(3), x.size(1)).permute(0, 3, 1, 2), mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad, *_):
+        x, weight, mean, invstd = ctx.saved_tensors
+        grads = torch.ops.aten.native_batch_norm_backward(
+            grad.contiguous(memory_format=torch.channels_last), x, weight, None, None, mean, invstd, True, ctx.eps,
+            list(ctx.needs_input_grad[:3]))
+        return (*grads, None)
 
 
 def _tiling(pool):

@@ -98,9 +98,9 @@ def conv4_embed(backbone, x):
 
 def batch_norm(x, bn):
     """`bn(x)`; in training on a channels-last CPU batch, with PyTorch's NCHW precision: its
-    channels-last CPU kernel sums the batch statistics ~1e-4 off (the NCHW one ~1e-7), so they
-    are summed here in two passes (the mean, then the squared deviations from it) and the
-    running statistics updated as `bn` does; the backward is PyTorch's kernel given them."""
+    channels-last CPU kernel sums the batch statistics ~1e-4 off (the NCHW one ~1e-7) and the
+    backward's sums likewise, so they are summed here (the mean, then the squared deviations
+    from it) and the running statistics updated as `bn` does."""
     if not (bn.training and bn.affine and x.device.type == "cpu" and x.dim() == 4 and not x.is_contiguous()
             and x.is_contiguous(memory_format=torch.channels_last) and x.dtype in (torch.float32, torch.float64)):
         return bn(x)
@@ -116,18 +116,18 @@ def batch_norm(x, bn):
 
 
 class _PreciseBatchNorm(torch.autograd.Function):
-    """Training-mode batch norm of a channels-last batch [N, C, H, W]; also returns the batch's
-    mean and (biased) variance."""
+    """Training-mode batch norm of a channels-last batch [N, C, H, W], computed on its [N*H*W, C]
+    view (channels-last memory is [N, H, W, C]); also returns the batch's mean and (biased)
+    variance."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        rows = x.permute(0, 2, 3, 1).reshape(-1, x.size(1))  # a view: channels-last memory is [N, H, W, C]
-        mean = rows.sum(0).div_(len(rows))
-        var = (rows - mean).square_().sum(0).div_(len(rows))
+        rows = _rows(x)
+        mean = (_column_sums(rows) / len(rows)).to(x.dtype)
+        var = (_column_sums((rows - mean).square_()) / len(rows)).to(x.dtype)
         invstd = torch.rsqrt(var + eps)
         y = torch.addcmul(bias - mean * weight * invstd, rows, weight * invstd)
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.eps = eps
         ctx.mark_non_differentiable(mean, var)
         return y.view(x.size(0), x.size(2), x.size(3), x.size(1)).permute(0, 3, 1, 2), mean, var
 
@@ -135,10 +135,30 @@ class _PreciseBatchNorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad, *_):
         x, weight, mean, invstd = ctx.saved_tensors
-        grads = torch.ops.aten.native_batch_norm_backward(
-            grad.contiguous(memory_format=torch.channels_last), x, weight, None, None, mean, invstd, True, ctx.eps,
-            list(ctx.needs_input_grad[:3]))
-        return (*grads, None)
+        rows, grad_rows = _rows(x), _rows(grad.contiguous(memory_format=torch.channels_last))
+        centered = rows - mean
+        sum_grad = _column_sums(grad_rows).to(x.dtype)
+        sum_grad_centered = _column_sums(grad_rows * centered).to(x.dtype)
+        scale = weight * invstd
+        # dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)), x_hat = (x - mean) * invstd
+        grad_x = torch.addcmul(-scale * sum_grad / len(rows), grad_rows, scale)
+        grad_x.addcmul_(centered, -scale * invstd * invstd * sum_grad_centered / len(rows))
+        return (grad_x.view(x.size(0), x.size(2), x.size(3), x.size(1)).permute(0, 3, 1, 2),
+                sum_grad_centered * invstd, sum_grad, None)
+
+
+def _rows(x):
+    """A channels-last [N, C, H, W] tensor as its [N*H*W, C] view."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.size(1))
+
+
+def _column_sums(rows):
+    """The column sums of [n, C] in float64, about as precise as PyTorch's NCHW batch norm (which
+    accumulates in double) at the speed of a float32 sum: blocks of 16 rows summed in float32,
+    then the blocks' sums in float64 (measured on 470,400 rows: 1e-9 relative, float32's sum 5e-7)."""
+    whole = len(rows) - len(rows) % 16
+    blocks = rows[:whole].view(-1, 16, rows.size(1)).sum(1)
+    return blocks.sum(0, dtype=torch.float64) + rows[whole:].sum(0, dtype=torch.float64)
 
 
 def _tiling(pool):

@@ -33,10 +33,11 @@ Training episodes are gathered on the device by default (`l2l_recipes.fast`: the
 learn2learn's Taskset draws, without its per-image loading) and embedded with each ReLU after
 its max-pool (`fast.conv4_embed`: the same numbers, fewer passes over the activations);
 `--set engine=reference` runs learn2learn's Taskset and the module's own forward. The fast
-engine keeps the network in channels-last layout (`--set channels_last=False`: NCHW), 1.3x
-faster per episode on a CPU, with the batch statistics summed as precisely as PyTorch's NCHW
-kernel does (`fast.batch_norm`: its channels-last CPU kernel is ~1e-4 off). `--set amp=bf16`
-or `fp16`: mixed precision, meant for GPUs (it changes rounding; not measured on one yet).
+engine keeps the network in channels-last layout (`--set channels_last=False`: NCHW), 1.2x
+faster per 60-way episode on a 2-core CPU, its batch norm as precise as PyTorch's NCHW kernel
+(`fast.batch_norm`; PyTorch's channels-last CPU kernel is ~1e-4 off), its convolutions rounding
+otherwise than NCHW's (docs/speed.md). `--set amp=bf16` or `fp16`: mixed precision, meant for
+GPUs (it changes rounding; not measured on one yet).
 
 Reproduce:
     l2l-recipes run protonet-omniglot-5w1s
@@ -84,7 +85,7 @@ class Config:
     test_seed: int = 0  # the fixed test tasks
     # system
     engine: str = "fast"  # fast: episodes built on the device, fast.conv4_embed (same numbers); reference: learn2learn
-    channels_last: bool = True  # engine=fast: channels-last tensors (1.3x faster on a CPU, the same precision)
+    channels_last: bool = True  # engine=fast: channels-last tensors (1.2x faster on a CPU; docs/speed.md)
     amp: str = "off"  # off | bf16 | fp16: mixed precision for the training forward (for GPUs; unmeasured)
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda

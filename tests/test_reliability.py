@@ -277,6 +277,13 @@ def test_list_of_a_pattern_that_matches_nothing_says_so():
     assert "no recipe matches 'zzz*'" in one_line(result)
 
 
+@pytest.mark.parametrize("command", ["show", "run", "bench", "export"])
+def test_a_pattern_where_a_name_is_expected_points_to_list(command, tmp_path):
+    result = cli(command, "maml-*", *([tmp_path] if command == "export" else []))
+    assert result.exit_code == 1
+    assert "'maml-*' is a pattern, not a recipe name: `l2l-recipes list 'maml-*'`" in one_line(result)
+
+
 def test_eval_of_one_episode_is_refused_and_json_never_holds_nan(finished, tmp_path):
     result = cli("eval", finished, "--episodes", 1)
     assert result.exit_code == 2 and "1 is not in the range x>=2" in result.stderr

@@ -100,10 +100,10 @@ def list_recipes(pattern="*"):
 def get_recipe(name):
     """The Recipe registered as `name`; an unknown name raises a UserError suggesting close ones."""
     _discover()
-    if name not in _RECIPES and any(c in name for c in "*?["):
-        raise UserError(f"'{name}' is a pattern, not a recipe name: `l2l-recipes list '{name}'` lists "
-                        f"the recipes it matches")
     if name not in _RECIPES:
+        if any(c in name for c in "*?["):
+            raise UserError(f"'{name}' is a pattern, not a recipe name: `l2l-recipes list '{name}'` lists "
+                            f"the recipes it matches")
         close = difflib.get_close_matches(name, list(_RECIPES), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see `l2l-recipes list`"
         raise UserError(f"unknown recipe '{name}'{hint}")

@@ -151,11 +151,11 @@ def train(cfg, run):
     val_set = data.load_split(cfg.dataset, "val", run.data_root)
     val_tasks = data.fixed_taskset(val_set, cfg.ways, cfg.shots, cfg.queries, cfg.val_episodes, cfg.val_seed)
 
+    model = build_model(cfg).to(device)
     if cfg.engine == "fast":  # the same episodes, built from the split's images held on the device
         tasks = {name: fast.DeviceEpisodes(tasks[name], sets[name], device) for name in splits}
-    model = build_model(cfg).to(device)
-    if cfg.engine == "fast":  # channels-last weights (and so activations): faster on a CPU, as precise
-        model = model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+        if cfg.channels_last:  # channels-last weights, so activations: faster on a CPU (docs/speed.md)
+            model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     # mixed precision (amp=bf16|fp16); fp16 gradients are scaled against underflow

@@ -324,9 +324,9 @@ def measure(settings=Settings(), data_root=None, progress=print):
     cl_embedder = copy.deepcopy(embedder).to(memory_format=torch.channels_last)
     embedder64 = copy.deepcopy(embedder).double()
     exact = proto_gradient(embedder64, lambda x: fast.conv4_embed(embedder64, x), loop.proto_episodes, torch.float64)
+    kept = [name for name in exact if not name.endswith("conv.bias")]
     for key, grads in (("proto_nchw_grad_error", nchw), ("proto_grad_error", proto_gradient(
             cl_embedder, lambda x: fast.conv4_embed(cl_embedder, x), loop.proto_episodes))):
-        kept = [name for name in exact if not name.endswith("conv.bias")]
         record[key] = float(torch.cat([(grads[n].double() - exact[n]).flatten() for n in kept]).norm()
                             / torch.cat([exact[n].flatten() for n in kept]).norm())
 

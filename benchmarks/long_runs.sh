@@ -44,20 +44,23 @@ queue() {  # queue NICE NAME...: one background process benching these one after
   echo "queue: started, priority $nice ($*)"
 }
 
+PROTONET_1SHOT="protonet-omniglot-5w1s protonet-omniglot-20w1s --seeds 3 --episodes 1000"  # one model, two rows
+PROTONET_5SHOT="protonet-omniglot-5w5s protonet-omniglot-20w5s --seeds 1 --episodes 1000"
+
 # the paper's protocols (issue 15), the rows that finish within one working session first (a
 # machine may come back without LONG: 2026-12-04 it did, and ~30 core-hours of runs were lost).
 # Done, reproduced or with a verdict, and not run again here: MAML and FOMAML omniglot-5w1s, Matching
 # Nets (all four rows), transfer 5w1s/5w5s, MetaOptNet-ridge 5w1s, MAML sine.
-if [ "${QUEUE:-1}" = 1 ]; then  # two queues, one per core; one seed each, finished ones return at once:
-  # Reptile (published 97.68; ~4 h, restarted 2026-12-05 08:57 with 1 query per class), ANIL (~2 h), SNAIL (~2.8 h)
-  queue 0 reptile-omniglot-5w1s anil-omniglot-5w1s snail-omniglot-5w1s
-  # Meta-SGD (~4 h), MAML++ (~7 h)
-  queue 0 metasgd-omniglot-5w1s mamlpp-omniglot-5w1s
+if [ "${QUEUE:-1}" = 1 ]; then  # two queues, one per core; finished benches return at once:
+  # Reptile (published 97.68; ~4 h), ANIL (~2 h), SNAIL (~2.8 h), then the ProtoNet seeds the other
+  # queue has not taken, then MAML++ (~7 h)
+  queue 0 reptile-omniglot-5w1s anil-omniglot-5w1s snail-omniglot-5w1s "$PROTONET_1SHOT" mamlpp-omniglot-5w1s
+  # Meta-SGD (~4 h), then ProtoNet (Snell et al.'s protocol: early stopping with patience 200
+  # epochs, then the train+val retraining, ~60,000 60-way episodes a seed; its seeds shared with
+  # the other queue: each bench process trains the seeds no other holds), 1-shot then 5-shot
+  queue 0 metasgd-omniglot-5w1s "$PROTONET_1SHOT" "$PROTONET_5SHOT"
 fi
-# ProtoNet (Snell's protocol: ~60,000 episodes a seed with the train+val retraining, ~14 h of a
-# core each at ~0.85 s/episode: 3 seeds and the 5-shot model ~60 core-hours) is for a GPU
-# (benchmarks/gpu_bench.sh: ~35 min a seed); seed 1 ran here to episode ~10,300 (2026-12-05)
-# and continues, on the CPU or a GPU, with PROTONET=1 (the runs do not depend on the device).
+# ProtoNet on its own (PROTONET=1), e.g. with the queues off (QUEUE=0) so that it has the machine
 if [ "${PROTONET:-0}" = 1 ]; then
-  start 0 "protonet-omniglot-5w1s protonet-omniglot-20w1s" --seeds 3 --episodes 1000
+  start 0 "$PROTONET_1SHOT"
 fi

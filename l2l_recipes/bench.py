@@ -233,10 +233,12 @@ def _train_seed(name, cfg, run_dir, device, data_root, progress, max_minutes):
     if (run_dir / "ckpt.pt").is_file():
         run = harness.Run.resume(run_dir, device, **options)
         trained = dataclasses.replace(run.cfg, device=cfg.device)  # another device may continue it
-        if trained != cfg:
-            changed = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(trained, f.name)]
+        changed = [f.name for f in dataclasses.fields(cfg)
+                   if f.name not in SAME_NUMBERS and getattr(cfg, f.name) != getattr(trained, f.name)]
+        if changed:
             raise UserError(f"{run_dir} was trained with other settings ({', '.join(changed)} differ: the recipe's "
                             f"defaults changed since?): finish it with the commit that started it, or remove it")
+        cfg = trained  # on as it started: a default engine or layout changed since is no change of protocol
     else:  # never started, or stopped before its first checkpoint
         if run_dir.exists():
             shutil.rmtree(run_dir)

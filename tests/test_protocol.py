@@ -127,6 +127,35 @@ def test_bench_killed_mid_run_resumes_to_the_same_record(tmp_path, data_root):
     assert record["protocol"] == "modified" and record["trained_as"] == "protonet-omniglot-5w1s"
 
 
+def test_a_bench_resumed_after_a_default_layout_change_goes_on_as_it_started(tmp_path, data_root, monkeypatch):
+    """A seed started before ProtoNet's channels_last default changed continues (a layout or
+    engine is no change of protocol) in its own layout; a changed protocol setting is refused."""
+    args = [*BENCH, "--data-root", data_root, "--runs-dir", tmp_path / "runs", "--results-dir", tmp_path / "results"]
+    args[args.index("--seeds") + 1] = 1
+    _killed(tmp_path, data_root, _killing_hook(tmp_path, os.path.join("seed-1", "ckpt.pt"), 2), *args)
+    (seed,) = (tmp_path / "runs" / "protonet-omniglot-5w1s").glob("*/seed-1")
+
+    def started_with(**settings):  # as if the run had been started with these settings
+        ckpt = torch.load(seed / "ckpt.pt", weights_only=False)
+        ckpt["config"].update(settings)
+        torch.save(ckpt, seed / "ckpt.pt")
+        config = json.loads((seed / "config.json").read_text())
+        (seed / "config.json").write_text(json.dumps({**config, **settings}))
+
+    started_with(lr=0.5)
+    refused = cli(*args, "--resume")
+    assert refused.exit_code == 1 and "lr differ" in refused.stderr
+    started_with(lr=registry.get_recipe("protonet-omniglot-5w1s").config().lr, channels_last=False)
+    module, layouts = registry.get_recipe("protonet-omniglot-5w1s").load_module(), []
+    train = module.train
+    monkeypatch.setattr(module, "train", lambda cfg, run: layouts.append(cfg.channels_last) or train(cfg, run))
+    resumed = cli(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output + resumed.stderr
+    assert layouts == [False] and json.loads((seed / "config.json").read_text())["channels_last"] is False
+    assert json.loads((seed / "result.json").read_text())["accuracy"] > 0.2
+    assert len(list((tmp_path / "results").glob("*.json"))) == 1
+
+
 def test_one_model_tested_at_other_ways(tmp_path, data_root):
     """bench protonet-omniglot-20w1s tests the 5w1s recipe's model on 20-way tasks, as Snell et
     al. did; `eval --ways 20` on that run gives the same number."""

@@ -2,7 +2,8 @@
 # Starts (or, after a stop, continues) the long full-protocol benchmarks in the background, in a
 # folder outside the work tree that survives a working session: LONG (default /root/l2l-long)
 # holds a clone of this repository at COMMIT (default HEAD), its own virtualenv, the bench runs
-# (LONG/bench), their records (LONG/results) and logs (LONG/logs). Each bench runs with
+# (LONG/bench), their records (LONG/results) and logs (LONG/logs); `python benchmarks/long_status.py`
+# prints where each seed stands. Each bench runs with
 # --resume: a stopped one continues each seed from its last checkpoint. One thread each, so
 # that two run side by side on a 2-core machine. Copy finished records with:
 #   cp LONG/results/*.json LONG/results/*.png benchmarks/results/ && l2l-recipes bench-table

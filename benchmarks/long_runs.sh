@@ -53,9 +53,10 @@ PROTONET_5SHOT="protonet-omniglot-5w5s protonet-omniglot-20w5s --seeds 1 --episo
 # Done, reproduced or with a verdict, and not run again here: MAML and FOMAML omniglot-5w1s, Matching
 # Nets (all four rows), transfer 5w1s/5w5s, MetaOptNet-ridge 5w1s, MAML sine.
 if [ "${QUEUE:-1}" = 1 ]; then  # two queues, one per core; finished benches return at once:
-  # Reptile (published 97.68; ~4 h), ANIL (~2 h), SNAIL (~2.8 h), then the ProtoNet seeds the other
-  # queue has not taken, then MAML++ (~7 h)
-  queue 0 reptile-omniglot-5w1s anil-omniglot-5w1s snail-omniglot-5w1s "$PROTONET_1SHOT" mamlpp-omniglot-5w1s
+  # Reptile (published 97.68; ~4 h), ANIL (~2 h), SNAIL (~2.8 h), ANIL 20w1s (published 96.2; ~4 h),
+  # then the ProtoNet seeds the other queue has not taken, then MAML++ (~7 h)
+  queue 0 reptile-omniglot-5w1s anil-omniglot-5w1s snail-omniglot-5w1s anil-omniglot-20w1s "$PROTONET_1SHOT" \
+    mamlpp-omniglot-5w1s
   # Meta-SGD (~4 h), then ProtoNet (Snell et al.'s protocol: early stopping with patience 200
   # epochs, then the train+val retraining, ~60,000 60-way episodes a seed; its seeds shared with
   # the other queue: each bench process trains the seeds no other holds), 1-shot then 5-shot

@@ -37,7 +37,9 @@ batch's statistics: 90.9% against 88.9% with 15 after 600 iterations), fast_lr 0
 mini-ImageNet: meta-batch 2, 15 query images, fast_lr 0.01, MSL over 15 epochs, meta-gradients
 clamped to +-10. DA over the first 50 epochs follows the paper (the released configs train
 second order throughout: `--set first_order_iterations=0`). Not reproduced: the paper's test
-numbers come from an ensemble of the top-3 validation checkpoints; this is one model.
+numbers come from an ensemble of the top-3 validation checkpoints (the authors' code, in its
+last version, averages the logits of the 5 epochs best on validation: experiment_builder.py,
+`evaluated_test_set_using_the_best_models(top_n_models=5)`); this is one model.
 Published (Antoniou et al. 2019, Table 1, Omniglot): 5w1s 99.47, 5w5s 99.93, 20w1s 97.65 ± 0.05,
 20w5s 99.33 ± 0.03; (Table 2, mini-ImageNet) 5w1s 52.15 ± 0.26, 5w5s 68.32 ± 0.44.
 Not checked against the paper's PDF (not reachable offline): Papers with Code lists the same

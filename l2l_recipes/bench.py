@@ -14,6 +14,7 @@ import json
 import math
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -57,6 +58,11 @@ def bench_recipe(name, seeds, episodes, assignments=(), max_minutes=None, device
     if home.exists() and not resume and trainer is recipe:  # a tested_from variant reuses its trainer's runs
         raise UserError(f"this bench was started before, its runs are in {home}: continue it with --resume "
                         f"(or remove that folder to start again)")
+    if resume and not home.exists():  # a forgotten option starts a new bench: say which ones exist
+        for other in sorted(home.parent.glob("bench-*/bench.json")):
+            theirs = (_readable_record(other) or {}).get("command", "?")
+            print(f"note: no bench of {trainer.name} with these settings in {runs_dir} yet, so one starts; "
+                  f"{other.parent} holds one of `{theirs}`", file=sys.stderr)
     for folder, option in ((Path(results_dir), "--results-dir"), (home, "--runs-dir")):  # before any training
         check_writable(folder, option)
     harness.write_json(home / "bench.json", {"recipe": trainer.name, "command": command, "episodes": episodes,

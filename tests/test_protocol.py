@@ -129,7 +129,8 @@ def test_bench_killed_mid_run_resumes_to_the_same_record(tmp_path, data_root):
 
 def test_a_bench_resumed_after_a_default_layout_change_goes_on_as_it_started(tmp_path, data_root, monkeypatch):
     """A seed started before ProtoNet's channels_last default changed continues (a layout or
-    engine is no change of protocol) in its own layout; a changed protocol setting is refused."""
+    engine is no change of protocol) in its own layout; a changed protocol setting is refused;
+    --resume that matches no bench there says which bench is there."""
     args = [*BENCH, "--data-root", data_root, "--runs-dir", tmp_path / "runs", "--results-dir", tmp_path / "results"]
     args[args.index("--seeds") + 1] = 1
     _killed(tmp_path, data_root, _killing_hook(tmp_path, os.path.join("seed-1", "ckpt.pt"), 2), *args)
@@ -154,6 +155,12 @@ def test_a_bench_resumed_after_a_default_layout_change_goes_on_as_it_started(tmp
     assert layouts == [False] and json.loads((seed / "config.json").read_text())["channels_last"] is False
     assert json.loads((seed / "result.json").read_text())["accuracy"] > 0.2
     assert len(list((tmp_path / "results").glob("*.json"))) == 1
+    # --resume with an option forgotten (another test size) starts a new bench: it names the one there
+    args[args.index("--episodes") + 1] = 30
+    args[args.index("--results-dir") + 1] = seed / "result.json" / "x"  # cannot be made: stops before training
+    other = cli(*args, "--resume")
+    assert other.exit_code == 1 and f"{seed.parent} holds one of `l2l-recipes bench protonet-omniglot-5w1s " \
+        "--seeds 1 --episodes 20 --iterations 30" in other.stderr, other.stderr
 
 
 def test_one_model_tested_at_other_ways(tmp_path, data_root):

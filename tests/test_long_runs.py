@@ -1,0 +1,50 @@
+"""The long-run scripts of benchmarks/: the queue runs each item with its own options, one after
+another, past a failed one; long_status.py reports each seed's state."""
+import fcntl
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_queue_items_carry_their_options_and_a_failed_bench_does_not_stop_the_queue(tmp_path):
+    long = tmp_path / "long"
+    (long / "venv" / "bin").mkdir(parents=True)
+    (long / "logs").mkdir()
+    stub = long / "venv" / "bin" / "l2l-recipes"  # records its arguments; the second bench fails
+    stub.write_text(f'#!/usr/bin/env bash\necho "$*" >> {tmp_path}/calls\n[ "$4" != anil-omniglot-5w1s ]\n')
+    stub.chmod(0o755)
+    items = ["reptile-omniglot-5w1s", "anil-omniglot-5w1s",
+             "protonet-omniglot-5w1s protonet-omniglot-20w1s --seeds 3 --episodes 1000"]
+    subprocess.run(["bash", REPO / "benchmarks" / "bench_queue.sh", long, *items], check=True, timeout=60)
+    common = f"--device cpu --resume --runs-dir {long}/bench --results-dir {long}/results --no-progress"
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        f"bench --seeds 1 reptile-omniglot-5w1s {common}",
+        f"bench --seeds 1 anil-omniglot-5w1s {common}",
+        f"bench --seeds 1 protonet-omniglot-5w1s protonet-omniglot-20w1s --seeds 3 --episodes 1000 {common}"]
+    assert sorted(p.name for p in (long / "logs").iterdir()) == [
+        "anil-omniglot-5w1s.log", "protonet-omniglot-5w1s.log", "reptile-omniglot-5w1s.log"]
+
+
+def test_long_status_reports_each_seed(tmp_path):
+    home = tmp_path / "bench" / "maml-omniglot-5w1s" / "bench-0123456789"
+    for seed, tested in ((1, True), (2, False)):
+        run = home / f"seed-{seed}"
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"iterations": 60000}))
+        rows = [{"iteration": i, "time": 0.5 * i, "loss": 1.0} for i in range(10, 2010, 10)]
+        rows.insert(50, {"iteration": 500, "time": 250.0, "val_accuracy": 0.9, "val_loss": 0.3})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if tested:
+            (run / "result.json").write_text("{}")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "maml-omniglot-5w1s.log").write_text("iteration=10\nError: out of disk space\n")
+    with open(home / "seed-2.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a bench process training seed 2
+        out = subprocess.run([sys.executable, REPO / "benchmarks" / "long_status.py", tmp_path], check=True,
+                             capture_output=True, text=True, timeout=60).stdout.splitlines()
+    seed_line = "maml-omniglot-5w1s/bench-0123456789/seed-{}: iteration 2000 of 60000, 0.500 s/it lately, " \
+                "val 0.9000 (best 0.9000 at 500), {}"
+    assert out == [seed_line.format(1, "tested"), seed_line.format(2, "training"),
+                   "maml-omniglot-5w1s.log: Error: out of disk space"]

@@ -150,3 +150,18 @@ bench metasgd-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
 # 15 query images per class on 600 tasks each: 90.90 ± 1.15% and 88.85 ± 0.57%
 l2l-recipes run mamlpp-omniglot-5w1s --device cpu --set iterations=600 --set val_interval=300 --set test_episodes=200
 for q in 1 15; do l2l-recipes eval RUN_DIR --queries $q --episodes 600 --device cpu; done
+# 2026-12-05 (14:17), session 17: /root/l2l-long survived; long_runs.sh (2460682) continued both queues.
+# Reptile 5w1s (carried inner Adam, 1 query per class) finished at 15:47 from iteration ~59,600:
+# 97.52 ± 0.43, reproduced (record reptile-omniglot-5w1s-...-20261205-154727; model published, re-tested):
+bench reptile-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
+l2l-recipes publish /root/l2l-long/bench/reptile-omniglot-5w1s/bench-32a935d2a0/seed-1 benchmarks/models/reptile-omniglot-5w1s
+l2l-recipes eval benchmarks/models/reptile-omniglot-5w1s --device cpu
+# the queues from then on (long_runs.sh at 2045b04/e6a96b3: an item may carry bench options): ANIL 5w1s,
+# SNAIL 5w1s, ANIL 20w1s, ProtoNet's seeds, MAML++ 5w1s; Meta-SGD 5w1s, then ProtoNet 5w1s/20w1s (3 seeds,
+# shared between the queues by the seeds' locks) and 5w5s/20w5s
+bench metasgd-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
+for name in anil-omniglot-5w1s snail-omniglot-5w1s anil-omniglot-20w1s; do
+  bench "$name" --seeds 1 --resume --runs-dir /root/l2l-long/bench
+done
+bench protonet-omniglot-5w1s protonet-omniglot-20w1s --seeds 3 --episodes 1000 --resume --runs-dir /root/l2l-long/bench
+bench protonet-omniglot-5w5s protonet-omniglot-20w5s --seeds 1 --episodes 1000 --resume --runs-dir /root/l2l-long/bench

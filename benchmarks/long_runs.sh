@@ -33,7 +33,7 @@ start() {  # start NICE "NAME..." [bench options...], unless that bench is alrea
   echo "$name: started, priority $nice (log $LONG/logs/${name%% *}.log)"
 }
 
-queue() {  # queue NICE NAME...: one background process benching these one after another (one seed each)
+queue() {  # queue NICE ITEM...: one background process benching these one after another (bench_queue.sh)
   local nice=$1; shift
   if pgrep -f "bench_queue.sh $LONG $1 " >/dev/null; then echo "queue $1...: running"; return; fi
   (cd "$LONG/code" && L2L_RECIPES_DATA="$DATA" OMP_NUM_THREADS=1 setsid nohup bash benchmarks/bench_queue.sh \
@@ -48,19 +48,19 @@ queue() {  # queue NICE NAME...: one background process benching these one after
 PROTONET_1SHOT="protonet-omniglot-5w1s protonet-omniglot-20w1s --seeds 3 --episodes 1000"  # one model, two rows
 PROTONET_5SHOT="protonet-omniglot-5w5s protonet-omniglot-20w5s --seeds 1 --episodes 1000"
 
-# the paper's protocols (issue 15), the rows that finish within one working session first (a
+# the paper's protocols (issue 15), the shorter rows first (a
 # machine may come back without LONG: 2026-12-04 it did, and ~30 core-hours of runs were lost).
-# Done, reproduced or with a verdict, and not run again here: MAML and FOMAML omniglot-5w1s, Matching
-# Nets (all four rows), transfer 5w1s/5w5s, MetaOptNet-ridge 5w1s, MAML sine.
+# Done, reproduced or with a verdict, and not run again here: MAML, FOMAML, Reptile and Meta-SGD
+# omniglot-5w1s (reproduced), Matching Nets (all four rows), transfer 5w1s/5w5s, MetaOptNet-ridge 5w1s,
+# MAML sine.
 if [ "${QUEUE:-1}" = 1 ]; then  # two queues, one per core; finished benches return at once:
-  # Reptile (published 97.68; ~4 h), ANIL (~2 h), SNAIL (~2.8 h), ANIL 20w1s (published 96.2; ~4 h),
-  # then the ProtoNet seeds the other queue has not taken, then MAML++ (~7 h)
-  queue 0 reptile-omniglot-5w1s anil-omniglot-5w1s snail-omniglot-5w1s anil-omniglot-20w1s "$PROTONET_1SHOT" \
-    mamlpp-omniglot-5w1s
-  # Meta-SGD (~4 h), then ProtoNet (Snell et al.'s protocol: early stopping with patience 200
-  # epochs, then the train+val retraining, ~60,000 60-way episodes a seed; its seeds shared with
-  # the other queue: each bench process trains the seeds no other holds), 1-shot then 5-shot
-  queue 0 metasgd-omniglot-5w1s "$PROTONET_1SHOT" "$PROTONET_5SHOT"
+  # ANIL (~3 h), SNAIL (~2.8 h), ANIL 20w1s (published 96.2; ~4 h), then the ProtoNet seeds the
+  # other queue has not taken, then MAML++ (~7 h)
+  queue 0 anil-omniglot-5w1s snail-omniglot-5w1s anil-omniglot-20w1s "$PROTONET_1SHOT" mamlpp-omniglot-5w1s
+  # ProtoNet (Snell et al.'s protocol: early stopping with patience 200 epochs, then the train+val
+  # retraining, ~60,000 60-way episodes a seed, ~6 h of a core; its seeds shared with the other
+  # queue: each bench process trains the seeds no other holds), 1-shot then 5-shot
+  queue 0 "$PROTONET_1SHOT" "$PROTONET_5SHOT"
 fi
 # ProtoNet on its own (PROTONET=1), e.g. with the queues off (QUEUE=0) so that it has the machine
 if [ "${PROTONET:-0}" = 1 ]; then

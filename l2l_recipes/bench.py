@@ -392,7 +392,7 @@ def table_rows(records, notes_dir=None, speeds=(), gpu=None):
     for name in registry.list_recipes():
         recipe = registry.get_recipe(name)
         if name not in by_recipe:
-            cost = _cost(name, by_recipe, speeds)
+            cost = _cost(name, by_recipe, speeds, gpu)
             cost += _gpu_cost(name, gpu, "; " if cost else ": ")
             rows.append(f"| `{name}` | {_pct(recipe.published and dataclasses.asdict(recipe.published))} | "
                         f"{_pct(recipe.learn2learn and dataclasses.asdict(recipe.learn2learn))} | "
@@ -409,10 +409,12 @@ def table_rows(records, notes_dir=None, speeds=(), gpu=None):
     return rows, history, reproduced
 
 
-def _cost(name, by_recipe, speeds=()):
+def _cost(name, by_recipe, speeds=(), gpu=None):
     """': ~X h on this machine (...)': from `l2l-recipes speed --recipes` measurements (`speeds`,
     their rows; the recipe itself, else its family on the same dataset), else from a bench record
-    of the same family and dataset (the same ways and shots preferred), where one exists."""
+    of the same family and dataset (the same ways and shots preferred), where one exists. Another
+    recipe's s/it is scaled by the two recipes' FLOPs per iteration where `gpu` (gpu_estimates())
+    counted both (a 5-shot step costs ~5 times a 1-shot one)."""
     recipe = registry.get_recipe(name)
     cfg = recipe.config()
     dataset = getattr(cfg, "dataset", None)
@@ -432,16 +434,26 @@ def _cost(name, by_recipe, speeds=()):
         if row["recipe"] == name:  # its own paper budget, validations and test included
             return (f": ~{timing['projected_hours']:.1f} h on this machine ({per_it:.2f} s/it x "
                     f"{row['budget_iterations']} it + validation and test, {measured}, {engine} engine)")
-        return (f": ~{per_it * cfg.iterations / 3600:.1f} h on this machine ({per_it:.2f} s/it of "
-                f"`{row['recipe']}` x {cfg.iterations} it, {measured}, {engine} engine)")
+        return _scaled(name, row["recipe"], per_it, cfg.iterations, gpu, f", {measured}, {engine} engine")
     related = [r for other, rs in by_recipe.items() for r in rs
                if registry.get_recipe(other).family == recipe.family and r["config"].get("dataset") == dataset]
     if not related:
         return ""
     record = max(related, key=lambda r: (same(r), r["date"]))
-    per_it = seconds_per_iteration(record)
-    return (f": ~{per_it * cfg.iterations / 3600:.1f} h on this machine ({per_it:.2f} s/it of "
-            f"`{record['recipe']}` x {cfg.iterations} it)")
+    return _scaled(name, record["recipe"], seconds_per_iteration(record), cfg.iterations, gpu, "")
+
+
+def _scaled(name, timed, per_it, iterations, gpu, source):
+    """': ~X h on this machine (...)' for `name` from `timed`'s `per_it` s/it, times the ratio of
+    their FLOPs per iteration where `gpu` counted both."""
+    flops = lambda n: sum(p["iterations"] * p["flops"] for p in gpu[n]["phases"]) / sum(  # noqa: E731
+        p["iterations"] for p in gpu[n]["phases"])
+    if gpu and name in gpu and timed in gpu and timed != name:
+        ratio = flops(name) / flops(timed)
+        return (f": ~{per_it * ratio * iterations / 3600:.1f} h on this machine ({per_it:.2f} s/it of `{timed}` "
+                f"x {flops(name) / 1e9:.1f} / {flops(timed) / 1e9:.1f} GFLOP per iteration x {iterations} it{source})")
+    return (f": ~{per_it * iterations / 3600:.1f} h on this machine ({per_it:.2f} s/it of `{timed}` x {iterations} it"
+            f"{source}{'' if timed == name else '; its FLOPs not counted: the same cost per iteration assumed'})")
 
 
 def _gpu_cost(name, gpu, lead):

@@ -139,6 +139,14 @@ def test_unmeasured_rows_cost_comes_from_speed_measurements(tmp_path):
     assert "0.05 s/it of `fomaml-omniglot-5w1s` x 60000 it, `speed --recipes` 2026-12-03, 1 thread," in bench._cost(
         "fomaml-omniglot-5w5s", {}, speeds)
     assert "0.10 s/it of `maml-omniglot-5w1s`" in bench._cost("maml-omniglot-5w5s", {}, speeds)
+    # with both recipes' FLOPs counted (`speed --recipes --gpu-estimate`), scaled by their ratio
+    count = lambda n, gflop: {"recipe": n, "phases": [{"iterations": 60000, "ops": 1, "flops": gflop * 1e9}]}
+    gpu = {"fomaml-omniglot-5w1s": count("fomaml-omniglot-5w1s", 5.0),
+           "fomaml-omniglot-5w5s": count("fomaml-omniglot-5w5s", 25.0)}
+    scaled = bench._cost("fomaml-omniglot-5w5s", {}, speeds, gpu)
+    assert scaled.startswith(": ~4.2 h on this machine (0.05 s/it of `fomaml-omniglot-5w1s` x 25.0 / 5.0 GFLOP "
+                             "per iteration x 60000 it, `speed --recipes` 2026-12-03")
+    assert "the same cost per iteration assumed" in bench._cost("fomaml-omniglot-20w1s", {}, speeds, gpu)
 
 
 def test_rows_show_the_gpu_estimate_of_the_papers_protocol(tmp_path):

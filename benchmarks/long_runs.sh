@@ -49,13 +49,14 @@ PROTONET_1SHOT="protonet-omniglot-5w1s protonet-omniglot-20w1s --seeds 3 --episo
 PROTONET_5SHOT="protonet-omniglot-5w5s protonet-omniglot-20w5s --seeds 1 --episodes 1000"
 
 # the paper's protocols (issue 15), the shorter rows first (a
-# machine may come back without LONG: 2026-12-04 it did, and ~30 core-hours of runs were lost).
+# machine may come back without LONG: 2026-12-04 it did, and ~30 core-hours of runs were lost;
+# 2026-12-05 again, ANIL 5w1s at iteration 32,600 and ProtoNet 5w1s seed 1 at episode 18,400).
 # Done, reproduced or with a verdict, and not run again here: MAML, FOMAML, Reptile and Meta-SGD
 # omniglot-5w1s (reproduced), Matching Nets (all four rows), transfer 5w1s/5w5s, MetaOptNet-ridge 5w1s,
 # MAML sine.
 if [ "${QUEUE:-1}" = 1 ]; then  # two queues, one per core; finished benches return at once:
-  # ANIL (~3 h), SNAIL (~2.8 h), ANIL 20w1s (published 96.2; ~4 h), then the ProtoNet seeds the
-  # other queue has not taken, then MAML++ (~7 h)
+  # ANIL (~3 h), the ProtoNet seeds the other queue has not taken, SNAIL (~2.8 h), ANIL 20w1s
+  # (published 96.2; ~4 h), then MAML++ (~7 h)
   queue 0 anil-omniglot-5w1s "$PROTONET_1SHOT" snail-omniglot-5w1s anil-omniglot-20w1s mamlpp-omniglot-5w1s
   # ProtoNet (Snell et al.'s protocol: early stopping with patience 200 epochs, then the train+val
   # retraining, ~60,000 60-way episodes a seed, ~6 h of a core; its seeds shared with the other

@@ -444,16 +444,16 @@ def _cost(name, by_recipe, speeds=(), gpu=None):
 
 
 def _scaled(name, timed, per_it, iterations, gpu, source):
-    """': ~X h on this machine (...)' for `name` from `timed`'s `per_it` s/it, times the ratio of
-    their FLOPs per iteration where `gpu` counted both."""
+    """': ~X h on this machine (...)' for `name` from another recipe `timed`'s `per_it` s/it, times
+    the ratio of their FLOPs per iteration where `gpu` counted both."""
     flops = lambda n: sum(p["iterations"] * p["flops"] for p in gpu[n]["phases"]) / sum(  # noqa: E731
         p["iterations"] for p in gpu[n]["phases"])
-    if gpu and name in gpu and timed in gpu and timed != name:
+    if gpu and name in gpu and timed in gpu:
         ratio = flops(name) / flops(timed)
         return (f": ~{per_it * ratio * iterations / 3600:.1f} h on this machine ({per_it:.2f} s/it of `{timed}` "
                 f"x {flops(name) / 1e9:.1f} / {flops(timed) / 1e9:.1f} GFLOP per iteration x {iterations} it{source})")
     return (f": ~{per_it * iterations / 3600:.1f} h on this machine ({per_it:.2f} s/it of `{timed}` x {iterations} it"
-            f"{source}{'' if timed == name else '; its FLOPs not counted: the same cost per iteration assumed'})")
+            f"{source}; its FLOPs not counted: the same cost per iteration assumed)")
 
 
 def _gpu_cost(name, gpu, lead):

@@ -28,15 +28,18 @@ def test_shipped_split_is_the_shared_standard_split(data_root):
 
 
 def test_uncached_decoding_gives_the_cached_items(data_root, monkeypatch):
-    """decode_split (what an exported file reads: no cache, rotations applied as it decodes) gives
-    load_split's items, on the real PNGs of two test characters in their four rotations."""
+    """decode_split (what an exported file reads: no cache, each character's PNGs read when a task
+    first needs them) gives load_split's items, on the real PNGs of two test characters in their
+    four rotations."""
     cached = data.load_split("omniglot", "test", data_root)
     names = omniglot.classes("test")[:8]
     monkeypatch.setattr(omniglot, "classes", lambda split, root=None: names)
     decoded = omniglot.decode_split("test", data_root)
     assert decoded.classes == names and decoded.labels_to_indices == {c: cached.labels_to_indices[c] for c in range(8)}
+    assert not decoded.decoded  # nothing read before a task asks for it
     for i in range(len(decoded)):
         assert torch.equal(decoded[i][0], cached[i][0]) and decoded[i][1] == cached[i][1]
+    assert len(decoded.decoded) == 2  # each character's PNGs read once, for its four rotations
 
 
 def test_split_sizes_and_disjoint_characters(data_root):
@@ -110,6 +113,16 @@ def test_cache_is_rebuilt_when_a_source_changes(tmp_path, monkeypatch):
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="Omniglot not found.*--data-root.*L2L_RECIPES_DATA.*--download"):
         omniglot.load_omniglot(tmp_path)
+
+
+def test_incomplete_data_is_a_clear_error_with_or_without_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("L2L_RECIPES_CACHE", str(tmp_path / "cache"))
+    _tiny_omniglot(tmp_path / "data")
+    (tmp_path / "data/omniglot-py/images_background/Alpha/character02/0001_20.png").unlink()
+    for load in (lambda: omniglot.load_omniglot(tmp_path / "data", progress=False),
+                 lambda: omniglot.decode_split("test", tmp_path / "data")):
+        with pytest.raises(UserError, match=r"incomplete: expected 20 drawings per character, found \[19, 20\]"):
+            load()
 
 
 def test_rotation_classes_are_rotated_copies_of_their_character(splits, omniglot_images, data_root):

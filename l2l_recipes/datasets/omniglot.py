@@ -18,6 +18,7 @@ from l2l_recipes.errors import UserError
 CHANNELS = 1
 SIZE = 28
 SETS = ("images_background", "images_evaluation")
+DRAWINGS = 20  # per character
 CACHE_VERSION = 1
 
 
@@ -50,6 +51,10 @@ def omniglot_sources(root, download=False):
         for alphabet in sorted(p for p in (base / s).iterdir() if p.is_dir()):
             for character in sorted(p for p in alphabet.iterdir() if p.is_dir()):
                 characters[f"{alphabet.name}/{character.name}"] = sorted(character.glob("*.png"))
+    counts = {len(files) for files in characters.values()}
+    if counts != {DRAWINGS}:
+        raise UserError(f"Omniglot under {root} is incomplete: expected {DRAWINGS} drawings per "
+                        f"character, found {sorted(counts)}; re-extract or re-download it")
     return characters
 
 
@@ -57,14 +62,10 @@ def load_omniglot(root=None, download=False, progress=True):
     """All Omniglot characters as (names, uint8 tensor [characters, 20, 28, 28]), via the cache."""
     root = data.data_root(root)
     characters = omniglot_sources(root, download)
-    counts = {len(files) for files in characters.values()}
-    if counts != {20}:
-        raise UserError(f"Omniglot under {root} is incomplete: expected 20 drawings per "
-                        f"character, found {sorted(counts)}; re-extract or re-download it")
 
     def decode():
         names = list(characters)
-        images = torch.empty(len(names), 20, SIZE, SIZE, dtype=torch.uint8)
+        images = torch.empty(len(names), DRAWINGS, SIZE, SIZE, dtype=torch.uint8)
         for i, name in enumerate(tqdm(names, desc="decoding Omniglot (once)", disable=not progress)):
             for j, f in enumerate(characters[name]):
                 try:
@@ -94,7 +95,7 @@ class OmniglotClasses(torch.utils.data.Dataset):
             raise UserError(f"split class {unknown[0]} has no images in the Omniglot data")
         self.images = images
         self.classes = list(classes)
-        self.per_class = images.shape[1]
+        self.per_class = DRAWINGS
         self.character = [index[c.rsplit("/", 1)[0]] for c in self.classes]
         self.quarter_turns = [int(c.rsplit("/rot", 1)[1]) // 90 for c in self.classes]
         self.labels_to_indices = {c: list(range(c * self.per_class, (c + 1) * self.per_class))
@@ -129,15 +130,31 @@ def load_split(split, root=None, download=False, progress=True):
     return OmniglotClasses(names, images, classes(split))
 
 
-def decode_split(split, root, download=False):
-    """One split decoded from the PNGs under `root` (no cache), each class's rotation applied:
-    the same items as load_split's."""
-    names, sources, drawings = classes(split), omniglot_sources(root, download), {}
-    images = torch.empty(len(names), 20, 1, SIZE, SIZE, dtype=torch.uint8)
-    for c, name in enumerate(names):
-        character, rotation = name.rsplit("/rot", 1)
-        if character not in drawings:
-            drawings[character] = torch.stack([omniglot_pixels(Image.open(f)) for f in sources[character]])
+class PngClasses(torch.utils.data.Dataset):
+    """One split's classes read from the PNGs, no cache: a character's drawings are decoded when a
+    task first needs them (a run starts at once; a short one reads only what its tasks use).
+    The same items as OmniglotClasses'."""
+
+    def __init__(self, sources, classes):
+        self.sources, self.classes, self.decoded = sources, list(classes), {}
+        unknown = [c for c in self.classes if c.rsplit("/", 1)[0] not in sources]
+        if unknown:
+            raise UserError(f"split class {unknown[0]} has no images in the Omniglot data")
+        self.labels_to_indices = {c: list(range(c * DRAWINGS, (c + 1) * DRAWINGS)) for c in range(len(self.classes))}
+
+    def __len__(self):
+        return len(self.classes) * DRAWINGS
+
+    def __getitem__(self, i):
+        c, j = divmod(i, DRAWINGS)
+        character, rotation = self.classes[c].rsplit("/rot", 1)
+        if character not in self.decoded:
+            self.decoded[character] = torch.stack([omniglot_pixels(Image.open(f)) for f in self.sources[character]])
         # torch.rot90 turns counter-clockwise, as PIL's Image.rotate does.
-        images[c, :, 0] = torch.rot90(drawings[character], int(rotation) // 90, dims=(1, 2))
-    return data.ClassImages(images.flatten(0, 1), torch.arange(len(names)).repeat_interleave(20), names)
+        x = torch.rot90(self.decoded[character][j], int(rotation) // 90, dims=(0, 1))
+        return x.float().div_(255).unsqueeze(0), c
+
+
+def decode_split(split, root, download=False):
+    """One split read from the PNGs under `root` (no cache), as its tasks need them: load_split's items."""
+    return PngClasses(omniglot_sources(root, download), classes(split))

@@ -5,6 +5,7 @@ keyed on its source files, so a second start loads in seconds. Episodes are buil
 learn2learn's `MetaDataset`, `Taskset` and task transforms over one split's classes only,
 so no other split's class can reach a task.
 """
+import fcntl
 import hashlib
 import importlib
 import os
@@ -199,17 +200,20 @@ def cached(name, key, build):
     """`build()`'s dict of tensors, stored once as `<cache_dir>/<name>-<key>.pt`.
 
     The key covers the sources, so changed sources give a new file; an unreadable
-    (truncated, corrupt) cache file is rebuilt.
+    (truncated, corrupt) cache file is rebuilt; processes asking at once build it once.
     """
     path = cache_dir() / f"{name}-{key}.pt"
-    if path.is_file():
-        try:
-            return torch.load(path, weights_only=True)
-        except Exception as e:  # torch raises several types for a damaged file
-            warnings.warn(f"cache {path} is unreadable ({type(e).__name__}); rebuilding it")
-    value = build()
-    atomic_save(value, path)
-    return value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a process building the same file first: wait, then read it
+        if path.is_file():
+            try:
+                return torch.load(path, weights_only=True)
+            except Exception as e:  # torch raises several types for a damaged file
+                warnings.warn(f"cache {path} is unreadable ({type(e).__name__}); rebuilding it")
+        value = build()
+        atomic_save(value, path)
+        return value
 
 
 def verify(root):

@@ -2,6 +2,7 @@
 learn2learn `get_tasksets('omniglot')` failures we avoid (split leakage, random split,
 late-bound rotations)."""
 import random
+import threading
 import time
 
 import numpy as np
@@ -108,6 +109,26 @@ def test_cache_is_rebuilt_when_a_source_changes(tmp_path, monkeypatch):
     _, rebuilt = omniglot.load_omniglot(tmp_path / "data", progress=False)
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
     assert rebuilt[0, 0].sum() == 0 and torch.equal(rebuilt[0, 1:], images[0, 1:])
+
+
+def test_a_cache_asked_for_twice_at_once_is_built_once(tmp_path, monkeypatch):
+    """Two processes (here threads: flock locks each open file apart) wanting a missing cache
+    file: the second waits for the first's build and reads its file."""
+    monkeypatch.setenv("L2L_RECIPES_CACHE", str(tmp_path))
+    builds, building, results = [], threading.Event(), []
+
+    def build():
+        builds.append(1)
+        building.set()
+        time.sleep(0.5)
+        return {"x": torch.arange(3)}
+
+    first = threading.Thread(target=lambda: results.append(data.cached("t", "k", build)))
+    first.start()
+    building.wait()
+    results.append(data.cached("t", "k", build))
+    first.join()
+    assert len(builds) == 1 and len(results) == 2 and all(torch.equal(r["x"], torch.arange(3)) for r in results)
 
 
 def test_missing_data_is_a_clear_error(tmp_path):

@@ -55,9 +55,10 @@ PROTONET_5SHOT="protonet-omniglot-5w5s protonet-omniglot-20w5s --seeds 1 --episo
 # omniglot-5w1s (reproduced), Matching Nets (all four rows), transfer 5w1s/5w5s, MetaOptNet-ridge 5w1s,
 # MAML sine.
 if [ "${QUEUE:-1}" = 1 ]; then  # two queues, one per core; finished benches return at once:
-  # ANIL (~3 h), the ProtoNet seeds the other queue has not taken, SNAIL (~2.8 h), ANIL 20w1s
-  # (published 96.2; ~4 h), then MAML++ (~7 h)
-  queue 0 anil-omniglot-5w1s "$PROTONET_1SHOT" snail-omniglot-5w1s anil-omniglot-20w1s mamlpp-omniglot-5w1s
+  # ANIL (~3 h), SNAIL (~2.8 h), ANIL 20w1s (published 96.2; ~4 h), the ProtoNet seeds the other
+  # queue has not taken, then MAML++ (~7 h); hours of the faster EPYC, 3-5x more on the Zen 1 one
+  # (docs/speed.md), where a ProtoNet seed is ~15-20 h: the shorter rows' verdicts come first
+  queue 0 anil-omniglot-5w1s snail-omniglot-5w1s anil-omniglot-20w1s "$PROTONET_1SHOT" mamlpp-omniglot-5w1s
   # ProtoNet (Snell et al.'s protocol: early stopping with patience 200 epochs, then the train+val
   # retraining, ~60,000 60-way episodes a seed, ~6 h of a core; its seeds shared with the other
   # queue: each bench process trains the seeds no other holds), 1-shot then 5-shot

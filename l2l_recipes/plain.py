@@ -187,12 +187,12 @@ class PlainRun:
     def evaluate(self, predictor, tasks):
         return predictor.evaluate(tasks)
 
-    def validate(self, iteration, predictor, tasks, checkpoint=True):
-        """Evaluate and log `tasks`, keep the best weights in best.pt, write ckpt.pt (if `checkpoint`)."""
+    def validate(self, iteration, predictor, tasks, checkpoint=True, save_best=True):
+        """Evaluate and log `tasks`, keep the best weights in best.pt (unless the caller does), write ckpt.pt."""
         result = self.evaluate(predictor, tasks)
         self.log(iteration, **{f"val_{key}": value for key, value in result.items()})
         score = result[predictor.metric] * (1 if predictor.higher_is_better else -1)
-        if score > self.best_val:
+        if save_best and score > self.best_val:
             self.best_val = score
             self.save("best.pt", predictor.model, iteration, best_val_score=score)
         if checkpoint:

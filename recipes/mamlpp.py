@@ -306,10 +306,10 @@ def train(cfg, run):
             run.log(iteration, loss=meta_loss, accuracy=meta_acc, meta_lr=meta_lr, second_order=int(second_order),
                     last_step_weight=step_weights[-1], mean_inner_lr=mean_rate)
 
-        # validate the network on the fixed tasks, keep the best weights (best.pt) and the
-        # `ensemble` best in the model (best.pt again when they change), checkpoint
+        # validate; the model keeps its `ensemble` best validations' weights (best.pt when they change)
         if run.validation_due(iteration, cfg.val_interval, cfg.iterations):
-            result = run.validate(iteration, Predictor(cfg, model, device, single=True), val_tasks, checkpoint=False)
+            result = run.validate(iteration, Predictor(cfg, model, device, single=True), val_tasks,
+                                  checkpoint=False, save_best=False)
             if model.keep(result["accuracy"]):
                 run.save("best.pt", model, iteration)
             run.checkpoint(iteration)

@@ -247,7 +247,10 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, data_root):
                               val_interval=1, val_episodes=2, device="cpu")
     device = torch.device("cpu")
     straight = harness.Run(tmp_path / "a", recipe_.name, cfg, device, data_root=data_root, progress=False)
+    saves, save = [], straight.save
+    straight.save = lambda name, *args, **kwargs: saves.append(name) or save(name, *args, **kwargs)
     recipe.train(cfg, straight)
+    assert saves.count("best.pt") == 4  # once per validation that changed the kept weights
     stopped = harness.Run(tmp_path / "b", recipe_.name, cfg, device, data_root=data_root, progress=False, max_minutes=0)
     recipe.train(cfg, stopped)
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["iteration"] == 1

@@ -146,6 +146,18 @@ def test_incomplete_data_is_a_clear_error_with_or_without_the_cache(tmp_path, mo
             load()
 
 
+def test_a_truncated_png_read_without_the_cache_is_named_with_the_fix(tmp_path, monkeypatch):
+    _tiny_omniglot(tmp_path / "data")
+    png = tmp_path / "data/omniglot-py/images_background/Alpha/character02/0001_05.png"
+    png.write_bytes(png.read_bytes()[:60])
+    monkeypatch.setattr(omniglot, "classes", lambda split, root=None: ["Alpha/character01/rot000",
+                                                                       "Alpha/character02/rot090"])
+    split = omniglot.decode_split("test", tmp_path / "data")
+    assert split[0][0].shape == (1, 28, 28)  # another character's drawings still read
+    with pytest.raises(UserError, match=f"cannot decode {png} .*l2l-recipes data verify"):
+        split[20]
+
+
 def test_rotation_classes_are_rotated_copies_of_their_character(splits, omniglot_images, data_root):
     ds = splits["test"]
     base = ds.classes.index(next(c for c in ds.classes if c.endswith("rot000")))

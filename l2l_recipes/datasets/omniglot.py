@@ -28,6 +28,15 @@ def omniglot_pixels(image):
     return 255 - torch.from_numpy(np.array(small, dtype=np.uint8))
 
 
+def read_png(path):
+    """One drawing's PNG file -> uint8 [28, 28]; an unreadable file is a UserError naming it."""
+    try:
+        with Image.open(path) as image:
+            return omniglot_pixels(image)
+    except OSError as e:  # PIL: truncated or not an image
+        raise data.undecodable(path, e) from None
+
+
 def transform(image):
     """A PNG as read (PIL image) -> float [1, 28, 28] in [0, 1], exactly as in training."""
     return omniglot_pixels(image).float().div_(255).unsqueeze(0)
@@ -68,11 +77,7 @@ def load_omniglot(root=None, download=False, progress=True):
         images = torch.empty(len(names), DRAWINGS, SIZE, SIZE, dtype=torch.uint8)
         for i, name in enumerate(tqdm(names, desc="decoding Omniglot (once)", disable=not progress)):
             for j, f in enumerate(characters[name]):
-                try:
-                    with Image.open(f) as im:
-                        images[i, j] = omniglot_pixels(im)
-                except OSError as e:  # PIL: truncated or not an image
-                    raise data.undecodable(f, e) from None
+                images[i, j] = read_png(f)
         return {"names": names, "images": images}
 
     files = [f for fs in characters.values() for f in fs]
@@ -149,7 +154,7 @@ class PngClasses(torch.utils.data.Dataset):
         c, j = divmod(i, DRAWINGS)
         character, rotation = self.classes[c].rsplit("/rot", 1)
         if character not in self.decoded:
-            self.decoded[character] = torch.stack([omniglot_pixels(Image.open(f)) for f in self.sources[character]])
+            self.decoded[character] = torch.stack([read_png(f) for f in self.sources[character]])
         # torch.rot90 turns counter-clockwise, as PIL's Image.rotate does.
         x = torch.rot90(self.decoded[character][j], int(rotation) // 90, dims=(0, 1))
         return x.float().div_(255).unsqueeze(0), c

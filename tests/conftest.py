@@ -1,4 +1,5 @@
 """Shared fixtures: the real data beside the checkout (../shared/data), never downloaded."""
+import fcntl
 import os
 from pathlib import Path
 
@@ -48,11 +49,20 @@ def cli(*args):
 
 @pytest.fixture(scope="session")
 def protonet_run(tmp_path_factory, data_root):
-    """A short real ProtoNet run on Omniglot through `l2l-recipes run` (shared by several tests)."""
-    out = tmp_path_factory.mktemp("runs")
-    result = cli("run", "protonet-omniglot-5w1s", "--data-root", data_root, "--device", "cpu",
-                 "--out", out, "--no-progress", "--set", "iterations=80", "--set", "train_ways=20",
-                 "--set", "val_interval=40", "--set", "val_episodes=50", "--set", "test_episodes=200")
-    assert result.exit_code == 0, result.output
+    """A short real ProtoNet run on Omniglot through `l2l-recipes run` (shared by several tests):
+    (run folder, the command's output). Trained once for all workers (the first to ask, under a
+    lock, in the session's folder they share), not once per worker."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    out = shared / "protonet-run"
+    with open(shared / "protonet-run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "output.txt").is_file():
+            result = cli("run", "protonet-omniglot-5w1s", "--data-root", data_root, "--device", "cpu",
+                         "--out", out, "--no-progress", "--set", "iterations=80", "--set", "train_ways=20",
+                         "--set", "val_interval=40", "--set", "val_episodes=50", "--set", "test_episodes=200")
+            assert result.exit_code == 0, result.output
+            (out / "output.txt").write_text(result.output)
     (run_dir,) = (out / "protonet-omniglot-5w1s").iterdir()
-    return run_dir, result
+    return run_dir, (out / "output.txt").read_text()

@@ -41,7 +41,7 @@ def test_unknown_recipe_suggests_close_names():
 
 
 def test_run_writes_a_complete_run_directory(protonet_run):
-    run_dir, result = protonet_run
+    run_dir, output = protonet_run
     assert {p.name for p in run_dir.iterdir()} >= {
         "config.json", "env.json", "metrics.jsonl", "ckpt.pt", "best.pt", "result.json"}
     config = json.loads((run_dir / "config.json").read_text())
@@ -54,7 +54,7 @@ def test_run_writes_a_complete_run_directory(protonet_run):
     assert all(m["loss"] > 0 for m in metrics if "loss" in m)
     res = json.loads((run_dir / "result.json").read_text())
     assert res["ways"] == 5 and res["shots"] == 1 and res["split"] == "test" and 0 <= res["ci95"] < 0.05
-    assert f"{100 * res['accuracy']:.2f}%" in result.output
+    assert f"{100 * res['accuracy']:.2f}%" in output
     ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
     assert ckpt["iteration"] == 80 and ckpt["config"]["iterations"] == 80 and ckpt["optimizer"]
 

@@ -37,10 +37,10 @@ def test_uncached_decoding_gives_the_cached_items(data_root, monkeypatch):
     monkeypatch.setattr(omniglot, "classes", lambda split, root=None: names)
     decoded = omniglot.decode_split("test", data_root)
     assert decoded.classes == names and decoded.labels_to_indices == {c: cached.labels_to_indices[c] for c in range(8)}
-    assert not decoded.decoded  # nothing read before a task asks for it
+    assert not decoded.images.decoded  # nothing read before a task asks for it
     for i in range(len(decoded)):
         assert torch.equal(decoded[i][0], cached[i][0]) and decoded[i][1] == cached[i][1]
-    assert len(decoded.decoded) == 2  # each character's PNGs read once, for its four rotations
+    assert len(decoded.images.decoded) == 2  # each character's PNGs read once, for its four rotations
 
 
 def test_split_sizes_and_disjoint_characters(data_root):
@@ -180,7 +180,7 @@ def test_rotation_classes_are_rotated_copies_of_their_character(splits, omniglot
 # ----------------------------------------------------------------------------- episodes
 
 def _task_classes(ds, description):
-    return [divmod(dd.index, ds.per_class)[0] for dd in description]
+    return [divmod(dd.index, omniglot.DRAWINGS)[0] for dd in description]
 
 
 def test_episode_protocol(splits):
@@ -242,7 +242,7 @@ def test_each_class_of_a_task_keeps_its_own_rotation(splits, omniglot_images):
         description = tasks.sample_task_description()
         x, _ = tasks.get_task(description)
         for n, dd in enumerate(description):
-            c, j = divmod(dd.index, ds.per_class)
+            c, j = divmod(dd.index, omniglot.DRAWINGS)
             k = int(ds.classes[c][-3:]) // 90
             turns_seen.add(k)
             expected = torch.rot90(images[names.index(_character(ds.classes[c])), j], k)

@@ -67,17 +67,16 @@ class PngOmniglot(torch.utils.data.Dataset):
         names = list(sources)
         self.files = [sources[names[c]] for c in split.character]
         self.quarter_turns = split.quarter_turns
-        self.per_class = split.per_class
         self.labels_to_indices = split.labels_to_indices
         self.open = Image.open
         self.transform = transforms.Compose([transforms.Resize(28, interpolation=Image.LANCZOS),
                                              transforms.ToTensor(), lambda x: 1.0 - x])
 
     def __len__(self):
-        return len(self.files) * self.per_class
+        return len(self.files) * omniglot.DRAWINGS
 
     def __getitem__(self, i):
-        c, j = divmod(i, self.per_class)
+        c, j = divmod(i, omniglot.DRAWINGS)
         with self.open(self.files[c][j]) as image:
             x = self.transform(image.convert("L"))
         return torch.rot90(x, self.quarter_turns[c], dims=(1, 2)), c

@@ -42,13 +42,13 @@ def test_matching_networks_learn(tmp_path, data_root):
     """With full context embeddings (their path includes the plain embedding; the check without
     them is in benchmarks/learning_checks.py)."""
     recipe = registry.get_recipe("matchingnet-omniglot-5w1s")
-    cfg = dataclasses.replace(recipe.config(), fce=True, iterations=150, val_interval=150, val_episodes=50,
+    cfg = dataclasses.replace(recipe.config(), fce=True, iterations=100, val_interval=100, val_episodes=50,
                               test_episodes=200, device="cpu")
     run = harness.Run(tmp_path / "run", recipe.name, cfg, torch.device("cpu"), data_root=data_root,
                       progress=False)
     recipe.load_module().train(cfg, run)
     result = harness.meta_test(run.path, device="cpu", data_root=data_root, progress=False)
-    # 150 five-way episodes; chance is 20%
+    # 100 five-way episodes; chance is 20% (measured: 0.70)
     assert result["accuracy"] > 0.55, result
 
 
@@ -56,16 +56,16 @@ def test_transfer_baseline_learns_with_both_heads(tmp_path, data_root):
     from l2l_recipes import data
     recipe = registry.get_recipe("transfer-omniglot-5w1s")
     module = recipe.load_module()
-    # mini-batches of 64, not the paper's 16: as many images in 150 steps as 600 of 16
-    cfg = dataclasses.replace(recipe.config(), iterations=150, batch_size=64, val_interval=150, val_episodes=10,
+    # mini-batches of 64, not the paper's 16: as many images in 100 steps as 400 of 16
+    cfg = dataclasses.replace(recipe.config(), iterations=100, batch_size=64, val_interval=100, val_episodes=10,
                               device="cpu")
     run = harness.Run(tmp_path / "run", recipe.name, cfg, torch.device("cpu"), data_root=data_root,
                       progress=False)
     model = module.train(cfg, run)
-    tasks = data.fixed_taskset(data.load_split("omniglot", "test", data_root), 5, 1, 15, 100, seed=0)
+    tasks = data.fixed_taskset(data.load_split("omniglot", "test", data_root), 5, 1, 15, 50, seed=0)
     for head in ("linear", "centroid"):
         predictor = module.Predictor(dataclasses.replace(cfg, head=head), model, torch.device("cpu"))
         accuracy = harness.evaluate(predictor, tasks, shots=1, progress=False)["accuracy"]
-        # 150 supervised mini-batches of 64 over the 4112 training classes; chance is 20% (measured: 0.53
-        # with both heads; 300 mini-batches reach 0.64 in benchmarks/learning_checks.py)
+        # 100 supervised mini-batches of 64 over the 4112 training classes, 50 test tasks; chance is 20%
+        # (measured: 0.50 linear, 0.51 centroid; 300 mini-batches reach 0.64 in benchmarks/learning_checks.py)
         assert accuracy > 0.4, (head, accuracy)

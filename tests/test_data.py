@@ -29,18 +29,20 @@ def test_shipped_split_is_the_shared_standard_split(data_root):
 
 
 def test_uncached_decoding_gives_the_cached_items(data_root, monkeypatch):
-    """decode_split (what an exported file reads: no cache, each character's PNGs read when a task
-    first needs them) gives load_split's items, on the real PNGs of two test characters in their
+    """decode_split (what an exported file reads: no cache, each drawing's PNG read when a task first
+    needs it, once) gives load_split's items, on the real PNGs of two test characters in their
     four rotations."""
     cached = data.load_split("omniglot", "test", data_root)
     names = omniglot.classes("test")[:8]
     monkeypatch.setattr(omniglot, "classes", lambda split, root=None: names)
     decoded = omniglot.decode_split("test", data_root)
+    reads = []
+    monkeypatch.setattr(omniglot, "read_png", lambda path, read=omniglot.read_png: reads.append(path) or read(path))
     assert decoded.classes == names and decoded.labels_to_indices == {c: cached.labels_to_indices[c] for c in range(8)}
     assert not decoded.images.decoded  # nothing read before a task asks for it
     for i in range(len(decoded)):
         assert torch.equal(decoded[i][0], cached[i][0]) and decoded[i][1] == cached[i][1]
-    assert len(decoded.images.decoded) == 2  # each character's PNGs read once, for its four rotations
+    assert len(reads) == len(set(reads)) == 40  # each drawing read once, for its four rotations
 
 
 def test_split_sizes_and_disjoint_characters(data_root):

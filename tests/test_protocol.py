@@ -16,7 +16,7 @@ from conftest import REPO, cli
 import l2l_recipes
 from l2l_recipes import bench, data, registry
 
-TINY = ["--set", "train_ways=10", "--set", "val_episodes=10", "--set", "log_interval=5"]
+TINY = ["--set", "train_ways=10", "--set", "queries=5", "--set", "val_episodes=10", "--set", "log_interval=5"]
 # Snell et al.'s protocol, shrunk: validate every 5 episodes, patience 3 validations
 EARLY = ["--set", "val_interval=5", "--set", "patience=3", "--set", "lr=0.02", "--set", "test_episodes=20", *TINY]
 

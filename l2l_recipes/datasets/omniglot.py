@@ -138,17 +138,17 @@ def load_split(split, root=None, download=False, progress=True):
 
 class Drawings:
     """`drawings[k, j]`: drawing j of character k (uint8 [28, 28]) read from its PNG, no cache; a
-    character's drawings are decoded the first time one is asked for (a run starts at once; a
-    short one reads only what its tasks use), then kept."""
+    drawing is decoded the first time a task asks for it (a run starts at once; a short one reads
+    only what its tasks use), then kept."""
 
     def __init__(self, files):
         self.files, self.decoded = files, {}
 
     def __getitem__(self, index):
-        k, j = index
-        if k not in self.decoded:
-            self.decoded[k] = torch.stack([read_png(f) for f in self.files[k]])
-        return self.decoded[k][j]
+        if index not in self.decoded:
+            k, j = index
+            self.decoded[index] = read_png(self.files[k][j])
+        return self.decoded[index]
 
 
 def decode_split(split, root, download=False):

@@ -17,6 +17,9 @@ carry their own second derivatives (`ConvBackward`, `BatchNormReLUBackward`): Py
 backward of a grouped convolution loops over the groups (here, the tasks) one convolution at a
 time, and autograd's derivatives of batch norm written from primitive operations make several
 times the passes over the activations that the closed forms need.
+
+`vmap_meta_losses` does the same for small networks without batch norm (MAML's sine MLP),
+with `torch.func.vmap` over the tasks of one task's inner loop.
 """
 import torch
 import torch.nn.functional as F
@@ -504,6 +507,25 @@ def anil_meta_batch(model, tasks, fast_lr, steps, first_order, scale):
         grads = torch.autograd.grad(_loss_sum(_head(support, *head), sy), head, create_graph=not first_order)
         head = [torch.add(w, g, alpha=-fast_lr) for w, g in zip(head, grads)]
     return _query_backward(_head(query, *head), qy, scale)
+
+
+def vmap_meta_losses(model, tasks, fast_lr, steps, first_order, loss=F.mse_loss):
+    """learn2learn's MAML meta-batch for a network without batch norm or buffers (MAML sine's MLP),
+    every task at once: `torch.func.vmap` over tasks = (support_x, support_y, query_x, query_y),
+    each with a leading task dimension, of one task's inner loop (`steps` SGD steps of `fast_lr`
+    on `loss`, through `torch.func.grad`; first order: those gradients taken as constants).
+    Returns each task's query loss [tasks], differentiable (second order unless first_order)
+    with respect to the model's parameters: the gradients of a `MAML.clone()` per task."""
+    params = dict(model.named_parameters())
+
+    def query_loss(support_x, support_y, query_x, query_y):
+        weights = params
+        for _ in range(steps):
+            grads = torch.func.grad(lambda w: loss(torch.func.functional_call(model, w, (support_x,)), support_y))(weights)
+            weights = {k: w - fast_lr * (grads[k].detach() if first_order else grads[k]) for k, w in weights.items()}
+        return loss(torch.func.functional_call(model, weights, (query_x,)), query_y)
+
+    return torch.func.vmap(query_loss)(*tasks)
 
 
 # ----------------------------------------------------------------------------- evaluation

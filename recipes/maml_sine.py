@@ -25,6 +25,11 @@ Where ours differs, and why:
   - `mse` is the error after `test_adaptation_steps` (10) steps; `mse_by_step` the whole
     curve, `before_mse` the unadapted error.
 
+Engine: by default the 25 waves of a meta-batch are adapted at once (`fast.vmap_meta_losses`,
+`torch.func.vmap` of one wave's inner loop): the same meta-gradient as learn2learn's clone per
+wave (1e-15 apart in float64, tests/test_fast.py), 10x faster on a CPU (12 against 122 ms an
+iteration, one thread, 2-core AMD EPYC, 2026-12-06); `--set engine=reference` runs learn2learn's loop.
+
 Reproduce:
     l2l-recipes run maml-sine-10s
     l2l-recipes bench maml-sine-5s maml-sine-10s --seeds 3
@@ -39,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from l2l_recipes import fast
 from l2l_recipes.config import check, validate
 from l2l_recipes.harness import Predictor as _Predictor
 from l2l_recipes.harness import gather, share
@@ -75,12 +81,14 @@ class Config:
     test_episodes: int = 600
     test_seed: int = 0
     # system
+    engine: str = "fast"  # fast: the meta-batch's waves at once (fast.vmap_meta_losses, same meta-gradient); reference: learn2learn's loop
     seed: int = 42
     device: str = "auto"
     log_interval: int = 100
 
     def __post_init__(self):
         validate(self)
+        check(self.engine in ("fast", "reference"), f"engine={self.engine!r} is out of range: use fast or reference")
         check(0 <= self.min_amplitude <= self.max_amplitude, "need 0 <= min_amplitude <= max_amplitude")
         check(self.input_range > 0 and self.max_phase >= 0, "input_range must be > 0 and max_phase >= 0")
 
@@ -167,15 +175,22 @@ def train(cfg, run):
         # share (all of them in one process) on train_shots points, meta-loss on other points
         optimizer.zero_grad(set_to_none=True)
         waves = [sample_wave(cfg, cfg.train_shots, cfg.train_queries) for _ in range(cfg.meta_batch_size)]
-        meta_loss = 0.0
-        for wave in run.share(waves):
-            sx, sy, qx, qy = (t.to(device) for t in wave)
-            learner = maml.clone()
-            for _ in range(cfg.adaptation_steps):
-                learner.adapt(F.mse_loss(learner(sx), sy))
-            loss = F.mse_loss(learner(qx), qy)
-            (loss / cfg.meta_batch_size).backward()
-            meta_loss += loss.item() / cfg.meta_batch_size
+        waves = run.share(waves)
+        if cfg.engine == "fast":  # every wave at once, torch.func.vmap of one wave's inner loop
+            batch = [torch.stack(t).to(device) for t in zip(*waves)]  # [waves, points, 1] each
+            losses = fast.vmap_meta_losses(model, batch, cfg.fast_lr, cfg.adaptation_steps, cfg.first_order)
+            (losses.sum() / cfg.meta_batch_size).backward()
+            meta_loss = losses.sum().item() / cfg.meta_batch_size
+        else:  # learn2learn's loop: a clone per wave
+            meta_loss = 0.0
+            for wave in waves:
+                sx, sy, qx, qy = (t.to(device) for t in wave)
+                learner = maml.clone()
+                for _ in range(cfg.adaptation_steps):
+                    learner.adapt(F.mse_loss(learner(sx), sy))
+                loss = F.mse_loss(learner(qx), qy)
+                (loss / cfg.meta_batch_size).backward()
+                meta_loss += loss.item() / cfg.meta_batch_size
         run.reduce_gradients(maml.parameters())  # sum of the processes' shares
         optimizer.step()
 

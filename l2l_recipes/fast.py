@@ -516,12 +516,18 @@ def vmap_meta_losses(model, tasks, fast_lr, steps, first_order, loss=F.mse_loss)
     on `loss`, through `torch.func.grad`; first order: those gradients taken as constants).
     Returns each task's query loss [tasks], differentiable (second order unless first_order)
     with respect to the model's parameters: the gradients of a `MAML.clone()` per task."""
+    if any(True for _ in model.buffers()):
+        raise UserError(f"engine=fast adapts networks without buffers (no batch norm), not this "
+                        f"{type(model).__name__}: use --set engine=reference")
     params = dict(model.named_parameters())
 
     def query_loss(support_x, support_y, query_x, query_y):
+        def support_loss(weights):
+            return loss(torch.func.functional_call(model, weights, (support_x,)), support_y)
+
         weights = params
         for _ in range(steps):
-            grads = torch.func.grad(lambda w: loss(torch.func.functional_call(model, w, (support_x,)), support_y))(weights)
+            grads = torch.func.grad(support_loss)(weights)
             weights = {k: w - fast_lr * (grads[k].detach() if first_order else grads[k]) for k, w in weights.items()}
         return loss(torch.func.functional_call(model, weights, (query_x,)), query_y)
 

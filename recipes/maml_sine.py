@@ -81,7 +81,7 @@ class Config:
     test_episodes: int = 600
     test_seed: int = 0
     # system
-    engine: str = "fast"  # fast: the meta-batch's waves at once (fast.vmap_meta_losses, same meta-gradient); reference: learn2learn's loop
+    engine: str = "fast"  # fast: all waves at once (fast.vmap_meta_losses, same gradient); reference: learn2learn's
     seed: int = 42
     device: str = "auto"
     log_interval: int = 100

@@ -515,6 +515,14 @@ def test_sine_meta_gradient_matches_the_clone_loop(steps, first_order):
     assert all(f <= r + 2 * unit for f, r in zip(errors["fast"], errors["reference"])), errors
 
 
+def test_vmap_meta_losses_refuses_a_network_with_buffers():
+    from l2l_recipes.errors import UserError
+    model = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    tasks = [torch.zeros(2, 3, 1)] * 4
+    with pytest.raises(UserError, match=r"without buffers \(no batch norm\), not this Sequential: use --set engine=reference"):
+        fast.vmap_meta_losses(model, tasks, 0.01, 1, False)
+
+
 def test_sine_trains_alike_on_both_engines(tmp_path):
     """The same waves and Adam steps on both engines: equal losses at every iteration and weights
     equal up to float32 rounding (validation and test run the same evaluation)."""

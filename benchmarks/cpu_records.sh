@@ -169,3 +169,8 @@ bench protonet-omniglot-5w5s protonet-omniglot-20w5s --seeds 1 --episodes 1000 -
 # metasgd-omniglot-5w1s-...-20261205-160434; model published, re-tested)
 l2l-recipes publish /root/l2l-long/bench/metasgd-omniglot-5w1s/bench-cd591a2376/seed-1 benchmarks/models/metasgd-omniglot-5w1s
 l2l-recipes eval benchmarks/models/metasgd-omniglot-5w1s --device cpu
+# 2026-12-06 (05:14-05:45), session 21: MAML sine on its new default engine (fast.vmap_meta_losses), commit
+# 5fc9eb1, one thread beside the two long runs: 0.343 +- 0.046 (5 points) and 0.107 +- 0.015 (10 points),
+# against the reference loop's 0.328 +- 0.044 and 0.093 +- 0.011 of 2026-12-04 (same seed, within the CIs)
+L2L_RECIPES_DATA=../shared/data OMP_NUM_THREADS=1 l2l-recipes bench maml-sine-5s maml-sine-10s --seeds 1 --device cpu \
+  --runs-dir /tmp/sine/runs --results-dir /tmp/sine/results --no-progress

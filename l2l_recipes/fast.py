@@ -86,11 +86,11 @@ def conv4_embed(backbone, x):
     gradients and batch norm statistics, with the ReLU and its backward on a quarter of the
     largest activations (ProtoNet's training step is bound by passes over those on a CPU).
     NCHW activations are pooled by `MaxPool` (the channels-last kernel: the same values and
-    indices, a sixth of the step's time saved on Omniglot). Blocks without max-pooling run as
-    they are."""
+    indices, a sixth of the step's time saved on Omniglot). Blocks without max-pooling (any other
+    module of a sequential backbone) run as they are."""
     h = x
     for block in backbone:
-        pool = block.max_pool
+        pool = getattr(block, "max_pool", None)
         if isinstance(pool, torch.nn.MaxPool2d):
             h = batch_norm(block.conv(h), block.normalize)
             h = block.relu(MaxPool.apply(h, pool.kernel_size) if h.is_contiguous() and _tiling(pool) else pool(h))

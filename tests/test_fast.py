@@ -393,6 +393,8 @@ def _train(tmp_path, data_root, name, **changes):
     ("mamlpp-omniglot-5w1s", {"iterations": 4, "meta_batch_size": 8, "hidden_size": 32, "adaptation_steps": 3,
                               "test_adaptation_steps": 3, "msl_iterations": 2, "first_order_iterations": 2,
                               "val_interval": 4}),
+    ("snail-omniglot-5w1s", {"iterations": 4, "meta_batch_size": 4, "hidden_size": 16, "val_interval": 4,
+                             "queries": 5, "channels_last": False}),
 ])
 def test_recipes_train_alike_on_both_engines(tmp_path, data_root, name, changes):
     """The recipes' default engine=fast and engine=reference see the same tasks and take the same
@@ -419,7 +421,7 @@ def test_engine_and_amp_are_checked():
     from l2l_recipes.config import apply_overrides
     from l2l_recipes.errors import UserError
     for name in ("maml-omniglot-5w1s", "protonet-omniglot-5w1s", "metasgd-omniglot-5w1s", "anil-omniglot-5w1s",
-                 "mamlpp-omniglot-5w1s", "maml-sine-5s"):
+                 "mamlpp-omniglot-5w1s", "maml-sine-5s", "snail-omniglot-5w1s"):
         with pytest.raises(UserError, match="engine='turbo' is out of range"):
             apply_overrides(registry.get_recipe(name).config(), ["engine='turbo'"])
     with pytest.raises(UserError, match="amp='fp8' is out of range"):

@@ -170,6 +170,46 @@ def test_resnet_backbone_and_config_check():
         snail.Config(backbone="vgg")
 
 
+@pytest.mark.parametrize("name,dtype,tolerance", [
+    ("snail-omniglot-5w1s", torch.float64, 1e-9),
+    ("snail-cifar-fs-5w1s", torch.float32, 0.0),  # the resnet: its modules run as they are, bit for bit
+])
+def test_fast_engine_gives_the_modules_outputs_and_gradients(name, dtype, tolerance):
+    """engine=fast (fast.conv4_embed, channels-last weights for the conv4 backbone) against
+    engine=reference (the module's forward), in training mode: the same logits, batch norm
+    statistics and gradients (relative to each parameter's largest gradient)."""
+    base = registry.get_recipe(name).config()
+    models = {}
+    for engine in ("reference", "fast"):
+        torch.manual_seed(0)
+        cfg = dataclasses.replace(base, engine=engine, device="cpu")
+        model = snail.build_model(cfg).to(dtype).train()
+        if engine == "fast" and cfg.backbone == "conv4":
+            model = model.to(memory_format=torch.channels_last)
+        models[engine] = model
+    g = torch.Generator().manual_seed(4)
+    side, channels, n = (28, 1, 3) if base.dataset == "omniglot" else (32, 3, 1)
+    sx = torch.rand(n, base.ways * base.shots, channels, side, side, generator=g).to(dtype)
+    sy = torch.stack([torch.randperm(base.ways * base.shots, generator=g) % base.ways for _ in range(n)])
+    qx = torch.rand(n, base.ways, channels, side, side, generator=g).to(dtype)
+    qy = torch.arange(base.ways).repeat(n, 1)
+    logits = {}
+    for engine, model in models.items():
+        torch.manual_seed(5)  # the resnet's dropout
+        logits[engine] = model(sx, sy, qx)
+        torch.nn.functional.cross_entropy(logits[engine].flatten(0, 1), qy.flatten()).backward()
+    assert max_change(logits["fast"], logits["reference"]) <= tolerance * 1e-3
+    reference = dict(models["reference"].named_parameters())
+    for key, p in models["fast"].named_parameters():
+        expected = reference[key].grad
+        scale = expected.abs().max().item()
+        if key.endswith("conv.bias") and scale < 1e-12:  # exactly 0 before batch norm, rounding noise in both
+            continue
+        assert max_change(p.grad, expected) <= tolerance * scale, key
+    buffers = dict(models["reference"].named_buffers())
+    for key, b in models["fast"].named_buffers():
+        assert max_change(b.double(), buffers[key].double()) <= tolerance * 1e-3, key
+
 # ----------------------------------------------------------------------------- learning
 
 def test_snail_learns_omniglot_5w1s(tmp_path, data_root):

@@ -422,6 +422,28 @@ def grouped_features(structure, weights, x):
         h = BatchNormReLU.apply(h, bw.reshape(-1), bb.reshape(-1), norm.eps)
         if pool is not None:
             h = MaxPool.apply(h, pool.kernel_size) if _tiling(pool) else pool(h)
+    return _tail(h, tail, n, tasks)
+
+
+def shared_features(structure, x):
+    """`grouped_features` of a body that every task shares (ANIL's, the model's own weights): each
+    convolution is one ordinary convolution over all the tasks' images, whose weight gradient is
+    the sum over the tasks in one pass (`GroupedConv` takes it per task, then sums); batch norm
+    per task and channel as there."""
+    layers, tail, _ = structure
+    tasks, n = x.shape[:2]
+    h = x.transpose(0, 1).reshape(n * tasks, *x.shape[2:])  # image i of task t at i * tasks + t
+    for conv, norm, pool in layers:
+        h = _by_group(F.conv2d(h, conv.weight, conv.bias, conv.stride, conv.padding), tasks)
+        h = BatchNormReLU.apply(h, norm.weight.repeat(tasks), norm.bias.repeat(tasks), norm.eps)
+        if pool is not None:
+            h = MaxPool.apply(h, pool.kernel_size) if _tiling(pool) else pool(h)
+        h = _by_image(h, tasks)
+    return _tail(_by_group(h, tasks), tail, n, tasks)
+
+
+def _tail(h, tail, n, tasks):
+    """Features [n, tasks, F] from the last block's output [n, tasks * C, H, W]."""
     if tail == "mean":
         return h.mean((2, 3)).view(n, tasks, -1)
     return h.view(n, tasks, -1, h.shape[2] * h.shape[3]).flatten(2)  # flatten each task's [C, H, W]
@@ -498,11 +520,9 @@ def anil_meta_batch(model, tasks, fast_lr, steps, first_order, scale):
     copy of the head adapted with `steps` SGD steps of `fast_lr`. Accumulates the gradient of
     `scale` x (sum of the query losses) into .grad; returns the sums of query losses and accuracies."""
     structure = conv4_layers(model)
-    params = parameters_in_order(structure)
     sx, sy, qx, qy = tasks
-    weights = [p.unsqueeze(0).expand(len(sx), *p.shape) for p in params]
-    support, query = grouped_features(structure, weights[:-2], sx), grouped_features(structure, weights[:-2], qx)
-    head = weights[-2:]
+    support, query = shared_features(structure, sx), shared_features(structure, qx)
+    head = [p.unsqueeze(0).expand(len(sx), *p.shape) for p in (structure[2].weight, structure[2].bias)]
     for _ in range(steps):
         grads = torch.autograd.grad(_loss_sum(_head(support, *head), sy), head, create_graph=not first_order)
         head = [torch.add(w, g, alpha=-fast_lr) for w, g in zip(head, grads)]
@@ -560,10 +580,10 @@ def anil_predict(model, support_x, support_y, query_x, fast_lr, steps):
     sets (batch norm on each set's own statistics), then each task's copy of the head takes `steps`
     SGD steps on its support features. Logits [tasks, queries, ways]."""
     structure = conv4_layers(model)
-    params = [p.detach().unsqueeze(0).expand(len(support_x), *p.shape) for p in parameters_in_order(structure)]
     with torch.no_grad():
-        support, query = (grouped_features(structure, params[:-2], x) for x in (support_x, query_x))
-    head = [w.requires_grad_() for w in params[-2:]]
+        support, query = (shared_features(structure, x) for x in (support_x, query_x))
+    head = [p.detach().unsqueeze(0).expand(len(support_x), *p.shape).requires_grad_()
+            for p in (structure[2].weight, structure[2].bias)]
     with torch.enable_grad():
         for _ in range(steps):
             grads = torch.autograd.grad(_loss_sum(_head(support, *head), support_y), head)

@@ -174,3 +174,8 @@ l2l-recipes eval benchmarks/models/metasgd-omniglot-5w1s --device cpu
 # against the reference loop's 0.328 +- 0.044 and 0.093 +- 0.011 of 2026-12-04 (same seed, within the CIs)
 L2L_RECIPES_DATA=../shared/data OMP_NUM_THREADS=1 l2l-recipes bench maml-sine-5s maml-sine-10s --seeds 1 --device cpu \
   --runs-dir /tmp/sine/runs --results-dir /tmp/sine/results --no-progress
+# 2026-12-06 (09:30), session 22: ANIL 5w1s at full protocol (60,000 iterations, started at af0401f and
+# continued across sessions with --resume, the last part at b0d3459, one thread beside ProtoNet's seed):
+# 97.19 +- 0.23 on 1,000 test tasks (best validation 0.9790 at iteration 57,000); no published number
+# (Raghu et al. 2020 report Omniglot 20-way only). Record anil-omniglot-5w1s-...-20261206-093021
+bench anil-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench

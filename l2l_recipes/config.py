@@ -68,6 +68,7 @@ AT_LEAST_1 = ("shots", "queries", "train_shots", "train_queries", "iterations", 
               "log_interval", "inner_batch_size", "test_batch_size", "lr_step")
 POSITIVE = ("lr", "meta_lr", "fast_lr", "inner_lr", "outer_lr")
 SEEDS = ("seed",)  # NumPy's seeds: 0 <= seed < 2**32
+CHOICES = {"engine": ("fast", "reference")}
 
 
 def validate(cfg):
@@ -83,6 +84,8 @@ def validate(cfg):
             check(value >= 1, f"{f.name}={value!r} is out of range: {f.name} must be at least 1")
         elif f.name in POSITIVE:
             check(value > 0, f"{f.name}={value!r} is out of range: {f.name} must be > 0")
+        elif f.name in CHOICES:
+            check(value in CHOICES[f.name], f"{f.name}={value!r} is out of range: use {' or '.join(CHOICES[f.name])}")
         elif f.name in SEEDS:
             check(0 <= value < 2 ** 32, f"{f.name}={value!r} is out of range: {f.name} must be in 0..{2 ** 32 - 1}")
     check(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),

@@ -140,6 +140,7 @@ def _dedent(lines, by):
     return [line[min(by, len(line) - len(line.lstrip(" "))):] for line in lines]
 
 
+@functools.lru_cache(maxsize=None)
 def plain_source(text):
     """A recipe's source with its fast path taken out: each `if cfg.engine == "fast": A else: B`
     becomes B, each `A if cfg.engine == "fast" else B` becomes B, and the methods only the fast
@@ -491,6 +492,12 @@ class Source:
                     self.aliases[(module, a.name)] = bound
 
 
+@functools.lru_cache(maxsize=None)
+def parsed(module, text, label):
+    """Source(module, text, label), parsed once: exporting every recipe reads the same modules."""
+    return Source(module, text, label)
+
+
 def _is_recipe_module(module):
     """Whether `module` is a recipe module (or their package): l2l_recipes.recipes[.x], or recipes[.x]."""
     return any(module == p or module.startswith(p + ".") for p in ("recipes", f"{PACKAGE}.recipes"))
@@ -547,6 +554,7 @@ class _Exporter:
         self.module = recipe.load_module()
         self.cfg = recipe.config()
         self.sources = {}
+        self._resolved = {}  # id(item) -> [(use, what it resolves to here)]: items are shared by exports
         path = Path(self.module.__file__)
         text = path.read_text(encoding="utf-8")
         self.plain = not fast
@@ -554,7 +562,7 @@ class _Exporter:
             text = without_method(plain_source(text), type(self.cfg).__name__, "__post_init__")
             if hasattr(self.cfg, "engine"):
                 self.cfg = dataclasses.replace(self.cfg, engine="reference")
-        self.rsrc = Source(self.module.__name__, text, f"{path.parent.name}/{path.name}")
+        self.rsrc = parsed(self.module.__name__, text, f"{path.parent.name}/{path.name}")
         self.datasets = self._datasets(all_datasets)
 
     # -- sources and lookups
@@ -567,7 +575,7 @@ class _Exporter:
             path = Path(spec.origin)
             label = module.replace(".", "/") + ".py" if module.startswith(PACKAGE) else module
             text = path.read_text(encoding="utf-8")
-            self.sources[module] = Source(module, plain_source(text) if self.plain else text, label)
+            self.sources[module] = parsed(module, plain_source(text) if self.plain else text, label)
         return self.sources[module]
 
     def lookup(self, module, name):
@@ -607,9 +615,9 @@ class _Exporter:
         raise ExportError(f"{src.label} line {use.node.lineno}: name '{use.name}' is not defined")
 
     def resolved(self, item):
-        if not hasattr(item, "_resolved"):
-            item._resolved = [(use, self.resolve(item.src, use)) for use in item.uses]
-        return item._resolved
+        if id(item) not in self._resolved:
+            self._resolved[id(item)] = [(use, self.resolve(item.src, use)) for use in item.uses]
+        return self._resolved[id(item)]
 
     # -- what goes in
 

@@ -88,7 +88,6 @@ class Config:
 
     def __post_init__(self):
         validate(self)
-        check(self.engine in ("fast", "reference"), f"engine={self.engine!r} is out of range: use fast or reference")
         check(0 <= self.min_amplitude <= self.max_amplitude, "need 0 <= min_amplitude <= max_amplitude")
         check(self.input_range > 0 and self.max_phase >= 0, "input_range must be > 0 and max_phase >= 0")
 

@@ -106,7 +106,6 @@ class Config:
 
     def __post_init__(self):
         validate(self)
-        check(self.engine in ("fast", "reference"), f"engine={self.engine!r} is out of range: use fast or reference")
         check(0 <= self.min_meta_lr <= self.meta_lr, "need 0 <= min_meta_lr <= meta_lr: lower --set min_meta_lr")
         check(0 < self.bn_momentum <= 1, "need 0 < bn_momentum <= 1: fix --set bn_momentum")
         check(self.ensemble >= 1, f"ensemble={self.ensemble!r} is out of range: it must be >= 1")

@@ -83,7 +83,6 @@ class Config:
     def __post_init__(self):
         validate(self)
         check(0 < self.init_lr_low <= self.init_lr_high, "need 0 < init_lr_low <= init_lr_high")
-        check(self.engine in ("fast", "reference"), f"engine={self.engine!r} is out of range: use fast or reference")
 
 
 class MetaSGD(l2l.algorithms.MetaSGD):

@@ -94,7 +94,6 @@ class Config:
     def __post_init__(self):
         validate(self)
         check(0 < self.lr_gamma <= 1, f"lr_gamma={self.lr_gamma!r} is out of range: need 0 < lr_gamma <= 1")
-        check(self.engine in ("fast", "reference"), f"engine={self.engine!r} is out of range: use fast or reference")
         check(self.amp in AMP_DTYPES, f"amp={self.amp!r} is out of range: use {', '.join(AMP_DTYPES)}")
         check(self.patience >= 0, f"patience={self.patience!r} is out of range: need patience >= 0")
         check(not self.trainval or self.patience > 0, "trainval=True retrains for the early-stopped "

@@ -90,7 +90,6 @@ class Config:
         validate(self)
         check(self.backbone in ("conv4", "resnet"),
               f"backbone={self.backbone!r} is out of range: use conv4 or resnet")
-        check(self.engine in ("fast", "reference"), f"engine={self.engine!r} is out of range: use fast or reference")
 
 
 # ----------------------------------------------------------------------------- building blocks

@@ -92,7 +92,7 @@ def test_early_stopping_then_trainval_retraining_resumes_identically(tmp_path, d
 
 
 BENCH = ["bench", "protonet-omniglot-5w1s", "--seeds", 2, "--episodes", 20, "--iterations", 30,
-         "--set", "val_interval=10", *TINY, "--device", "cpu", "--no-progress"]
+         "--set", "val_interval=10", *TINY, "--set", "train_ways=5", "--device", "cpu", "--no-progress"]
 
 
 def _record(results):

@@ -622,10 +622,12 @@ def read_checkpoint(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated or foreign files
-        raise UserError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120]})") from None
+        reason = str(e).splitlines()[0].split(". ")[0][:120]
+        raise UserError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}: {reason}): "
+                        f"restore it from a copy, or train again with `l2l-recipes run`") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"checkpoint {path} is not an l2l-recipes checkpoint of format {CHECKPOINT_FORMAT}")
+        raise UserError(f"checkpoint {path} is not an l2l-recipes checkpoint of format {CHECKPOINT_FORMAT}: "
+                        f"pass a run folder that `l2l-recipes run` wrote")
     return state
 
 

@@ -172,9 +172,11 @@ def test_corrupt_or_foreign_checkpoint_is_one_clear_line(protonet_run, tmp_path)
     assert result.exit_code == 1
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"Error: checkpoint {best} is corrupt or not a checkpoint")
+    assert line.endswith("restore it from a copy, or train again with `l2l-recipes run`")  # the fix
     torch.save({"weights": 1}, best)  # some other program's file
     result = cli("eval", run_dir, "--device", "cpu")
-    assert result.stderr.strip() == f"Error: checkpoint {best} is not an l2l-recipes checkpoint of format 1"
+    assert result.stderr.strip() == (f"Error: checkpoint {best} is not an l2l-recipes checkpoint of format 1: "
+                                     f"pass a run folder that `l2l-recipes run` wrote")
     assert (run_dir / "ckpt.pt").is_file()  # nothing else touched
 
 

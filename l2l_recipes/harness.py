@@ -268,9 +268,9 @@ class Run(plain.PlainRun):
         return run
 
     def track(self, model, optimizer=None, **stateful):
-        """Name what checkpoints hold: model, optimizer and `stateful` objects with state_dict()
-        (e.g. scheduler=...). On a resumed run, also load them and every random number
-        generator state from the checkpoint."""
+        """Name what checkpoints hold: model, optimizer and `stateful` objects: ones with
+        state_dict() (e.g. scheduler=...) or plain ones, whose attributes are their state. On a
+        resumed run, also load them and every random number generator state from the checkpoint."""
         super().track(model, optimizer, **stateful)
         state = self.resume_state
         if state is None:
@@ -280,7 +280,10 @@ class Run(plain.PlainRun):
             if optimizer is not None:
                 optimizer.load_state_dict(state["optimizer"])
             for name, obj in stateful.items():
-                obj.load_state_dict(state[name])
+                if hasattr(obj, "load_state_dict"):
+                    obj.load_state_dict(state[name])
+                else:
+                    vars(obj).update(state[name])
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(f"checkpoint {self.path / 'ckpt.pt'} does not fit recipe {self.recipe} "
                             f"({str(e).splitlines()[0][:160]})") from None
@@ -485,7 +488,8 @@ class Run(plain.PlainRun):
                                    f"updates them without distributed.all_reduce_gradients")
             per_rank = {"rng_by_rank": [rng for _, rng in gathered]}
         self.save("ckpt.pt", model, iteration, optimizer, best_val_score=self.best_val,
-                  **{name: obj.state_dict() for name, obj in stateful.items()}, **per_rank)
+                  **{name: obj.state_dict() if hasattr(obj, "state_dict") else dict(vars(obj))
+                     for name, obj in stateful.items()}, **per_rank)
 
     def save(self, name, model, iteration, optimizer=None, **extra):
         """Write checkpoint `name` (ckpt.pt or best.pt) atomically (rank 0); non-finite weights are

@@ -126,12 +126,6 @@ class EarlyStopping:
             self.wait += 1
         return self.wait > self.patience
 
-    def state_dict(self):
-        return {"best_loss": self.best_loss, "best_iteration": self.best_iteration, "wait": self.wait}
-
-    def load_state_dict(self, state):
-        self.best_loss, self.best_iteration, self.wait = state["best_loss"], state["best_iteration"], state["wait"]
-
 
 class PlainRun:
     """A run in one process, in folder `path`: config.json, metrics.jsonl, ckpt.pt, best.pt, result.json."""

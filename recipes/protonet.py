@@ -134,12 +134,6 @@ class Retraining:
     def __init__(self):
         self.start = self.end = None
 
-    def state_dict(self):
-        return {"start": self.start, "end": self.end}
-
-    def load_state_dict(self, state):
-        self.start, self.end = state["start"], state["end"]
-
 
 def train(cfg, run):
     seed_everything(cfg.seed)

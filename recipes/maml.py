@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from l2l_recipes import data, fast, models
-from l2l_recipes.config import check, validate
+from l2l_recipes.config import validate
 from l2l_recipes.harness import Predictor as _Predictor
 from l2l_recipes.plain import seed_everything
 from l2l_recipes.registry import Published, register

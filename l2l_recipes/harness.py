@@ -63,6 +63,22 @@ def keep_freed_memory():
     mallopt(m_top_pad, 1 << 28)
 
 
+def object_state(obj):
+    """A tracked object's checkpoint entry: its state_dict(), or a plain object's attributes."""
+    return obj.state_dict() if hasattr(obj, "state_dict") else dict(vars(obj))
+
+
+def load_object_state(obj, state):
+    """Restore what object_state() saved; a plain object's saved attributes must be exactly its
+    own (KeyError otherwise: the checkpoint is another recipe's or another version's)."""
+    if hasattr(obj, "load_state_dict"):
+        obj.load_state_dict(state)
+    elif set(state) != set(vars(obj)):
+        raise KeyError(f"{type(obj).__name__} holds {sorted(vars(obj))}, the checkpoint {sorted(state)}")
+    else:
+        vars(obj).update(state)
+
+
 def rng_state():
     """Every random number generator a run draws from: Python's (task sampling), NumPy's, torch's."""
     import random
@@ -280,10 +296,7 @@ class Run(plain.PlainRun):
             if optimizer is not None:
                 optimizer.load_state_dict(state["optimizer"])
             for name, obj in stateful.items():
-                if hasattr(obj, "load_state_dict"):
-                    obj.load_state_dict(state[name])
-                else:
-                    vars(obj).update(state[name])
+                load_object_state(obj, state[name])
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(f"checkpoint {self.path / 'ckpt.pt'} does not fit recipe {self.recipe} "
                             f"({str(e).splitlines()[0][:160]})") from None
@@ -488,8 +501,7 @@ class Run(plain.PlainRun):
                                    f"updates them without distributed.all_reduce_gradients")
             per_rank = {"rng_by_rank": [rng for _, rng in gathered]}
         self.save("ckpt.pt", model, iteration, optimizer, best_val_score=self.best_val,
-                  **{name: obj.state_dict() if hasattr(obj, "state_dict") else dict(vars(obj))
-                     for name, obj in stateful.items()}, **per_rank)
+                  **{name: object_state(obj) for name, obj in stateful.items()}, **per_rank)
 
     def save(self, name, model, iteration, optimizer=None, **extra):
         """Write checkpoint `name` (ckpt.pt or best.pt) atomically (rank 0); non-finite weights are

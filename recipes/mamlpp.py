@@ -203,22 +203,22 @@ def msl_weights(iteration, steps, anneal_iterations):
 
 def inner_loop(model, support_x, support_y, steps, second_order, stats):
     """Yield the fast weights after each SGD step on the support set, at LSLR's rates."""
-    fast = dict(model.weights)
+    adapted = dict(model.weights)
     for step in range(steps):
-        loss = F.cross_entropy(model(support_x, fast, step, stats), support_y)
-        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=second_order)
+        loss = F.cross_entropy(model(support_x, adapted, step, stats), support_y)
+        grads = torch.autograd.grad(loss, list(adapted.values()), create_graph=second_order)
         rate = min(step, model.steps - 1)  # test steps past training reuse the last rates
-        fast = {name: w - model.lrs[name][rate] * g for (name, w), g in zip(fast.items(), grads)}
-        yield fast
+        adapted = {name: w - model.lrs[name][rate] * g for (name, w), g in zip(adapted.items(), grads)}
+        yield adapted
 
 
 def fast_adapt(model, support_x, support_y, query_x, query_y, step_weights, second_order):
     """One task's MSL loss (query loss after step k weighted by step_weights[k - 1]) and final query accuracy."""
     loss = 0.0
     steps = len(step_weights)
-    for step, fast in enumerate(inner_loop(model, support_x, support_y, steps, second_order, "update"), 1):
+    for step, adapted in enumerate(inner_loop(model, support_x, support_y, steps, second_order, "update"), 1):
         if step_weights[step - 1] > 0:  # once MSL has annealed, only the last step
-            logits = model(query_x, fast, step, "update")
+            logits = model(query_x, adapted, step, "update")
             loss = loss + step_weights[step - 1] * F.cross_entropy(logits, query_y)
     return loss, (logits.argmax(dim=1) == query_y).float().mean()
 
@@ -245,10 +245,10 @@ class Predictor(_Predictor):
         steps, logits = self.cfg.test_adaptation_steps, []
         for net in self.networks():
             with torch.enable_grad():  # as in training, on the support set's statistics; first-order
-                for fast in inner_loop(net, support_x, support_y, steps, False, "batch"):
+                for adapted in inner_loop(net, support_x, support_y, steps, False, "batch"):
                     pass
             with torch.no_grad():  # each query on the running statistics, unless transductive
-                logits.append(net(query_x, fast, steps, "batch" if self.cfg.transductive else "running"))
+                logits.append(net(query_x, adapted, steps, "batch" if self.cfg.transductive else "running"))
         return torch.stack(logits).mean(0)
 
 

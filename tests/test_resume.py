@@ -157,3 +157,19 @@ def test_resuming_from_a_foreign_checkpoint_is_one_clear_line(tmp_path):
     assert result.exit_code == 1
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"Error: checkpoint {tmp_path / 'ckpt.pt'} does not match recipe protonet-omniglot-5w1s")
+
+
+def test_a_checkpoint_missing_a_plain_objects_attribute_is_one_clear_line(tmp_path, data_root, straight):
+    """ProtoNet's early-stopping state is a plain object: resuming needs every one of its attributes."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_bytes((straight / "config.json").read_bytes())
+    state = torch.load(straight / "ckpt.pt", weights_only=True)
+    state["iteration"] = 30  # not finished: the resume restores the tracked objects
+    del state["stopper"]["wait"]
+    torch.save(state, run_dir / "ckpt.pt")
+    result = cli("run", "--resume", run_dir, "--data-root", data_root)
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"Error: checkpoint {run_dir / 'ckpt.pt'} does not fit recipe protonet-omniglot-5w1s")
+    assert "EarlyStopping holds" in line

@@ -181,7 +181,11 @@ def recipes_eval(run_dir, episodes, device, data_root, ways, shots, queries, pro
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list with every class's probability.")
 def recipes_predict(run_dir, more_queries, support, queries, device, as_json):
     """Classify query images among the classes of a support folder with the model of RUN_DIR;
-    prints each query's path, predicted class and its probability."""
+    prints each query's path, predicted class and its probability.
+
+    The queries are scored in one batch: MAML and its kin normalise with the batch's statistics,
+    as in the paper, so a query's prediction depends on the others; they do best with queries of
+    several classes, as their test tasks had."""
     from l2l_recipes import predict
     if support is None:
         raise UserError("predict needs --support DIR: a folder with one subfolder of images per class")

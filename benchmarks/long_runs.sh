@@ -61,7 +61,7 @@ if [ "${QUEUE:-1}" = 1 ]; then  # two queues, one per core; finished benches ret
   queue 0 anil-omniglot-5w1s snail-omniglot-5w1s anil-omniglot-20w1s "$PROTONET_1SHOT" mamlpp-omniglot-5w1s
   # Reptile 5w5s first (published 99.48; ~6-8 h of a Zen 1 core, where 5w1s reproduced), then
   # ProtoNet (Snell et al.'s protocol: early stopping with patience 200 epochs, then the train+val
-  # retraining, ~60,000 60-way episodes a seed, ~6 h of a core on the faster EPYC and ~40 h on the
+  # retraining, ~60,000 60-way episodes a seed, ~6 h of a core on the faster EPYC and ~25 h on the
   # Zen 1 one; its seeds shared with the other queue: each bench process trains the seeds no
   # other holds), 1-shot then 5-shot
   queue 0 reptile-omniglot-5w5s "$PROTONET_1SHOT" "$PROTONET_5SHOT"

@@ -59,7 +59,7 @@ if [ "${QUEUE:-1}" = 1 ]; then  # two queues, one per core; finished benches ret
   # queue has not taken, then MAML++ (~7 h); hours of the faster EPYC, 3-5x more on the Zen 1 one
   # (docs/speed.md), where a ProtoNet seed is ~15-20 h: the shorter rows' verdicts come first
   queue 0 anil-omniglot-5w1s snail-omniglot-5w1s anil-omniglot-20w1s "$PROTONET_1SHOT" mamlpp-omniglot-5w1s
-  # Reptile 5w5s first (published 99.48; ~6-8 h of a Zen 1 core, where 5w1s reproduced), then
+  # Reptile 5w5s first (published 99.48; ~10 h of a Zen 1 core at 0.33 s an iteration; 5w1s reproduced), then
   # ProtoNet (Snell et al.'s protocol: early stopping with patience 200 epochs, then the train+val
   # retraining, ~60,000 60-way episodes a seed, ~6 h of a core on the faster EPYC and ~25 h on the
   # Zen 1 one; its seeds shared with the other queue: each bench process trains the seeds no

@@ -428,7 +428,7 @@ class Source:
         self.aliases = {}  # (M, attr) -> the name it is imported under, where that differs
         self.future = []  # `from __future__` names
         self.docstring = None
-        self.items, self.defs, self.main_block = [], {}, None
+        self.items, self.defs = [], {}
         body = self.tree.body
         if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
                 and isinstance(body[0].value.value, str):
@@ -441,7 +441,7 @@ class Source:
             if isinstance(stmt, (ast.Import, ast.ImportFrom)):
                 self._bind_import(stmt)
             elif _is_main_block(stmt):
-                self.main_block = stmt
+                continue  # a module's `if __name__ == "__main__":` block: the exported file writes its own
             else:
                 attached = []
                 for line in reversed(gap):

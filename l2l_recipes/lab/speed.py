@@ -17,7 +17,6 @@ loop has a process of its own and they are timed in turns (`interleaved_seconds`
 FLOPs of one iteration (torch's FlopCounterMode) / time, next to the float32 matmul rate.
 """
 import copy
-import json
 import multiprocessing
 import os
 import platform

@@ -39,7 +39,6 @@ from l2l_recipes.config import as_ran
 from l2l_recipes.errors import UserError
 from l2l_recipes.registry import get_recipe
 
-CHECKPOINT_FORMAT = 1
 
 
 def keep_freed_memory():
@@ -509,7 +508,7 @@ class Run(plain.PlainRun):
         if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
             raise self._diverged("non-finite weights", iteration)
         state = {
-            "format": CHECKPOINT_FORMAT,
+            "format": self.checkpoint_format,
             "recipe": self.recipe,
             "config": dataclasses.asdict(self.cfg),
             "iteration": iteration,
@@ -641,8 +640,9 @@ def read_checkpoint(path):
         reason = str(e).splitlines()[0].split(". ")[0][:120]
         raise UserError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}: {reason}): "
                         f"restore it from a copy, or train again with `l2l-recipes run`") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"checkpoint {path} is not an l2l-recipes checkpoint of format {CHECKPOINT_FORMAT}: "
+    expected = plain.PlainRun.checkpoint_format
+    if not isinstance(state, dict) or state.get("format") != expected:
+        raise UserError(f"checkpoint {path} is not an l2l-recipes checkpoint of format {expected}: "
                         f"pass a run folder that `l2l-recipes run` wrote")
     return state
 
@@ -660,6 +660,9 @@ def _resumable(run_dir):
         raise UserError(f"run {run_dir} is finished (it has result.json): nothing to resume; to test it "
                         f"again, run `l2l-recipes eval {shlex.quote(str(run_dir))}`")
     state = read_checkpoint(run_dir / "ckpt.pt")
+    if "rng" not in state:
+        raise UserError(f"{run_dir / 'ckpt.pt'} was written by an exported recipe file, which keeps no state to "
+                        f"resume from: run the file again (`l2l-recipes eval` and `predict` take the run's weights)")
     path = run_dir / "config.json"
     if path.is_file():
         try:

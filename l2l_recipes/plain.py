@@ -129,6 +129,7 @@ class EarlyStopping:
 
 class PlainRun:
     """A run in one process, in folder `path`: config.json, metrics.jsonl, ckpt.pt, best.pt, result.json."""
+    checkpoint_format = 1  # of ckpt.pt and best.pt, as `l2l-recipes eval`, `predict` and `run --resume` read them
 
     def __init__(self, path, recipe_name, cfg, device, data_root=None, download=False):
         self.path, self.recipe, self.cfg, self.device = Path(path), recipe_name, cfg, device
@@ -197,8 +198,8 @@ class PlainRun:
         self.save("ckpt.pt", self.tracked[0], iteration)
 
     def save(self, name, model, iteration, **extra):
-        torch.save({"recipe": self.recipe, "config": dataclasses.asdict(self.cfg), "iteration": iteration,
-                    "model": model.state_dict(), **extra}, self.folder() / name)
+        torch.save({"format": self.checkpoint_format, "recipe": self.recipe, "config": dataclasses.asdict(self.cfg),
+                    "iteration": iteration, "model": model.state_dict(), **extra}, self.folder() / name)
 
     def test(self, predictor):
         """Test the weights of best.pt (else ckpt.pt) on the fixed test tasks; write and print result.json."""

@@ -9,6 +9,7 @@ import json
 import os
 import py_compile
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -281,12 +282,13 @@ def test_exported_recipe_reproduces_the_package_run(exported_runs, package_runs,
 # user's one-line error: Reptile's carried inner Adam state took it from 574 to 618 lines,
 # 2026-12-05; the plain file's device, --set type and no-weights checks, +18 lines in every file, the same day;
 # MAML++'s test on the top-5 validations' weights, the authors' protocol, 653 to 700, 2026-12-05;
-# ProtoNet's early stopping and retraining states checkpointed as plain attributes, 626 to 614, 2026-12-06).
+# ProtoNet's early stopping and retraining states checkpointed as plain attributes, 626 to 614, 2026-12-06;
+# the checkpoints' format, so that `l2l-recipes eval` and `predict` take a plain file's run, +1, the same day).
 # Issue #17 asks for 350, and 450 for MetaOptNet, SNAIL and MAML++; l2l_recipes.plain (~175
 # lines), the episodes and the uncached loader (~140 for Omniglot, ~180 for mini-ImageNet) keep
 # them above.
-LINE_LIMITS = {"maml": 566, "protonet": 614, "matchingnet": 578, "anil": 569, "metasgd": 590, "reptile": 632,
-               "transfer": 589, "metaoptnet": 652, "snail": 706, "mamlpp": 700}
+LINE_LIMITS = {"maml": 567, "protonet": 615, "matchingnet": 579, "anil": 570, "metasgd": 591, "reptile": 633,
+               "transfer": 590, "metaoptnet": 653, "snail": 707, "mamlpp": 701}
 
 
 def test_every_default_export_is_within_its_line_limit():
@@ -485,3 +487,39 @@ def test_the_plain_file_refuses_a_bad_device_and_a_run_without_weights_in_one_li
     cfg = registry.get_recipe("maml-omniglot-5w1s").config()
     with pytest.raises(UserError, match="nothing to test: training ran no validation"):  # e.g. iterations=0
         PlainRun(tmp_path / "run", "maml-omniglot-5w1s", cfg, "cpu").test(None)
+
+
+def test_the_package_tests_and_refuses_to_resume_an_exported_files_run(exported_runs, tmp_path, data_root):
+    """A run folder the exported file wrote is a model for `l2l-recipes eval` (the same test tasks
+    and weights: the same score) and `predict`; `run --resume` says it cannot go on from it."""
+    for family, name in VARIANTS.items():
+        _, status, _, stderr, out = exported_runs[family]
+        assert status == 0, stderr[-3000:]
+        (run_dir,) = (out / name).iterdir()
+        recorded = json.loads((run_dir / "result.json").read_text())
+        result = cli("eval", run_dir, "--episodes", TINY["test_episodes"], "--device", "cpu", "--no-progress",
+                     "--data-root", data_root)
+        assert result.exit_code == 0, (family, result.output)
+        tested = json.loads(result.stdout.splitlines()[0])
+        metric = recorded["metric"]
+        assert tested[metric] == pytest.approx(recorded[metric], rel=1e-4, abs=0.01 * (metric == "accuracy")), family
+    # predict: two evaluation characters laid out as a user would, each query among its own class's
+    (run_dir,) = (exported_runs["protonet"][4] / VARIANTS["protonet"]).iterdir()
+    characters = sorted((Path(data_root) / "omniglot-py" / "images_evaluation" / "Angelic").iterdir())[:2]
+    for character in characters:
+        drawings = sorted(character.iterdir())
+        (tmp_path / "support" / character.name).mkdir(parents=True)
+        shutil.copy(drawings[0], tmp_path / "support" / character.name)
+        shutil.copy(drawings[1], tmp_path / f"{character.name}.png")
+    result = cli("predict", run_dir, "--support", tmp_path / "support", "--device", "cpu", "--json",
+                 *(tmp_path / f"{c.name}.png" for c in characters))
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert len(rows) == 2 and all(sorted(row["probabilities"]) == [c.name for c in characters] for row in rows)
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(run_dir, unfinished)
+    (unfinished / "result.json").unlink()
+    result = cli("run", "--resume", unfinished)
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "written by an exported recipe file" in line and "run the file again" in line

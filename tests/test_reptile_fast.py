@@ -229,7 +229,7 @@ def test_a_run_written_before_carry_adam_loads_as_it_ran(tmp_path):
     cfg = reptile.Config(carry_adam=False, device="cpu")
     stored = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "carry_adam"}
     (tmp_path / "config.json").write_text(json.dumps({"recipe": "reptile-omniglot-5w1s", **stored}))
-    torch.save({"format": harness.CHECKPOINT_FORMAT, "recipe": "reptile-omniglot-5w1s", "config": stored,
+    torch.save({"format": plain.PlainRun.checkpoint_format, "recipe": "reptile-omniglot-5w1s", "config": stored,
                 "iteration": 1, "model": reptile.build_model(cfg).state_dict()}, tmp_path / "best.pt")
     predictor = harness.load(tmp_path, device="cpu")
     assert predictor.cfg.carry_adam is False

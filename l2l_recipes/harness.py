@@ -270,6 +270,9 @@ class Run(plain.PlainRun):
             raise UserError(f"run {run_dir} was trained with {trained} process(es), not {world}: resume it "
                             f"with as many, e.g. {how}")
         cfg = _config_of(state, run_dir / "ckpt.pt")
+        if "rng" not in state:
+            raise UserError(f"{run_dir / 'ckpt.pt'} was written by an exported recipe file, which keeps no state "
+                            f"to resume from: run the file again (`l2l-recipes eval` and `predict` take its weights)")
         options["data_root"] = options.get("data_root") or _recorded_root(state)
         options["max_minutes"] = options.get("max_minutes") or state.get("max_minutes")
         run = cls(run_dir, state["recipe"], cfg, device, **options)
@@ -660,9 +663,6 @@ def _resumable(run_dir):
         raise UserError(f"run {run_dir} is finished (it has result.json): nothing to resume; to test it "
                         f"again, run `l2l-recipes eval {shlex.quote(str(run_dir))}`")
     state = read_checkpoint(run_dir / "ckpt.pt")
-    if "rng" not in state:
-        raise UserError(f"{run_dir / 'ckpt.pt'} was written by an exported recipe file, which keeps no state to "
-                        f"resume from: run the file again (`l2l-recipes eval` and `predict` take the run's weights)")
     path = run_dir / "config.json"
     if path.is_file():
         try:

@@ -40,7 +40,6 @@ from l2l_recipes.errors import UserError
 from l2l_recipes.registry import get_recipe
 
 
-
 def keep_freed_memory():
     """Ask glibc's malloc to keep freed memory instead of handing it back to the OS.
 

@@ -61,7 +61,7 @@ def apply_overrides(cfg, assignments):
     return dataclasses.replace(cfg, **changes)
 
 
-# Range rules by field name, shared by every recipe's config (checked in __post_init__).
+# Range rules by field name, shared by every recipe's config (its __post_init__; an exported file's override).
 AT_LEAST_2 = ("ways", "train_ways", "val_episodes", "test_episodes")
 AT_LEAST_1 = ("shots", "queries", "train_shots", "train_queries", "iterations", "hidden_size",
               "meta_batch_size", "adaptation_steps", "test_adaptation_steps", "val_interval",
@@ -93,6 +93,6 @@ def validate(cfg):
 
 
 def check(condition, message):
-    """Raise a UserError with `message` unless `condition` (for config __post_init__ checks)."""
+    """Raise a UserError with `message` unless `condition` (validate, and recipes' __post_init__ checks)."""
     if not condition:
         raise UserError(message)

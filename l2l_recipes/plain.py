@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from l2l_recipes import data
+from l2l_recipes.config import validate
 from l2l_recipes.errors import UserError
 
 
 def override(cfg, assignments):
-    """`cfg` with each 'key=value' applied; the value is a Python literal of the field's type."""
+    """`cfg` with each 'key=value' applied (a Python literal of the field's type), its ranges checked."""
     for text in assignments:
         key, _, value = text.partition("=")
         if key not in {f.name for f in dataclasses.fields(cfg)}:
@@ -36,6 +37,7 @@ def override(cfg, assignments):
         if not isinstance(value, kind) and not (kind is float and type(value) is int):
             raise UserError(f"--set {text}: expected {kind.__name__}, got {type(value).__name__}")
         cfg = dataclasses.replace(cfg, **{key: float(value) if kind is float else value})
+    validate(cfg)
     return cfg
 
 

@@ -4,14 +4,17 @@
 # holds a clone of this repository at COMMIT (default HEAD), its own virtualenv, the bench runs
 # (LONG/bench), their records (LONG/results) and logs (LONG/logs); `python benchmarks/long_status.py`
 # prints where each seed stands. Each bench runs with
-# --resume: a stopped one continues each seed from its last checkpoint. One thread each, so
-# that two run side by side on a 2-core machine. Copy finished records with:
+# --resume: a stopped one continues each seed from its last checkpoint. By default one queue of
+# benches on two threads (QUEUES=1); QUEUES=2 runs two one-thread queues side by side. Copy
+# finished records with:
 #   cp LONG/results/*.json LONG/results/*.png benchmarks/results/ && l2l-recipes bench-table
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LONG=${LONG:-/root/l2l-long}
 COMMIT=${COMMIT:-$(git rev-parse HEAD)}
 DATA=${L2L_RECIPES_DATA:-$(cd .. && pwd)/shared/data}
+QUEUES=${QUEUES:-1}  # 1: one queue of benches on THREADS=2 threads; 2: two queues of one thread; 0: none
+THREADS=${THREADS:-$((QUEUES == 2 ? 1 : 2))}
 mkdir -p "$LONG/logs"
 [ -d "$LONG/code/.git" ] || git clone -q . "$LONG/code"
 git -C "$LONG/code" fetch -q "$(pwd)" "$COMMIT" && git -C "$LONG/code" checkout -q "$COMMIT"
@@ -21,7 +24,7 @@ git -C "$LONG/code" fetch -q "$(pwd)" "$COMMIT" && git -C "$LONG/code" checkout 
 start() {  # start NICE "NAME..." [bench options...], unless that bench is already running
   local nice=$1 name=$2; shift 2
   if pgrep -f "bench $name .*--runs-dir $LONG/bench" >/dev/null; then echo "$name: running"; return; fi
-  (cd "$LONG/code" && L2L_RECIPES_DATA="$DATA" OMP_NUM_THREADS=1 setsid nohup "$LONG/venv/bin/l2l-recipes" \
+  (cd "$LONG/code" && L2L_RECIPES_DATA="$DATA" OMP_NUM_THREADS=$THREADS setsid nohup "$LONG/venv/bin/l2l-recipes" \
     bench $name "$@" --device cpu --resume --runs-dir "$LONG/bench" \
     --results-dir "$LONG/results" --no-progress >>"$LONG/logs/${name%% *}.log" 2>&1 </dev/null &)
   sleep 1
@@ -36,7 +39,7 @@ start() {  # start NICE "NAME..." [bench options...], unless that bench is alrea
 queue() {  # queue NICE ITEM...: one background process benching these one after another (bench_queue.sh)
   local nice=$1; shift
   if pgrep -f "bench_queue.sh $LONG $1 " >/dev/null; then echo "queue $1...: running"; return; fi
-  (cd "$LONG/code" && L2L_RECIPES_DATA="$DATA" OMP_NUM_THREADS=1 setsid nohup bash benchmarks/bench_queue.sh \
+  (cd "$LONG/code" && L2L_RECIPES_DATA="$DATA" OMP_NUM_THREADS=$THREADS setsid nohup bash benchmarks/bench_queue.sh \
     "$LONG" "$@" >/dev/null 2>&1 </dev/null &)
   sleep 1
   for pid in $(pgrep -f "bench_queue.sh $LONG $1 "); do
@@ -48,25 +51,27 @@ queue() {  # queue NICE ITEM...: one background process benching these one after
 PROTONET_1SHOT="protonet-omniglot-5w1s protonet-omniglot-20w1s --seeds 3 --episodes 1000"  # one model, two rows
 PROTONET_5SHOT="protonet-omniglot-5w5s protonet-omniglot-20w5s --seeds 1 --episodes 1000"
 
-# the paper's protocols (issue 15), the shorter rows first (a
-# machine may come back without LONG: 2026-12-04 it did, and ~30 core-hours of runs were lost;
-# 2026-12-05 again, ANIL 5w1s at iteration 32,600 and ProtoNet 5w1s seed 1 at episode 18,400).
-# Done, reproduced or with a verdict, and not run again here: MAML, FOMAML, Reptile and Meta-SGD
-# omniglot-5w1s (reproduced), Matching Nets (all four rows), transfer 5w1s/5w5s, MetaOptNet-ridge 5w1s,
-# MAML sine.
-if [ "${QUEUE:-1}" = 1 ]; then  # two queues, one per core; finished benches return at once:
-  # ANIL (~3 h), SNAIL (~2.8 h), ANIL 20w1s (published 96.2; ~4 h), the ProtoNet seeds the other
-  # queue has not taken, then MAML++ (~7 h); hours of the faster EPYC, 3-5x more on the Zen 1 one
-  # (docs/speed.md), where a ProtoNet seed is ~15-20 h: the shorter rows' verdicts come first
-  queue 0 anil-omniglot-5w1s snail-omniglot-5w1s anil-omniglot-20w1s "$PROTONET_1SHOT" mamlpp-omniglot-5w1s
-  # Reptile 5w5s first (published 99.48; ~10 h of a Zen 1 core at 0.33 s an iteration; 5w1s reproduced), then
-  # ProtoNet (Snell et al.'s protocol: early stopping with patience 200 epochs, then the train+val
-  # retraining, ~60,000 60-way episodes a seed, ~6 h of a core on the faster EPYC and ~25 h on the
-  # Zen 1 one; its seeds shared with the other queue: each bench process trains the seeds no
-  # other holds), 1-shot then 5-shot
-  queue 0 reptile-omniglot-5w5s "$PROTONET_1SHOT" "$PROTONET_5SHOT"
+# the paper's protocols (issue 15), the shorter rows first: a machine may come back without LONG
+# (2026-12-04: ~30 core-hours of runs lost; 2026-12-05: ANIL 5w1s at iteration 32,600 and
+# ProtoNet 5w1s seed 1 at episode 18,400; 2026-12-06: SNAIL 5w1s at 8,260 of 20,000, Reptile
+# 5w5s at 14,950 of 100,000, ProtoNet seed 1 at 23,308), so a row that finishes within one
+# working session is worth more than two half-done ones. Done, reproduced or with a verdict, and
+# not run again here: MAML, FOMAML, Reptile and Meta-SGD omniglot-5w1s (reproduced), ANIL 5w1s,
+# Matching Nets (all four rows), transfer 5w1s/5w5s, MetaOptNet-ridge 5w1s, MAML sine.
+# Hours on two threads of the faster EPYC (docs/speed.md; 3-5x more on the Zen 1 one): Reptile
+# 5w5s ~2.2 (published 99.48; its 5w1s reproduced), SNAIL 5w1s ~2, ANIL 20w1s (published 96.2)
+# ~3, MAML++ 5w1s ~5, a ProtoNet seed ~5 (Snell et al.'s protocol: early stopping with patience
+# 200 epochs, then the train+val retraining, ~60,000 60-way episodes).
+ROWS=(reptile-omniglot-5w5s snail-omniglot-5w1s anil-omniglot-20w1s "$PROTONET_1SHOT" mamlpp-omniglot-5w1s
+      "$PROTONET_5SHOT")
+if [ "$QUEUES" = 1 ]; then  # one queue on both cores (THREADS=2): each row done sooner
+  queue 0 "${ROWS[@]}"
+elif [ "${QUEUES}" = 2 ]; then  # two one-thread queues (THREADS=1), e.g. on a machine kept for days;
+  # the ProtoNet seeds are shared: each bench process trains the seeds no other holds
+  queue 0 "${ROWS[1]}" "${ROWS[2]}" "${ROWS[3]}" "${ROWS[4]}"
+  queue 0 "${ROWS[0]}" "${ROWS[3]}" "${ROWS[5]}"
 fi
-# ProtoNet on its own (PROTONET=1), e.g. with the queues off (QUEUE=0) so that it has the machine
+# ProtoNet on its own (PROTONET=1), e.g. with the queues off (QUEUES=0) so that it has the machine
 if [ "${PROTONET:-0}" = 1 ]; then
   start 0 "$PROTONET_1SHOT"
 fi

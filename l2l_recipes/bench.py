@@ -250,6 +250,7 @@ def _train_seed(name, cfg, run_dir, device, data_root, progress, max_minutes):
             shutil.rmtree(run_dir)
         run = harness.Run(run_dir, name, cfg, device, **options)
     harness.keep_freed_memory()  # this process trains: keep its freed activation buffers
+    harness.cap_memory(device)  # a step too large fails in one line, not by the OOM killer
     try:
         registry.get_recipe(name).load_module().train(cfg, run)
         harness.meta_test(run_dir, device=str(device), data_root=data_root, progress=progress,

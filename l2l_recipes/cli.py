@@ -16,8 +16,8 @@ from l2l_recipes.errors import UserError
 
 
 class _Group(click.Group):
-    """Turns a UserError anywhere below into a one-line 'Error: ...' and exit status 1 (without
-    the line where another process prints it)."""
+    """Turns a UserError (or a failed allocation) anywhere below into a one-line 'Error: ...' and
+    exit status 1 (without the line where another process prints it)."""
 
     def invoke(self, ctx):
         try:
@@ -26,6 +26,11 @@ class _Group(click.Group):
             if e.quiet:
                 raise click.exceptions.Exit(1) from None
             raise click.ClickException(str(e)) from None
+        except (MemoryError, RuntimeError) as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            too_big = harness.out_of_memory(e)
+            if too_big is None:
+                raise
+            raise click.ClickException(str(too_big)) from None
 
 
 @click.group(cls=_Group)
@@ -124,6 +129,7 @@ def recipes_run(name, resume_dir, data_root, download, device, seed, out, assign
 
 def _train_and_test(run, progress):
     harness.keep_freed_memory()  # this process trains: keep its freed activation buffers
+    harness.cap_memory(run.device)  # a step too large fails in one line, not by the OOM killer
     if distributed.is_main():
         world = distributed.world_size()
         processes = f", {world} processes ({distributed.backend()})" if world > 1 else ""

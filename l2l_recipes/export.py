@@ -1317,6 +1317,7 @@ def main(argv=None):
             run = harness.Run.create(args.out, RECIPE, cfg, plain.resolve_device(cfg.device), **options)
         print(f"run directory: {run.path}  (device {run.device})")
         harness.keep_freed_memory()  # this process trains: keep its freed activation buffers
+        harness.cap_memory(run.device)  # a step too large fails in one line, not by the OOM killer
         try:
             train(run.cfg, run)
         except BaseException:
@@ -1327,6 +1328,10 @@ def main(argv=None):
                                    out_name="result.json", train_seconds=round(time.time() - run.started, 1))
     except UserError as e:
         sys.exit(f"Error: {e}")
+    except (MemoryError, RuntimeError) as e:
+        if harness.out_of_memory(e) is None:
+            raise
+        sys.exit(f"Error: {harness.out_of_memory(e)}")
     print(cli._result_line(result))
 '''
 

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import signal
 import subprocess
@@ -59,6 +60,50 @@ def keep_freed_memory():
     mallopt(m_mmap_threshold, 1 << 30)
     mallopt(m_trim_threshold, 1 << 30)
     mallopt(m_top_pad, 1 << 28)
+
+
+_memory_cap = None  # the RLIMIT_DATA soft limit cap_memory() set last
+
+
+def cap_memory(device):
+    """On Linux, training on the CPU: cap this process's data memory (RLIMIT_DATA) at what it holds
+    now plus 90% of what the machine has free (never above a cap set before it, e.g. by `prlimit`), so
+    that a step too large for the machine fails as an allocation error, which the CLI reports in
+    one line (`out_of_memory`), instead of the kernel's OOM killer ending the process without a
+    word ("Killed", exit status 137)."""
+    global _memory_cap
+    if sys.platform != "linux" or torch.device(device).type != "cpu":
+        return
+    import resource
+    try:
+        def kib(path, key):
+            return int(next(line for line in open(path) if line.startswith(key + ":")).split()[1])
+        free = kib("/proc/meminfo", "MemAvailable") + kib("/proc/meminfo", "SwapFree")
+        cap = 1024 * (kib("/proc/self/status", "VmData") + free * 9 // 10)  # the kernel keeps a reserve
+    except (OSError, StopIteration, ValueError, IndexError):
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if soft not in (resource.RLIM_INFINITY, _memory_cap):
+        cap = min(cap, soft)  # someone else's cap
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
+    _memory_cap = cap
+
+
+def out_of_memory(error):
+    """The one-line UserError for `error` when it is a failed allocation (CPU or GPU), else None."""
+    text = str(error)
+    if isinstance(error, MemoryError) or "can't allocate memory" in text or "not enough memory" in text:
+        where = "this machine's memory"
+    elif isinstance(error, torch.cuda.OutOfMemoryError):
+        where = "the GPU's memory"
+    else:
+        return None
+    size = re.search(r"allocate (\d+) bytes", text)
+    size = f" (a {int(size[1]) / 2 ** 30:.1f} GiB block)" if size else ""
+    return UserError(f"out of memory: a step of this run does not fit in {where}{size}: lower the step's "
+                     f"sizes (--set ways, shots, queries, train_ways or meta_batch_size; eval: --ways, --shots)")
 
 
 def object_state(obj):

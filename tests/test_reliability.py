@@ -208,6 +208,52 @@ def test_divergence_says_which_checkpoint_is_kept(tmp_path):
         run.log(16, loss=float("nan"))
 
 
+def test_a_step_too_large_for_memory_is_one_line_not_the_oom_killer(tmp_path, data_root):
+    """`--set train_ways=2000` on ProtoNet (20,000-image episodes) was ended by the kernel's OOM
+    killer ("Killed", exit status 137), an empty run folder left. A run caps its memory at what
+    the machine has free (here the process starts capped at 3 GiB, as `prlimit --data` does, so
+    that the test does not fill the machine): the step's allocation fails, the run says so in
+    one line naming the sizes to lower, and removes its folder."""
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "l2l_recipes.cli", "run", NAME, "--device", "cpu", "--no-progress", "--set",
+         "train_ways=1000", "--set", "iterations=2", "--data-root", data_root, "--out", tmp_path / "runs"],
+        capture_output=True, text=True, cwd=REPO,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_DATA, (3 << 30, hard)))
+    assert result.returncode == 1, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("Error: out of memory: a step of this run does not fit in this machine's memory (a ")
+    assert "--set ways, shots, queries, train_ways or meta_batch_size" in line
+    assert "removed: the run stopped before writing anything" in result.stdout and not (tmp_path / "runs").exists()
+
+
+def test_the_memory_cap_keeps_a_lower_cap_and_leaves_gpu_runs_alone():
+    code = ("import resource, json; from l2l_recipes import harness\n"
+            "def soft(): return resource.getrlimit(resource.RLIMIT_DATA)[0]\n"
+            "hard = resource.getrlimit(resource.RLIMIT_DATA)[1]\n"
+            "resource.setrlimit(resource.RLIMIT_DATA, (2 << 30, hard)); harness.cap_memory('cpu'); kept = soft()\n"
+            "resource.setrlimit(resource.RLIMIT_DATA, (hard, hard)); harness.cap_memory('cuda'); gpu = soft()\n"
+            "harness.cap_memory('cpu'); capped = soft()\n"
+            "status = {l.split(':')[0]: int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmData')}\n"
+            "meminfo = {l.split(':')[0]: int(l.split()[1]) for l in open('/proc/meminfo')}\n"
+            "print(json.dumps([kept, gpu, hard, capped, 1024 * (status['VmData'] + meminfo['MemTotal'] + meminfo['SwapTotal'])]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    kept, gpu, hard, capped, ceiling = json.loads(result.stdout)
+    assert kept == 2 << 30 and gpu == hard  # a lower cap set from outside stays; a GPU run is not capped
+    assert 0 < capped < ceiling  # at most what the machine could ever give
+
+
+def test_failed_allocations_become_one_line_and_other_errors_do_not():
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 3221225472 bytes. Error code 12 (Cannot allocate memory)")
+    assert "this machine's memory (a 3.0 GiB block)" in str(harness.out_of_memory(cpu))
+    assert "this machine's memory: lower" in str(harness.out_of_memory(MemoryError()))
+    gpu = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert "the GPU's memory: lower" in str(harness.out_of_memory(gpu))
+    assert harness.out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+
+
 @pytest.mark.parametrize("value", ["1e309", "-1e309"])
 def test_non_finite_floats_are_refused(value):
     with pytest.raises(UserError, match=f"lr={value[:-5]}inf is out of range: lr must be a finite number"):

@@ -77,7 +77,8 @@ def cap_memory(device):
     import resource
     try:
         def kib(path, key):
-            return int(next(line for line in open(path) if line.startswith(key + ":")).split()[1])
+            lines = Path(path).read_text().splitlines()
+            return int(next(line for line in lines if line.startswith(key + ":")).split()[1])
         free = kib("/proc/meminfo", "MemAvailable") + kib("/proc/meminfo", "SwapFree")
         cap = 1024 * (kib("/proc/self/status", "VmData") + free * 9 // 10)  # the kernel keeps a reserve
     except (OSError, StopIteration, ValueError, IndexError):

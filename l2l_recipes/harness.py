@@ -103,8 +103,9 @@ def out_of_memory(error):
         return None
     size = re.search(r"allocate (\d+) bytes", text)
     size = f" (a {int(size[1]) / 2 ** 30:.1f} GiB block)" if size else ""
-    return UserError(f"out of memory: a step of this run does not fit in {where}{size}: lower the step's "
-                     f"sizes (--set ways, shots, queries, train_ways or meta_batch_size; eval: --ways, --shots)")
+    return UserError(f"out of memory: a training step or test task of this run does not fit in {where}{size}: "
+                     f"lower its sizes (run: --set ways, shots, queries, train_ways or meta_batch_size; eval: "
+                     f"--ways, --shots, --queries)")
 
 
 def object_state(obj):

@@ -208,12 +208,12 @@ def test_divergence_says_which_checkpoint_is_kept(tmp_path):
         run.log(16, loss=float("nan"))
 
 
-def test_a_step_too_large_for_memory_is_one_line_not_the_oom_killer(tmp_path, data_root):
+def test_a_step_too_large_for_memory_is_one_line_not_the_oom_killer(finished, tmp_path, data_root):
     """`--set train_ways=2000` on ProtoNet (20,000-image episodes) was ended by the kernel's OOM
-    killer ("Killed", exit status 137), an empty run folder left. A run caps its memory at what
-    the machine has free (here the process starts capped at 3 GiB, as `prlimit --data` does, so
-    that the test does not fill the machine): the step's allocation fails, the run says so in
-    one line naming the sizes to lower, and removes its folder."""
+    killer ("Killed", exit status 137), an empty run folder left. A run (and eval) caps its memory
+    at what the machine has free (here the process starts capped at 3 GiB, as `prlimit --data`
+    does, so that the test does not fill the machine): the allocation fails, the command says so
+    in one line naming the sizes to lower, and a run removes its folder."""
     import resource
     hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
     result = subprocess.run(
@@ -223,9 +223,17 @@ def test_a_step_too_large_for_memory_is_one_line_not_the_oom_killer(tmp_path, da
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_DATA, (3 << 30, hard)))
     assert result.returncode == 1, result.stderr[-2000:]
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("Error: out of memory: a step of this run does not fit in this machine's memory (a ")
-    assert "--set ways, shots, queries, train_ways or meta_batch_size" in line
+    assert line.startswith("Error: out of memory: a training step or test task of this run does not fit in this "
+                           "machine's memory (a ")
+    assert "run: --set ways, shots, queries, train_ways or meta_batch_size" in line
     assert "removed: the run stopped before writing anything" in result.stdout and not (tmp_path / "runs").exists()
+    result = subprocess.run(  # eval at 1000 ways: 16,000 images a task
+        [sys.executable, "-m", "l2l_recipes.cli", "eval", copy_of(finished, tmp_path), "--ways", "1000", "--episodes",
+         "2", "--device", "cpu", "--no-progress", "--data-root", data_root], capture_output=True, text=True, cwd=REPO,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_DATA, (3 << 30, hard)))
+    assert result.returncode == 1, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("Error: out of memory: ") and "eval: --ways, --shots, --queries" in line
 
 
 def test_the_memory_cap_keeps_a_lower_cap_and_leaves_gpu_runs_alone():

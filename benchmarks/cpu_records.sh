@@ -179,3 +179,8 @@ L2L_RECIPES_DATA=../shared/data OMP_NUM_THREADS=1 l2l-recipes bench maml-sine-5s
 # 97.19 +- 0.23 on 1,000 test tasks (best validation 0.9790 at iteration 57,000); no published number
 # (Raghu et al. 2020 report Omniglot 20-way only). Record anil-omniglot-5w1s-...-20261206-093021
 bench anil-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
+# 2026-12-06 (16:57-19:10), session 25: SNAIL 5w1s at the recipe's full budget (20,000 steps of 32 episodes),
+# commit f2525e5, two threads (benchmarks/long_runs.sh's one queue), within one working session: 97.12 +- 0.29
+# on 1,000 test tasks (best validation 0.9835 at the last step); published 99.07 +- 0.16, short by 1.95
+# (benchmarks/notes/snail-omniglot-5w1s.md). Record snail-omniglot-5w1s-...-20261206-191025
+OMP_NUM_THREADS=2 bench snail-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench

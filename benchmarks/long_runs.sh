@@ -57,20 +57,20 @@ PROTONET_5SHOT="protonet-omniglot-5w5s protonet-omniglot-20w5s --seeds 1 --episo
 # 5w5s at 14,950 of 100,000, ProtoNet seed 1 at 23,308), so a row that finishes within one
 # working session is worth more than two half-done ones. Done, reproduced or with a verdict, and
 # not run again here: MAML, FOMAML, Reptile and Meta-SGD omniglot-5w1s (reproduced), ANIL 5w1s,
-# Matching Nets (all four rows), transfer 5w1s/5w5s, MetaOptNet-ridge 5w1s, MAML sine.
-# Hours on two threads of the faster EPYC (docs/speed.md; 3-5x more on the Zen 1 one): SNAIL
-# 5w1s ~1.6, Reptile 5w5s ~2.9 (0.09 s an iteration measured 2026-12-06, 100 validations of
-# 200 tasks; published 99.48, its 5w1s reproduced), ANIL 20w1s (published 96.2) ~3, MAML++ 5w1s
+# SNAIL 5w1s (short by 1.95, 2026-12-06, within one session), Matching Nets (all four rows), transfer 5w1s/5w5s, MetaOptNet-ridge 5w1s, MAML sine.
+# Hours on two threads of the faster EPYC (docs/speed.md; 3-5x more on the Zen 1 one): Reptile
+# 5w5s ~2.9 (0.09 s an iteration measured 2026-12-06, 100 validations of 200 tasks; published
+# 99.48, its 5w1s reproduced), ANIL 20w1s (published 96.2) ~3, MAML++ 5w1s
 # ~5, a ProtoNet seed ~5 (Snell et al.'s protocol: early stopping with patience 200 epochs, then
 # the train+val retraining, ~60,000 60-way episodes).
-ROWS=(snail-omniglot-5w1s reptile-omniglot-5w5s anil-omniglot-20w1s "$PROTONET_1SHOT" mamlpp-omniglot-5w1s
+ROWS=(reptile-omniglot-5w5s anil-omniglot-20w1s "$PROTONET_1SHOT" mamlpp-omniglot-5w1s
       "$PROTONET_5SHOT")
 if [ "$QUEUES" = 1 ]; then  # one queue on both cores (THREADS=2): each row done sooner
   queue 0 "${ROWS[@]}"
 elif [ "${QUEUES}" = 2 ]; then  # two one-thread queues (THREADS=1), e.g. on a machine kept for days;
   # the ProtoNet seeds are shared: each bench process trains the seeds no other holds
-  queue 0 "${ROWS[0]}" "${ROWS[2]}" "${ROWS[3]}" "${ROWS[4]}"
-  queue 0 "${ROWS[1]}" "${ROWS[3]}" "${ROWS[5]}"
+  queue 0 "${ROWS[1]}" "${ROWS[2]}" "${ROWS[3]}"
+  queue 0 "${ROWS[0]}" "${ROWS[2]}" "${ROWS[4]}"
 fi
 # ProtoNet on its own (PROTONET=1), e.g. with the queues off (QUEUES=0) so that it has the machine
 if [ "${PROTONET:-0}" = 1 ]; then

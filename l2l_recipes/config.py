@@ -61,35 +61,28 @@ def apply_overrides(cfg, assignments):
     return dataclasses.replace(cfg, **changes)
 
 
-# Range rules by field name, shared by every recipe's config (its __post_init__; an exported file's override).
-AT_LEAST_2 = ("ways", "train_ways", "val_episodes", "test_episodes")
-AT_LEAST_1 = ("shots", "queries", "train_shots", "train_queries", "iterations", "hidden_size",
-              "meta_batch_size", "adaptation_steps", "test_adaptation_steps", "val_interval",
-              "log_interval", "inner_batch_size", "test_batch_size", "lr_step")
-POSITIVE = ("lr", "meta_lr", "fast_lr", "inner_lr", "outer_lr")
-SEEDS = ("seed",)  # NumPy's seeds: 0 <= seed < 2**32
-CHOICES = {"engine": ("fast", "reference")}
+# Range rules by field name, shared by every recipe's config (its __post_init__; an exported file's
+# override): (fields, the test a value passes, what it must be); every float must also be finite.
+RANGES = (
+    (("ways", "train_ways", "val_episodes", "test_episodes"), lambda v: v >= 2, "{} must be at least 2"),
+    (("shots", "queries", "train_shots", "train_queries", "iterations", "hidden_size", "meta_batch_size",
+      "adaptation_steps", "test_adaptation_steps", "val_interval", "log_interval", "inner_batch_size",
+      "test_batch_size", "lr_step"), lambda v: v >= 1, "{} must be at least 1"),
+    (("lr", "meta_lr", "fast_lr", "inner_lr", "outer_lr"), lambda v: v > 0, "{} must be > 0"),
+    (("seed",), lambda v: 0 <= v < 2 ** 32, f"{{}} must be in 0..{2 ** 32 - 1}"),  # NumPy's seeds
+    (("engine",), lambda v: v in ("fast", "reference"), "use fast or reference"),
+    (("device",), lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "use auto, cpu or cuda"),
+)
 
 
 def validate(cfg):
-    """Raise a one-line UserError for the first field of `cfg` outside its range (every float
-    must be finite)."""
+    """Raise a one-line UserError for the first field of `cfg` outside its range."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            check(False, f"{f.name}={value!r} is out of range: {f.name} must be a finite number")
-        elif f.name in AT_LEAST_2:
-            check(value >= 2, f"{f.name}={value!r} is out of range: {f.name} must be at least 2")
-        elif f.name in AT_LEAST_1:
-            check(value >= 1, f"{f.name}={value!r} is out of range: {f.name} must be at least 1")
-        elif f.name in POSITIVE:
-            check(value > 0, f"{f.name}={value!r} is out of range: {f.name} must be > 0")
-        elif f.name in CHOICES:
-            check(value in CHOICES[f.name], f"{f.name}={value!r} is out of range: use {' or '.join(CHOICES[f.name])}")
-        elif f.name in SEEDS:
-            check(0 <= value < 2 ** 32, f"{f.name}={value!r} is out of range: {f.name} must be in 0..{2 ** 32 - 1}")
-    check(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
-          f"device={cfg.device!r} is out of range: use auto, cpu or cuda")
+        finite = not isinstance(value, float) or math.isfinite(value)
+        check(finite, f"{f.name}={value!r} is out of range: {f.name} must be a finite number")
+        for names, test, must in RANGES:
+            check(f.name not in names or test(value), f"{f.name}={value!r} is out of range: {must.format(f.name)}")
 
 
 def check(condition, message):

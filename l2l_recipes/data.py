@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from l2l_recipes.config import check
 from l2l_recipes.errors import UserError
 
 SPLITS_DIR = Path(__file__).parent / "splits"
@@ -132,34 +133,22 @@ def load_split(dataset, split, root=None, download=False):
 def taskset(dataset, ways, shots, queries, num_tasks=-1):
     """learn2learn Taskset of `ways`-way tasks of `shots + queries` images per class, labels 0..ways-1
     in random order, grouped by class; with num_tasks=-1 each draw is new (Python's `random`)."""
-    per_class = min(len(v) for v in dataset.labels_to_indices.values())
-    if ways > len(dataset.labels_to_indices):
-        raise UserError(f"ways={ways} but this split has only {len(dataset.labels_to_indices)} "
-                        f"classes: lower --set ways (or train_ways)")
-    if shots + queries > per_class:
-        raise UserError(f"shots + queries = {shots + queries} but each class has only {per_class} "
-                        f"images: lower --set shots or queries")
-    meta = l2l.data.MetaDataset(dataset, labels_to_indices=dataset.labels_to_indices)
-    transforms = [
-        l2l.data.transforms.NWays(meta, n=ways),
-        l2l.data.transforms.KShots(meta, k=shots + queries),  # without replacement
-        l2l.data.transforms.LoadData(meta),
-        l2l.data.transforms.RemapLabels(meta),
-        l2l.data.transforms.ConsecutiveLabels(meta),
-    ]
+    classes, per_class = len(dataset.labels_to_indices), min(map(len, dataset.labels_to_indices.values()))
+    check(ways <= classes, f"ways={ways} but this split has only {classes} classes: lower --set ways (or train_ways)")
+    check(shots + queries <= per_class, f"shots + queries = {shots + queries} but each class has only "
+                                        f"{per_class} images: lower --set shots or queries")
+    meta, t = l2l.data.MetaDataset(dataset, labels_to_indices=dataset.labels_to_indices), l2l.data.transforms
+    transforms = [t.NWays(meta, n=ways), t.KShots(meta, k=shots + queries),  # without replacement
+                  t.LoadData(meta), t.RemapLabels(meta), t.ConsecutiveLabels(meta)]
     return l2l.data.Taskset(meta, task_transforms=transforms, num_tasks=num_tasks)
 
 
 def fixed_taskset(dataset, ways, shots, queries, num_tasks, seed):
     """A Taskset of `num_tasks` tasks drawn once from `seed` (the global `random` state kept)."""
-    tasks = taskset(dataset, ways, shots, queries, num_tasks)
-    state = random.getstate()
+    tasks, state = taskset(dataset, ways, shots, queries, num_tasks), random.getstate()
     random.seed(seed)
-    try:
-        for i in range(num_tasks):
-            tasks.sampled_descriptions[i] = tasks.sample_task_description()
-    finally:
-        random.setstate(state)
+    tasks.sampled_descriptions.update({i: tasks.sample_task_description() for i in range(num_tasks)})
+    random.setstate(state)
     return tasks
 
 

@@ -19,37 +19,33 @@ import torch
 import torch.nn.functional as F
 
 from l2l_recipes import data
-from l2l_recipes.config import validate
-from l2l_recipes.errors import UserError
+from l2l_recipes.config import check, validate
 
 
 def override(cfg, assignments):
-    """`cfg` with each 'key=value' applied (a Python literal of the field's type), its ranges checked."""
+    """`cfg` with each 'key=value' applied (a Python literal, or a bare string, of the field's type), its ranges
+    checked."""
     for text in assignments:
         key, _, value = text.partition("=")
-        if key not in {f.name for f in dataclasses.fields(cfg)}:
-            raise UserError(f"unknown config key '{key}'")
+        check(key in cfg.__dataclass_fields__, f"unknown config key '{key}'")
         kind = type(getattr(cfg, key))
         try:
             value = value if kind is str and not value.startswith(("'", '"')) else ast.literal_eval(value)
         except (ValueError, SyntaxError):
             pass  # left a string: refused below unless the field is one
-        if not isinstance(value, kind) and not (kind is float and type(value) is int):
-            raise UserError(f"--set {text}: expected {kind.__name__}, got {type(value).__name__}")
-        cfg = dataclasses.replace(cfg, **{key: float(value) if kind is float else value})
+        check(isinstance(value, kind) or kind is float and type(value) is int,
+              f"--set {text}: expected {kind.__name__}, got {type(value).__name__}")
+        cfg = dataclasses.replace(cfg, **{key: kind(value)})
     validate(cfg)
     return cfg
 
 
 def resolve_device(name):
     """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a UserError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UserError(f"unknown device '{name}': use auto, cpu or cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda but PyTorch sees no CUDA GPU here: use --device cpu or auto")
-    return torch.device(name)
+    check(name in ("auto", "cpu", "cuda") or name.startswith("cuda:"), f"unknown device '{name}': use auto, cpu or cuda")
+    check(not name.startswith("cuda") or torch.cuda.is_available(),
+          "--device cuda but PyTorch sees no CUDA GPU here: use --device cpu or auto")
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def load_split(dataset, split, root="data", download=False):
@@ -65,19 +61,16 @@ def seed_everything(seed):
 
 
 def mean_ci95(values):
-    """Mean and half-width of the normal 95% confidence interval of the mean."""
+    """Mean and half-width of the normal 95% confidence interval of the mean (nan for one value)."""
     t = torch.tensor(values, dtype=torch.float64)
-    if len(t) < 2:
-        return float(t.mean()), float("nan")
-    return float(t.mean()), float(1.96 * t.std(unbiased=True) / math.sqrt(len(t)))
+    return float(t.mean()), float(1.96 * t.std() / math.sqrt(len(t))) if len(t) > 1 else float("nan")
 
 
 def query_scores(logits, query_y):
     """[(query accuracy, query cross-entropy)] per task of logits [tasks, queries, ways] (in float32)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    accuracies = (logits.argmax(-1) == query_y).float().mean(1)
     losses = F.cross_entropy(logits.transpose(1, 2), query_y, reduction="none").mean(1)
-    return list(zip(accuracies.tolist(), losses.tolist()))
+    return list(zip((logits.argmax(-1) == query_y).float().mean(1).tolist(), losses.tolist()))
 
 
 def summary(scores):
@@ -88,8 +81,7 @@ def summary(scores):
 
 class Predictor:
     """A trained model that adapts to a support set and scores a query set (recipes implement `predict`)."""
-    metric = "accuracy"  # the key of evaluate()'s result that selects the best weights
-    higher_is_better = True
+    metric, higher_is_better = "accuracy", True  # evaluate()'s key that selects the best weights, its sense
     head = None  # a fixed-head family's name ("MAML"): its models take tasks of cfg.ways ways only
 
     def __init__(self, cfg, model, device, data_root=None):
@@ -97,13 +89,13 @@ class Predictor:
 
     def check_ways(self, support_y):
         ways = int(support_y.max()) + 1
-        if self.head and ways != self.cfg.ways:
-            raise UserError(f"this {self.head} model has a {self.cfg.ways}-way head; got a {ways}-way task")
+        check(not self.head or ways == self.cfg.ways, f"this {self.head} model has a {self.cfg.ways}-way head; "
+                                                      f"got a {ways}-way task")
 
     def test_tasks(self, episodes, seed):
         cfg = self.cfg
-        split = data.load_split(cfg.dataset, "test", self.data_root)
-        return data.fixed_taskset(split, cfg.ways, cfg.shots, cfg.queries, episodes, seed)
+        return data.fixed_taskset(data.load_split(cfg.dataset, "test", self.data_root), cfg.ways, cfg.shots,
+                                  cfg.queries, episodes, seed)
 
     def evaluate(self, tasks):
         """summary() of the fixed `tasks`, scored one by one."""
@@ -177,8 +169,7 @@ class PlainRun:
         """The run's folder, made with its config.json on first use."""
         if not (self.path / "config.json").exists():
             self.path.mkdir(parents=True, exist_ok=True)
-            config = {"recipe": self.recipe, **dataclasses.asdict(self.cfg)}
-            (self.path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            (self.path / "config.json").write_text(json.dumps({"recipe": self.recipe, **vars(self.cfg)}, indent=2))
         return self.path
 
     def evaluate(self, predictor, tasks):
@@ -200,19 +191,17 @@ class PlainRun:
         self.save("ckpt.pt", self.tracked[0], iteration)
 
     def save(self, name, model, iteration, **extra):
-        torch.save({"format": self.checkpoint_format, "recipe": self.recipe, "config": dataclasses.asdict(self.cfg),
+        torch.save({"format": self.checkpoint_format, "recipe": self.recipe, "config": vars(self.cfg),
                     "iteration": iteration, "model": model.state_dict(), **extra}, self.folder() / name)
 
     def test(self, predictor):
         """Test the weights of best.pt (else ckpt.pt) on the fixed test tasks; write and print result.json."""
         cfg, name = self.cfg, "best.pt" if (self.path / "best.pt").is_file() else "ckpt.pt"
-        if not (self.path / name).is_file():
-            raise UserError("nothing to test: training ran no validation (is iterations below 1?)")
+        check((self.path / name).is_file(), "nothing to test: training ran no validation (is iterations below 1?)")
         predictor.model.load_state_dict(torch.load(self.path / name, map_location="cpu", weights_only=True)["model"])
         result = {"recipe": self.recipe, "metric": predictor.metric, "higher_is_better": predictor.higher_is_better,
                   **predictor.evaluate(predictor.test_tasks(cfg.test_episodes, cfg.test_seed)),
-                  "episodes": cfg.test_episodes,
-                  **{key: getattr(cfg, key) for key in ("ways", "shots", "queries") if hasattr(cfg, key)},
+                  "episodes": cfg.test_episodes, **{k: vars(cfg)[k] for k in ("ways", "shots", "queries") if k in vars(cfg)},
                   "split": "test", "test_seed": cfg.test_seed, "seed": cfg.seed, "checkpoint": name}
         (self.folder() / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         metric, value, ci95 = result["metric"], result[result["metric"]], result["ci95"]

@@ -136,22 +136,41 @@ def load_split(split, root=None, download=False, progress=True):
     return OmniglotClasses(names, images, classes(split))
 
 
-class Drawings:
-    """`drawings[k, j]`: drawing j of character k (uint8 [28, 28]) read from its PNG, no cache; a
-    drawing is decoded the first time a task asks for it (a run starts at once; a short one reads
-    only what its tasks use), then kept."""
+class DecodedSplit(torch.utils.data.Dataset):
+    """One split read from the PNGs under `root/omniglot-py` (no cache): load_split's items, each
+    drawing decoded the first time a task asks for it (a run starts at once), then kept."""
 
-    def __init__(self, files):
-        self.files, self.decoded = files, {}
+    def __init__(self, split, root, download=False):
+        base = Path(root) / "omniglot-py"
+        if download and not all((base / s).is_dir() for s in SETS):
+            import torchvision
+            for s in SETS:
+                torchvision.datasets.Omniglot(str(root), background=(s == "images_background"), download=True)
+        if not base.is_dir():
+            raise UserError(f"Omniglot not found: no {base}. Pass --data-root DIR (the folder holding "
+                            f"omniglot-py/), set L2L_RECIPES_DATA, or add --download to fetch it")
+        self.classes, self.decoded = classes(split), {}
+        characters = dict.fromkeys(c.rsplit("/", 1)[0] for c in self.classes)
+        self.files = {k: sorted(map(str, base.glob(f"images_*/{k}/*.png"))) for k in characters}  # PNG paths
+        counts = sorted({len(files) for files in self.files.values()})
+        if counts != [DRAWINGS]:
+            raise UserError(f"Omniglot under {root} is incomplete: expected {DRAWINGS} drawings per "
+                            f"character, found {counts}; re-extract or re-download it")
+        self.labels_to_indices = {c: list(range(c * DRAWINGS, (c + 1) * DRAWINGS)) for c in range(len(self.classes))}
 
-    def __getitem__(self, index):
-        if index not in self.decoded:
-            k, j = index
-            self.decoded[index] = read_png(self.files[k][j])
-        return self.decoded[index]
+    def __len__(self):
+        return len(self.classes) * DRAWINGS
+
+    def __getitem__(self, i):
+        c, j = divmod(i, DRAWINGS)
+        character, rotation = self.classes[c].rsplit("/rot", 1)
+        path = self.files[character][j]
+        if path not in self.decoded:
+            self.decoded[path] = read_png(path)
+        # torch.rot90 turns counter-clockwise, as PIL's Image.rotate does
+        return torch.rot90(self.decoded[path], int(rotation) // 90).float().div_(255).unsqueeze(0), c
 
 
 def decode_split(split, root, download=False):
     """One split read from the PNGs under `root` (no cache), as its tasks need them: load_split's items."""
-    sources = omniglot_sources(root, download)
-    return OmniglotClasses(list(sources), Drawings(list(sources.values())), classes(split))
+    return DecodedSplit(split, root, download)

@@ -1339,6 +1339,7 @@ def main(argv=None):
 # The plain file's command line: one process, no resuming (see MAIN_TEMPLATE).
 PLAIN_MAIN_TEMPLATE = '''\
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -1352,7 +1353,8 @@ from l2l_recipes.plain import PlainRun, override, resolve_device
 def main(argv=None):
     """Train RECIPE with the Config above, test its best validation's weights; files in <out>/RECIPE/."""
     parser = argparse.ArgumentParser(description=f"Train and meta-test {RECIPE}.")
-    parser.add_argument("--data-root", default="data", help="folder holding the dataset (default: data)")
+    parser.add_argument("--data-root", default=os.environ.get("L2L_RECIPES_DATA", "data"),
+                        help="folder holding the dataset (default: $L2L_RECIPES_DATA, else data)")
     parser.add_argument("--download", action="store_true", help="download the dataset if missing")
     parser.add_argument("--device", help="auto, cpu or cuda (default: the config's)")
     parser.add_argument("--out", default="runs", help="parent folder of run directories (default: runs)")

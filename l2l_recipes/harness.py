@@ -478,6 +478,10 @@ class Run(plain.PlainRun):
                 return k > 0
         return True
 
+    def folder(self):  # made by create(), completed by the first log or checkpoint
+        self._materialise()
+        return self.path
+
     def _materialise(self):
         if not distributed.is_main() or (self.path / "config.json").exists():
             return

@@ -129,7 +129,7 @@ class PlainRun:
         self.path, self.recipe, self.cfg, self.device = Path(path), recipe_name, cfg, device
         self.data_root, self.download, self.started, self.best_val = data_root, download, time.time(), float("-inf")
         self.tracked = None  # (model, optimizer, {name: object}) given to track()
-        self.stopped_early = self.ended = False  # by a time budget (harness.Run); by end_training()
+        self.stopped_early = self.ended = self.made = False  # by a time budget (harness.Run); end_training(); folder()
 
     def track(self, model, optimizer=None, **stateful):
         self.tracked = (model, optimizer, stateful)
@@ -166,10 +166,19 @@ class PlainRun:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
     def folder(self):
-        """The run's folder, made with its config.json on first use."""
-        if not (self.path / "config.json").exists():
-            self.path.mkdir(parents=True, exist_ok=True)
+        """The run's folder, made with its config.json on first use: `path`, or `path-2`, `path-3`, ...
+        where another run took that name (a directory is made only once: never two runs in one)."""
+        if not self.made:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            name = self.path.name
+            for k in itertools.count(2):
+                try:
+                    self.path.mkdir()
+                    break
+                except FileExistsError:
+                    self.path = self.path.with_name(f"{name}-{k}")
             (self.path / "config.json").write_text(json.dumps({"recipe": self.recipe, **vars(self.cfg)}, indent=2))
+            self.made = True
         return self.path
 
     def evaluate(self, predictor, tasks):
@@ -206,5 +215,5 @@ class PlainRun:
         (self.folder() / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         metric, value, ci95 = result["metric"], result[result["metric"]], result["ci95"]
         shown = f"{100 * value:.2f}% ± {100 * ci95:.2f}%" if metric == "accuracy" else f"{value:.4g} ± {ci95:.2g}"
-        print(f"{self.recipe}: test {metric} {shown} (95% CI, {cfg.test_episodes} tasks, weights of {name})")
+        print(f"{self.recipe}: test {metric} {shown} (95% CI, {cfg.test_episodes} tasks, weights of {self.path / name})")
         return result

@@ -117,12 +117,31 @@ def test_real_test_split_from_the_zip(data_root, monkeypatch):
 
 
 def test_uncached_decoding_gives_the_cached_images(data_root, monkeypatch):
-    """decode_split (what an exported file reads) gives the cached split's images, on the real zip
-    (two classes) and on the pickle form."""
+    """decode_split (what an exported file reads: no cache, each image decoded when a task first
+    needs it) gives the cached split's items, on the real zip (two classes)."""
     monkeypatch.delenv("L2L_RECIPES_CACHE")  # the real cache, shared with training runs
     cached = data.load_split("mini-imagenet", "val", data_root)
     read_csv = mini_imagenet.read_csv
     monkeypatch.setattr(mini_imagenet, "read_csv", lambda path: read_csv(path)[:1200])
     decoded = mini_imagenet.decode_split("val", data_root)
     assert decoded.classes == cached.classes[:2] and torch.equal(decoded.targets, cached.targets[:1200])
-    assert torch.equal(decoded.images, cached.images[:1200])
+    assert decoded.labels_to_indices == {c: cached.labels_to_indices[c] for c in range(2)} and not decoded.decoded
+    for i in (0, 599, 600, 1199):
+        assert torch.equal(decoded[i][0], cached[i][0]) and decoded[i][1] == cached[i][1]
+    assert sorted(decoded.decoded) == [0, 599, 600, 1199]  # only what was asked for
+
+
+@pytest.mark.parametrize("form", ["folder", "zip", "pickle"])
+def test_uncached_decoding_of_each_form(tmp_path, form):
+    if form == "pickle":
+        pixels = np.random.default_rng(0).integers(0, 256, (6, 84, 84, 3), dtype=np.uint8)
+        (tmp_path / "mini-imagenet").mkdir()
+        with open(tmp_path / "mini-imagenet" / "mini-imagenet-cache-validation.pkl", "wb") as f:
+            pickle.dump({"image_data": pixels, "class_dict": {"n02000001": [0, 2, 4], "n02000002": [1, 3, 5]}}, f)
+    else:
+        _csv_form(tmp_path / "mini-imagenet", zipped=form == "zip")
+    cached, decoded = mini_imagenet.load_split("val", tmp_path, progress=False), mini_imagenet.decode_split("val", tmp_path)
+    assert decoded.classes == cached.classes and torch.equal(decoded.targets, cached.targets)
+    assert decoded.labels_to_indices == cached.labels_to_indices and len(decoded) == len(cached)
+    for i in range(len(cached)):
+        assert torch.equal(decoded[i][0], cached[i][0]) and decoded[i][1] == cached[i][1]

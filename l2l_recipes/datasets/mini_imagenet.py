@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from l2l_recipes import data
+from l2l_recipes.config import check
 from l2l_recipes.errors import UserError
 
 CHANNELS = 3
@@ -98,9 +99,49 @@ def load_split(split, root, download=False, progress=True):
     return data.ClassImages(cache["images"], cache["targets"], cache["classes"])
 
 
+class DecodedSplit(torch.utils.data.Dataset):
+    """One split read from its files under `root` (no cache): load_split's items. From the CSV and
+    images.zip (or images/), each image is decoded the first time a task asks for it, then kept."""
+
+    def __init__(self, split, root, download=False):
+        kind, where = locate(Path(root), split, download)
+        if kind == "csv":
+            rows = read_csv(where / f"{split}.csv")
+            self.archive = zipfile.ZipFile(where / "images.zip") if (where / "images.zip").is_file() else None
+            members = {Path(n).name: n for n in self.archive.namelist()} if self.archive else {}
+            missing = next((n for n, _ in rows if self.archive and n not in members), None)
+            check(missing is None, f"{where / 'images.zip'} has no image {missing} (listed in the split CSV)")
+            self.files = [members[n] if self.archive else where / "images" / n for n, _ in rows]
+            self.classes = list(dict.fromkeys(label for _, label in rows))
+            targets = [self.classes.index(label) for _, label in rows]
+        else:  # learn2learn's pickle: every image in memory already
+            obj = read_pickle(where)
+            self.pixels, self.classes, targets = obj["image_data"], list(obj["class_dict"]), [0] * len(obj["image_data"])
+            for c, indices in enumerate(obj["class_dict"].values()):
+                for i in indices:
+                    targets[i] = c
+        self.targets, self.decoded = torch.tensor(targets), {}
+        self.labels_to_indices = {c: [] for c in range(len(self.classes))}
+        for i, c in enumerate(targets):
+            self.labels_to_indices[c].append(i)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        if i not in self.decoded:
+            if hasattr(self, "pixels"):
+                self.decoded[i] = torch.from_numpy(np.array(self.pixels[i])).permute(2, 0, 1)
+            else:
+                with (self.archive.open(self.files[i]) if self.archive else open(self.files[i], "rb")) as f:
+                    with Image.open(f) as image:
+                        self.decoded[i] = data.rgb_pixels(image, SIZE)
+        return self.decoded[i].float().div_(255), int(self.targets[i])
+
+
 def decode_split(split, root, download=False):
-    """One split decoded from its files under `root` (no cache): the images of load_split."""
-    return data.ClassImages(**decoded(*locate(root, split, download), split))
+    """One split read from its files under `root` (no cache), as its tasks need them: load_split's items."""
+    return DecodedSplit(split, root, download)
 
 
 def decoded(kind, where, split, progress=False):

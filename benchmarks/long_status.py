@@ -9,6 +9,7 @@ Then the records written, and the last line of each bench log that reports an er
 """
 import fcntl
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -60,4 +61,5 @@ def main(long=Path("/root/l2l-long")):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends the output quietly
     main(*map(Path, sys.argv[1:2]))

@@ -1084,7 +1084,8 @@ class _Exporter:
                     title = f"---- {item.src.label}" + (f": {summary}" if summary and not self.plain else "")
                 comments.insert(0, _comment(title) + "\n")
                 blank = 1 if previous is None else 2
-            elif previous[1].src is item.src and item.index == previous[1].index + 1:
+            elif previous[1].src is item.src and (item.index == previous[1].index + 1 or all(
+                    isinstance(i.node, (ast.Assign, ast.AnnAssign)) for i in (previous[1], item))):  # constants
                 blank = min(2, sum(1 for line in item.gap if not line.strip()))
             add(self._text(item, names, comments), blank)
             previous = (group, item)

@@ -423,7 +423,7 @@ def _cost(name, by_recipe, speeds=(), gpu=None):
         return ""
     same = lambda r: (r.get("ways"), r.get("shots")) == (getattr(cfg, "ways", None), getattr(cfg, "shots", None))
     timed = [(row, date, threads) for row, date, threads in speeds if registry.get_recipe(row["recipe"]).family == recipe.family
-             and registry.get_recipe(row["recipe"]).config().dataset == dataset]
+             and getattr(registry.get_recipe(row["recipe"]).config(), "dataset", None) == dataset]
     if timed:
         def closeness(t):  # the recipe itself, else the sibling whose config differs least (MAML vs FOMAML)
             other = registry.get_recipe(t[0]["recipe"]).config()
@@ -487,12 +487,17 @@ def speed_rows(speed_dir):
 
 def write_table(results_dir="benchmarks/results", readme="benchmarks/README.md"):
     """Rebuild the table between the markers of `readme` from every record in `results_dir`."""
-    records = [_record_of(p) for p in sorted(Path(results_dir).glob("*.json"))]
-    records = [r for r in records if "seeds" in r]  # accuracy records, not speed records
+    records = {p: _record_of(p) for p in sorted(Path(results_dir).glob("*.json"))}
+    records = {p: r for p, r in records.items() if "seeds" in r}  # accuracy records, not speed records
     readme = Path(readme)
     speed_dir = Path(results_dir).parent / "speed"
-    rows, history, reproduced = table_rows(records, readme.parent / "notes", speed_rows(speed_dir),
-                                           gpu_estimates(speed_dir))
+    table = (readme.parent / "notes", speed_rows(speed_dir), gpu_estimates(speed_dir))
+    try:
+        rows, history, reproduced = table_rows(list(records.values()), *table)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # a record lacks a field
+        raise UserError(f"{_incomplete(records, table) or 'a record'} is not a whole bench record "
+                        f"({type(e).__name__}: {e}): repair it (a merge conflict?) or remove it, then rebuild "
+                        f"the table with `l2l-recipes bench-table`") from None
     with_published = sum(1 for name in registry.list_recipes() if registry.get_recipe(name).published)
     header = ("| recipe | published | learn2learn's claim | ours: mean ± 95% CI (seeds) | verdict | budget | "
               "wall time | device, date, commit | command | curve |\n" + "|---" * 10 + "|")
@@ -512,6 +517,15 @@ def write_table(results_dir="benchmarks/results", readme="benchmarks/README.md")
         raise UserError(f"cannot write {readme} ({e.strerror}): give a --results-dir whose parent folder you "
                         f"can write") from None
     return len(records)
+
+
+def _incomplete(records, table):
+    """The first of `records` ({path: record}) the table cannot be built from on its own, or None."""
+    for path, record in records.items():
+        try:
+            table_rows([record], *table)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+            return path
 
 
 def _record_of(path):

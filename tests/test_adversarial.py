@@ -4,6 +4,7 @@ unusual modes. Each gets one clear line (or goes on safely) and nothing of the u
 import fcntl
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -148,6 +149,24 @@ def test_a_damaged_record_is_named_and_the_bench_writes_a_new_one(tmp_path, data
     assert json.loads(new.read_text())["seeds"][0]["accuracy"] == good["seeds"][0]["accuracy"]
     record.unlink()
     assert cli("bench-table", "--results-dir", results).exit_code == 0
+
+
+def test_a_record_lacking_a_field_is_named_and_an_unmeasured_sine_row_costs_nothing(tmp_path):
+    """A record that parses but lacks a field (a hand edit, a half-resolved merge) stopped
+    bench-table with a KeyError; with no sine record, its speed row crashed the cost (no dataset)."""
+    shutil.copytree(Path("benchmarks") / "speed", tmp_path / "benchmarks" / "speed")
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir()
+    assert cli("bench-table", "--results-dir", results).exit_code == 0  # every row unmeasured, sine's included
+    assert "`maml-sine-5s`" in (tmp_path / "benchmarks" / "README.md").read_text()
+    record = json.loads(next(Path("benchmarks/results").glob("maml-omniglot-5w1s-*.json")).read_text())
+    del record["config"]
+    (results / "maml-omniglot-5w1s-cpu-edited.json").write_text(json.dumps(record))
+    table = (tmp_path / "benchmarks" / "README.md").read_text()
+    line = one_line(cli("bench-table", "--results-dir", results))
+    assert line.startswith(f"Error: {results / 'maml-omniglot-5w1s-cpu-edited.json'} is not a whole bench record")
+    assert "KeyError: 'config'" in line and "l2l-recipes bench-table" in line
+    assert (tmp_path / "benchmarks" / "README.md").read_text() == table  # left as it was
 
 
 def test_bench_table_into_an_unwritable_folder_is_one_line(tmp_path, monkeypatch):

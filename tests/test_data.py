@@ -4,6 +4,7 @@ late-bound rotations)."""
 import random
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,6 +149,25 @@ def test_incomplete_data_is_a_clear_error_with_or_without_the_cache(tmp_path, mo
                  lambda: omniglot.decode_split("test", tmp_path / "data")):
         with pytest.raises(UserError, match=r"incomplete: expected 20 drawings per character, found \[19, 20\]"):
             load()
+
+
+def test_uncached_split_downloads_only_the_missing_set(tmp_path, monkeypatch):
+    """--download in an exported file fetches through torchvision the sets not on disk, and only those."""
+    import torchvision
+    _tiny_omniglot(tmp_path / "data")
+    (tmp_path / "data/omniglot-py/images_evaluation").rmdir()
+    fetched = []
+
+    def fake_omniglot(root, background, download):
+        fetched.append((root, background, download))
+        (Path(root) / "omniglot-py" / "images_evaluation").mkdir()
+
+    monkeypatch.setattr(torchvision.datasets, "Omniglot", fake_omniglot)
+    monkeypatch.setattr(omniglot, "classes", lambda split, root=None: ["Alpha/character01/rot090"])
+    split = omniglot.decode_split("test", tmp_path / "data", download=True)
+    assert fetched == [(str(tmp_path / "data"), False, True)] and len(split) == 20
+    omniglot.decode_split("test", tmp_path / "data", download=True)
+    assert len(fetched) == 1  # both sets on disk: nothing fetched
 
 
 def test_a_truncated_png_read_without_the_cache_is_named_with_the_fix(tmp_path, monkeypatch):

@@ -142,9 +142,10 @@ class DecodedSplit(torch.utils.data.Dataset):
 
     def __init__(self, split, root, download=False):
         base = Path(root) / "omniglot-py"
-        if download and not all((base / s).is_dir() for s in SETS):
+        missing = [s for s in SETS if not (base / s).is_dir()]
+        if download and missing:
             import torchvision
-            for s in SETS:
+            for s in missing:  # only these: torchvision fetches a set again unless its zip is beside it
                 torchvision.datasets.Omniglot(str(root), background=(s == "images_background"), download=True)
         if not base.is_dir():
             raise UserError(f"Omniglot not found: no {base}. Pass --data-root DIR (the folder holding "

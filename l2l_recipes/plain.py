@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from l2l_recipes import data
 from l2l_recipes.config import check, validate
+from l2l_recipes.errors import UserError
 
 
 def override(cfg, assignments):
@@ -169,14 +170,16 @@ class PlainRun:
         """The run's folder, made with its config.json on first use: `path`, or `path-2`, `path-3`, ...
         where another run took that name (a directory is made only once: never two runs in one)."""
         if not self.made:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             name = self.path.name
             for k in itertools.count(2):
                 try:
-                    self.path.mkdir()
+                    self.path.mkdir(parents=True)
                     break
                 except FileExistsError:
                     self.path = self.path.with_name(f"{name}-{k}")
+                except OSError as e:  # a file in the way, no permission
+                    raise UserError(f"cannot make the run folder {self.path} ({e.strerror}): pass an --out folder "
+                                    f"you can write") from None
             (self.path / "config.json").write_text(json.dumps({"recipe": self.recipe, **vars(self.cfg)}, indent=2))
             self.made = True
         return self.path

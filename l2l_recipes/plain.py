@@ -42,10 +42,13 @@ def override(cfg, assignments):
 
 
 def resolve_device(name):
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a UserError."""
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU, or 'cuda:K' without GPU K, is a UserError."""
     check(name in ("auto", "cpu", "cuda") or name.startswith("cuda:"), f"unknown device '{name}': use auto, cpu or cuda")
     check(not name.startswith("cuda") or torch.cuda.is_available(),
           "--device cuda but PyTorch sees no CUDA GPU here: use --device cpu or auto")
+    gpus = torch.cuda.device_count() if name.startswith("cuda:") else 0
+    check(not gpus or name[5:].isdigit() and int(name[5:]) < gpus, f"unknown device '{name}': this machine's GPUs "
+                                                                    f"are cuda:0 to cuda:{gpus - 1}")
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 

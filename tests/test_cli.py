@@ -8,6 +8,7 @@ from PIL import Image
 
 import l2l_recipes
 from conftest import cli
+from l2l_recipes.errors import UserError
 
 OMNIGLOT = [f"{family}-omniglot-{setting}" for family in ("maml", "protonet")
             for setting in ("5w1s", "5w5s", "20w1s", "20w5s")]
@@ -149,6 +150,11 @@ def test_device_choice_is_honoured(monkeypatch):
     assert resolve_device("cpu").type == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto").type == "cuda" and resolve_device("cpu").type == "cpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # two GPUs: cuda:0 and cuda:1, no other
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    for name in ("cuda:2", "cuda:x", "cuda:"):
+        with pytest.raises(UserError, match=f"unknown device '{name}': this machine's GPUs are cuda:0 to cuda:1"):
+            resolve_device(name)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto").type == "cpu"
 

@@ -249,8 +249,7 @@ def _train_seed(name, cfg, run_dir, device, data_root, progress, max_minutes):
         if run_dir.exists():
             shutil.rmtree(run_dir)
         run = harness.Run(run_dir, name, cfg, device, **options)
-    harness.keep_freed_memory()  # this process trains: keep its freed activation buffers
-    harness.cap_memory(device)  # a step too large fails in one line, not by the OOM killer
+    harness.prepare_to_train(device)  # freed buffers kept; a step too large fails in one line
     try:
         registry.get_recipe(name).load_module().train(cfg, run)
         harness.meta_test(run_dir, device=str(device), data_root=data_root, progress=progress,

@@ -128,8 +128,7 @@ def recipes_run(name, resume_dir, data_root, download, device, seed, out, assign
 
 
 def _train_and_test(run, progress):
-    harness.keep_freed_memory()  # this process trains: keep its freed activation buffers
-    harness.cap_memory(run.device)  # a step too large fails in one line, not by the OOM killer
+    harness.prepare_to_train(run.device)  # freed buffers kept; a step too large fails in one line
     if distributed.is_main():
         world = distributed.world_size()
         processes = f", {world} processes ({distributed.backend()})" if world > 1 else ""

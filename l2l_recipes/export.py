@@ -1317,8 +1317,7 @@ def main(argv=None):
                 print(f"override: {text}")
             run = harness.Run.create(args.out, RECIPE, cfg, plain.resolve_device(cfg.device), **options)
         print(f"run directory: {run.path}  (device {run.device})")
-        harness.keep_freed_memory()  # this process trains: keep its freed activation buffers
-        harness.cap_memory(run.device)  # a step too large fails in one line, not by the OOM killer
+        harness.prepare_to_train(run.device)  # freed buffers kept; a step too large fails in one line
         try:
             train(run.cfg, run)
         except BaseException:
@@ -1330,9 +1329,10 @@ def main(argv=None):
     except UserError as e:
         sys.exit(f"Error: {e}")
     except (MemoryError, RuntimeError) as e:
-        if harness.out_of_memory(e) is None:
+        message = harness.out_of_memory(e)
+        if message is None:
             raise
-        sys.exit(f"Error: {harness.out_of_memory(e)}")
+        sys.exit(f"Error: {message}")
     print(cli._result_line(result))
 '''
 

@@ -41,6 +41,13 @@ from l2l_recipes.errors import UserError
 from l2l_recipes.registry import get_recipe
 
 
+def prepare_to_train(device):
+    """Set this process up to train on `device`: freed activation buffers kept (keep_freed_memory),
+    its memory capped so that a step too large fails in one line, not by the OOM killer (cap_memory)."""
+    keep_freed_memory()
+    cap_memory(device)
+
+
 def keep_freed_memory():
     """Ask glibc's malloc to keep freed memory instead of handing it back to the OS.
 

@@ -17,7 +17,6 @@ from it (the best weights, stopping) is the same on every process.
 """
 import dataclasses
 import fcntl
-import itertools
 import json
 import math
 import os
@@ -451,22 +450,11 @@ class Run(plain.PlainRun):
         reused). An --out that cannot be written is a UserError, before any training. Under
         torchrun, rank 0 makes the directory and its path is every process's."""
         def new_path():
-            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             parent = Path(out) / recipe_name
             made = [d for d in (parent, *parent.parents) if not d.exists()]  # deepest first
-            try:
-                parent.mkdir(parents=True, exist_ok=True)
-                for k in itertools.count(1):
-                    path = parent / (f"{stamp}-s{cfg.seed}" + (f"-{k}" if k > 1 else ""))
-                    try:
-                        path.mkdir()  # atomic: of two runs making it, one gets FileExistsError
-                        hold_run_dir(path)
-                        return path, made
-                    except FileExistsError:
-                        continue
-            except OSError as e:
-                raise UserError(f"cannot make a run directory under --out {out} ({e.strerror}: {e.filename}): "
-                                f"pass an --out folder you can write") from None
+            path = plain.claim_folder(parent / f"{datetime.now():%Y%m%d-%H%M%S}-s{cfg.seed}")
+            hold_run_dir(path)
+            return path, made
         path, made = distributed.on_main(new_path)
         run = cls(path, recipe_name, cfg, device, **options)
         run._made_parents = made

@@ -125,6 +125,21 @@ class EarlyStopping:
         return self.wait > self.patience
 
 
+def claim_folder(path):
+    """`path` made now, or `path-2`, `path-3`, ... where another run took the name: mkdir is atomic,
+    so two runs never share a folder. A folder that cannot be made is a UserError naming --out."""
+    name = path.name
+    for k in itertools.count(2):
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            path = path.with_name(f"{name}-{k}")
+        except OSError as e:  # a file in the way, no permission
+            raise UserError(f"cannot make the run folder {path} ({e.strerror}): pass an --out folder "
+                            f"you can write") from None
+
+
 class PlainRun:
     """A run in one process, in folder `path`: config.json, metrics.jsonl, ckpt.pt, best.pt, result.json."""
     checkpoint_format = 1  # of ckpt.pt and best.pt, as `l2l-recipes eval`, `predict` and `run --resume` read them
@@ -173,16 +188,7 @@ class PlainRun:
         """The run's folder, made with its config.json on first use: `path`, or `path-2`, `path-3`, ...
         where another run took that name (a directory is made only once: never two runs in one)."""
         if not self.made:
-            name = self.path.name
-            for k in itertools.count(2):
-                try:
-                    self.path.mkdir(parents=True)
-                    break
-                except FileExistsError:
-                    self.path = self.path.with_name(f"{name}-{k}")
-                except OSError as e:  # a file in the way, no permission
-                    raise UserError(f"cannot make the run folder {self.path} ({e.strerror}): pass an --out folder "
-                                    f"you can write") from None
+            self.path = claim_folder(self.path)
             (self.path / "config.json").write_text(json.dumps({"recipe": self.recipe, **vars(self.cfg)}, indent=2))
             self.made = True
         return self.path

@@ -290,12 +290,14 @@ def test_exported_recipe_reproduces_the_package_run(exported_runs, package_runs,
 # of its own for each of two runs started in the same second (one's results were lost), and --data-root
 # defaulting to $L2L_RECIPES_DATA, +11, the same day; mini-ImageNet's uncached split decoded as tasks ask, -13;
 # constants kept together where they were, -2; an --out that is a file one line, not a traceback, +2;
-# cuda:K without GPU K one line, +3).
+# cuda:K without GPU K one line, +3; the Omniglot split read by the package's one scan of the PNGs, and
+# the run folder claimed by the function harness.Run uses too, so that neither is written twice, +6 to +16,
+# 2026-12-07).
 # Issue #17 asks for 350, and 450 for MetaOptNet, SNAIL and MAML++: l2l_recipes.plain (~150 lines),
 # the config's ranges (~25), the episodes and the uncached loader (~120 for Omniglot, ~150 for
 # mini-ImageNet) keep them above.
-LINE_LIMITS = {"maml": 578, "protonet": 626, "matchingnet": 590, "anil": 581, "metasgd": 602, "reptile": 644,
-               "transfer": 601, "metaoptnet": 664, "snail": 718, "mamlpp": 712}
+LINE_LIMITS = {"maml": 584, "protonet": 632, "matchingnet": 596, "anil": 587, "metasgd": 608, "reptile": 650,
+               "transfer": 607, "metaoptnet": 670, "snail": 724, "mamlpp": 718}
 
 
 def test_every_default_export_is_within_its_line_limit():

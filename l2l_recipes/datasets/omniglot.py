@@ -49,7 +49,7 @@ def omniglot_sources(root, download=False):
     missing = [s for s in SETS if not (base / s).is_dir()]
     if missing and download:
         import torchvision
-        for s in missing:
+        for s in missing:  # only these: torchvision fetches a set again unless its zip is beside it
             torchvision.datasets.Omniglot(str(root), background=(s == "images_background"), download=True)
         missing = [s for s in SETS if not (base / s).is_dir()]
     if missing:
@@ -57,12 +57,10 @@ def omniglot_sources(root, download=False):
             f"Omniglot not found: no {base / missing[0]}. Pass --data-root DIR (the folder holding "
             f"omniglot-py/), set L2L_RECIPES_DATA, or add --download to fetch it")
     characters = {}  # os.scandir: a tenth of pathlib's time for the 32,460 files, at every load
-    for s in SETS:
-        for alphabet in sorted(e.path for e in os.scandir(base / s) if e.is_dir()):
-            for character in sorted(e.path for e in os.scandir(alphabet) if e.is_dir()):
-                with os.scandir(character) as entries:
-                    name = f"{os.path.basename(alphabet)}/{os.path.basename(character)}"
-                    characters[name] = sorted(e.path for e in entries if e.name.endswith(".png"))
+    for alphabet in sorted(e.path for s in SETS for e in os.scandir(base / s) if e.is_dir()):
+        for character in sorted(e.path for e in os.scandir(alphabet) if e.is_dir()):
+            name = f"{os.path.basename(alphabet)}/{os.path.basename(character)}"
+            characters[name] = sorted(e.path for e in os.scandir(character) if e.name.endswith(".png"))
     counts = {len(files) for files in characters.values()}
     if counts != {DRAWINGS}:
         raise UserError(f"Omniglot under {root} is incomplete: expected {DRAWINGS} drawings per "
@@ -141,22 +139,7 @@ class DecodedSplit(torch.utils.data.Dataset):
     drawing decoded the first time a task asks for it (a run starts at once), then kept."""
 
     def __init__(self, split, root, download=False):
-        base = Path(root) / "omniglot-py"
-        missing = [s for s in SETS if not (base / s).is_dir()]
-        if download and missing:
-            import torchvision
-            for s in missing:  # only these: torchvision fetches a set again unless its zip is beside it
-                torchvision.datasets.Omniglot(str(root), background=(s == "images_background"), download=True)
-        if not base.is_dir():
-            raise UserError(f"Omniglot not found: no {base}. Pass --data-root DIR (the folder holding "
-                            f"omniglot-py/), set L2L_RECIPES_DATA, or add --download to fetch it")
-        self.classes, self.decoded = classes(split), {}
-        characters = dict.fromkeys(c.rsplit("/", 1)[0] for c in self.classes)
-        self.files = {k: sorted(map(str, base.glob(f"images_*/{k}/*.png"))) for k in characters}  # PNG paths
-        counts = sorted({len(files) for files in self.files.values()})
-        if counts != [DRAWINGS]:
-            raise UserError(f"Omniglot under {root} is incomplete: expected {DRAWINGS} drawings per "
-                            f"character, found {counts}; re-extract or re-download it")
+        self.files, self.classes, self.decoded = omniglot_sources(root, download), classes(split), {}  # PNG paths
         self.labels_to_indices = {c: list(range(c * DRAWINGS, (c + 1) * DRAWINGS)) for c in range(len(self.classes))}
 
     def __len__(self):

@@ -212,8 +212,10 @@ class PlainRun:
         self.save("ckpt.pt", self.tracked[0], iteration)
 
     def save(self, name, model, iteration, **extra):
+        tmp = self.folder() / f".{name}.tmp"  # written whole, then renamed: a stop never leaves half a file
         torch.save({"format": self.checkpoint_format, "recipe": self.recipe, "config": vars(self.cfg),
-                    "iteration": iteration, "model": model.state_dict(), **extra}, self.folder() / name)
+                    "iteration": iteration, "model": model.state_dict(), **extra}, tmp)
+        tmp.replace(self.path / name)
 
     def test(self, predictor):
         """Test the weights of best.pt (else ckpt.pt) on the fixed test tasks; write and print result.json."""

@@ -36,6 +36,7 @@ class _Group(click.Group):
 @click.group(cls=_Group)
 def cli():
     """Run, reproduce and reuse meta-learning recipes built on learn2learn."""
+    harness.flush_denormals()  # before any parallel operation starts OpenMP's threads (they copy it)
 
 
 @cli.command("list")
@@ -171,7 +172,6 @@ def recipes_eval(run_dir, episodes, device, data_root, ways, shots, queries, pro
     --shots, on fixed test tasks of that setting: one 1-shot ProtoNet gives the 5- and 20-way rows)."""
     progress = sys.stderr.isatty() if progress is None else progress
     harness.cap_memory(plain.resolve_device(device))  # tasks too large fail in one line, not by the OOM killer
-    harness.flush_denormals()  # a trained model's CPU arithmetic at full speed
     result = harness.meta_test(run_dir, episodes, device, data_root, progress, ways=ways, shots=shots,
                                queries=queries)
     click.echo(json.dumps(harness.json_safe(result), allow_nan=False))
@@ -197,7 +197,6 @@ def recipes_predict(run_dir, more_queries, support, queries, device, as_json):
     if support is None:
         raise UserError("predict needs --support DIR: a folder with one subfolder of images per class")
     harness.cap_memory(plain.resolve_device(device))
-    harness.flush_denormals()
     results = predict.classify(run_dir, support, queries + more_queries, device)
     if as_json:
         click.echo(json.dumps(results, indent=2))

@@ -1302,6 +1302,7 @@ def main(argv=None):
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this directory from its last "
                         "checkpoint, with its own config (and data root, unless --data-root is given)")
     args = parser.parse_args(argv)
+    harness.flush_denormals()  # before any parallel operation starts OpenMP's threads (they copy it)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     options = dict(data_root=args.data_root, download=args.download, progress=progress,
                    command=f"python {shlex.quote(sys.argv[0])}")

@@ -36,7 +36,6 @@ class _Group(click.Group):
 @click.group(cls=_Group)
 def cli():
     """Run, reproduce and reuse meta-learning recipes built on learn2learn."""
-    harness.flush_denormals()  # before any parallel operation starts OpenMP's threads (they copy it)
 
 
 @cli.command("list")

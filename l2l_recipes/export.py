@@ -1302,7 +1302,6 @@ def main(argv=None):
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this directory from its last "
                         "checkpoint, with its own config (and data root, unless --data-root is given)")
     args = parser.parse_args(argv)
-    harness.flush_denormals()  # before any parallel operation starts OpenMP's threads (they copy it)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     options = dict(data_root=args.data_root, download=args.download, progress=progress,
                    command=f"python {shlex.quote(sys.argv[0])}")
@@ -1366,7 +1365,6 @@ def main(argv=None):
     try:
         cfg = override(Config(), [f"device={args.device}"] * bool(args.device) + args.assignments)
         device = resolve_device(cfg.device)
-        torch.set_flush_denormal(True)  # tiny floats as zero: a trained model's CPU steps faster, as in run
         path = Path(args.out) / RECIPE / f"{time.strftime('%Y%m%d-%H%M%S')}-s{cfg.seed}"
         run = PlainRun(path, RECIPE, cfg, device, args.data_root, args.download)
         train(cfg, run)

@@ -42,25 +42,9 @@ from l2l_recipes.registry import get_recipe
 
 def prepare_to_train(device):
     """Set this process up to train on `device`: freed activation buffers kept (keep_freed_memory),
-    its memory capped so that a step too large fails in one line, not by the OOM killer (cap_memory),
-    denormal floats computed as zero (flush_denormals)."""
+    its memory capped so that a step too large fails in one line, not by the OOM killer (cap_memory)."""
     keep_freed_memory()
     cap_memory(device)
-    flush_denormals()
-
-
-def flush_denormals():
-    """Have the CPU treat denormal floats (below 1.2e-38 in float32) as zero. Trained models hold
-    some (Reptile's carried Adam moments reach 1e-40), and arithmetic on them costs ~100 cycles
-    apiece: a Reptile Omniglot 5w5s iteration from its 38,000-iteration checkpoint took 118 ms
-    (median of 37, two threads) without this and 88 ms with it, 92 ms from fresh weights. The
-    values lost are far below any update's size (Adam's eps is 1e-8). No effect on CUDA.
-    Each thread has its own setting, and OpenMP's threads take the main thread's when they start:
-    call this before the first parallel operation (the command line does so first). Returns
-    whether every thread flushes (a probe multiplied on all of them)."""
-    torch.set_flush_denormal(True)
-    probe = torch.full((1 << 18,), 0x00100000, dtype=torch.int32).view(torch.float32)  # 1.5e-39 each
-    return bool((probe * 2 == 0).all())
 
 
 def keep_freed_memory():

@@ -81,7 +81,6 @@ def _serve(connection, name, engine, warmup, iterations, threads, changes, data_
     end, taking turns; sends the per-iteration seconds."""
     torch.set_num_threads(threads)
     harness.keep_freed_memory()  # as every run here
-    harness.flush_denormals()
     total = warmup + iterations + 1  # + the last, validating one
     settings = {**changes, "iterations": total, "val_interval": total, "log_interval": total, "engine": engine}
     run = train_quietly(name, settings, data_root, TimedRun, connection=connection)

@@ -4,7 +4,8 @@
 
 Each line: the bench folder, the seed, its last logged iteration of the recipe's budget, the
 seconds per iteration over its last 1,000 logged iterations (validations included), its last
-and best validation, and whether it is tested (result.json), training (a bench process holds it) or stopped.
+and best validation, and whether it is tested (result.json), training (a bench process holds it) or stopped,
+with the hours its budget still needs at that pace.
 Then the records written, and the last line of each bench log that reports an error.
 """
 import fcntl
@@ -44,6 +45,8 @@ def seed_line(seed_dir):
     val = (f"val {vals[-1]['val_accuracy']:.4f} (best {max(r['val_accuracy'] for r in vals):.4f} at "
            f"{max(vals, key=lambda r: r['val_accuracy'])['iteration']})" if vals else "no validation yet")
     state = "tested" if (seed_dir / "result.json").is_file() else "training" if held(seed_dir) else "stopped"
+    if state != "tested" and isinstance(budget, int) and pace == pace:  # pace not nan
+        state += f", ~{(budget - last['iteration']) * pace / 3600:.1f} h left at that pace"
     return (f"{seed_dir.parent.parent.name}/{seed_dir.parent.name}/{seed_dir.name}: iteration {last['iteration']} "
             f"of {budget}, {pace:.3f} s/it lately, {val}, {state}")
 

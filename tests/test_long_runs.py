@@ -46,5 +46,5 @@ def test_long_status_reports_each_seed(tmp_path):
                              capture_output=True, text=True, timeout=60).stdout.splitlines()
     seed_line = "maml-omniglot-5w1s/bench-0123456789/seed-{}: iteration 2000 of 60000, 0.500 s/it lately, " \
                 "val 0.9000 (best 0.9000 at 500), {}"
-    assert out == [seed_line.format(1, "tested"), seed_line.format(2, "training"),
+    assert out == [seed_line.format(1, "tested"), seed_line.format(2, "training, ~8.1 h left at that pace"),
                    "maml-omniglot-5w1s.log: Error: out of disk space"]

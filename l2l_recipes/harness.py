@@ -742,7 +742,8 @@ def _note_continuation(run_dir, iteration, device):
         tqdm.write(f"note: {str(e).rstrip(': ')}; a new env.json records this machine from iteration "
                    f"{iteration} on")
         env = {**here, "recreated_after_iteration": iteration}
-    keep = ("device", "gpu", "processor", "cpu_count", "hostname", "torch", "git_commit", "command")
+    keep = ("device", "gpu", "processor", "cpu_count", "torch_threads", "world_size", "hostname", "torch",
+            "git_commit", "command")
     env.setdefault("continued", []).append({"after_iteration": iteration,
                                             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                             **{key: here[key] for key in keep if key in here}})

@@ -284,6 +284,7 @@ def test_a_seed_started_on_another_machine_is_finished_here_and_both_are_recorde
     assert record["machines"] == record["seeds"][0]["machines"] == ["NVIDIA H200", here]
     (continued,) = json.loads((seed / "env.json").read_text())["continued"]
     assert continued["device"] == "cpu" and continued["after_iteration"] == 4 and "gpu" not in continued
+    assert continued["torch_threads"] == torch.get_num_threads() and continued["world_size"] == 1
     assert record["seeds"][0]["accuracy"] == first["seeds"][0]["accuracy"]  # the same weights, the same tasks
     assert f"| NVIDIA H200 + {here}, " in (results.parent / "README.md").read_text()
 

@@ -519,22 +519,23 @@ def test_plain_runs_started_in_the_same_second_keep_a_folder_each(tmp_path):
         PlainRun(tmp_path / "a file" / "x-s42", "maml-omniglot-5w1s", cfg, "cpu").log(1, loss=0.0)
 
 
-
 def test_a_plain_run_stopped_while_saving_keeps_its_last_weights(tmp_path, monkeypatch):
     """best.pt was written in place: a Ctrl-C (or a full disk) in the middle of a new best left a
     truncated file where the last good weights were, and the run's test had nothing to read."""
     import torch
-    run = PlainRun(tmp_path / "run-s42", "maml-omniglot-5w1s", registry.get_recipe("maml-omniglot-5w1s").config(), "cpu")
+    cfg = registry.get_recipe("maml-omniglot-5w1s").config()
+    run = PlainRun(tmp_path / "run-s42", "maml-omniglot-5w1s", cfg, "cpu")
     run.save("best.pt", torch.nn.Linear(2, 2), 1)
 
-    def stopped(obj, f):  # half the file written (to the path or the open file), then the stop
-        Path(f).write_bytes(b"half") if isinstance(f, (str, os.PathLike)) else f.write(b"half")
+    def stopped(obj, path):  # half the file written, then the stop
+        Path(path).write_bytes(b"half")
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", stopped)
     with pytest.raises(KeyboardInterrupt):
         run.save("best.pt", torch.nn.Linear(2, 2), 2)
     monkeypatch.undo()
     assert torch.load(run.path / "best.pt", weights_only=True)["iteration"] == 1
+
 
 def test_the_package_tests_and_refuses_to_resume_an_exported_files_run(exported_runs, tmp_path, data_root):
     """A run folder the exported file wrote is a model for `l2l-recipes eval` (the same test tasks

@@ -255,6 +255,24 @@ def test_two_bench_processes_share_the_seeds_and_write_one_record(tmp_path, data
     assert again.exit_code == 0 and len(list(results.glob("*.json"))) == 1  # no second record
 
 
+def test_a_bench_of_one_seed_grows_to_more_seeds_without_training_it_again(tmp_path, data_root):
+    """benchmarks/long_runs.sh benches ProtoNet's seed 1 alone (a verdict sooner), then the same
+    bench with --seeds 3: seed 1's tested run is taken as it is, and a record of all seeds is added."""
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    args = ["bench", "protonet-omniglot-5w1s", "--episodes", 10, "--iterations", 4, "--set", "train_ways=10",
+            "--set", "val_interval=2", "--set", "val_episodes=10", "--device", "cpu", "--no-progress",
+            "--data-root", data_root, "--runs-dir", runs, "--results-dir", results, "--resume"]
+    assert cli(*args, "--seeds", 1).exit_code == 0
+    (seed_1,) = runs.glob("protonet-omniglot-5w1s/bench-*/seed-1")
+    trained = {name: (seed_1 / name).read_bytes() for name in ("metrics.jsonl", "best.pt", "result.json")}
+    out = cli(*args, "--seeds", 2)
+    assert out.exit_code == 0, out.output
+    assert {name: (seed_1 / name).read_bytes() for name in trained} == trained
+    one, two = sorted((json.loads(p.read_text()) for p in results.glob("*.json")), key=lambda r: len(r["seeds"]))
+    assert [s["seed"] for s in one["seeds"]] == [1] and [s["seed"] for s in two["seeds"]] == [1, 2]
+    assert two["seeds"][0] == one["seeds"][0]
+
+
 def test_a_seed_started_on_another_machine_is_finished_here_and_both_are_recorded(tmp_path, data_root):
     """A bench's runs do not depend on the device (a seed started on a GPU machine continues on a
     CPU with the same command plus --resume); env.json and the record name every machine."""

@@ -184,3 +184,16 @@ bench anil-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
 # on 1,000 test tasks (best validation 0.9835 at the last step); published 99.07 +- 0.16, short by 1.95
 # (benchmarks/notes/snail-omniglot-5w1s.md). Record snail-omniglot-5w1s-...-20261206-191025
 OMP_NUM_THREADS=2 bench snail-omniglot-5w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
+# 2026-12-06 (~18:00) to 2026-12-07 (03:41), sessions 25-28: Reptile 5w5s at the paper's protocol (100,000
+# iterations, carried inner Adam), started at 17cd731 and continued with --resume at later commits (one or two
+# threads; each continuation in the run's env.json): 99.20 +- 0.24 on 1,000 test tasks (best validation 0.997 at
+# iteration 62,000); published 99.48 +- 0.06, short by 0.28 (benchmarks/notes/reptile-omniglot-5w5s.md).
+# Record reptile-omniglot-5w5s-...-20261207-034113
+bench reptile-omniglot-5w5s --seeds 1 --resume --runs-dir /root/l2l-long/bench
+# its last weights (a copy of the run folder holding ckpt.pt only), and the rotated test classes (one thread)
+l2l-recipes eval RUN_DIR_WITH_CKPT_ONLY --device cpu
+python benchmarks/omniglot_rotations.py /root/l2l-long/bench/reptile-omniglot-5w5s/bench-7c33ab88f1/seed-1 --device cpu
+# 2026-12-07 (03:44), session 28: long_runs.sh QUEUES=2 (cf47f19): ANIL 20w1s (from iteration 10,669) on one
+# thread, ProtoNet 1-shot seed 1 alone (then the 5-shot model, seeds 2-3, MAML++) on the other
+bench anil-omniglot-20w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
+bench protonet-omniglot-5w1s protonet-omniglot-20w1s --seeds 1 --episodes 1000 --resume --runs-dir /root/l2l-long/bench

@@ -1,7 +1,9 @@
 """The long-run scripts of benchmarks/: the queue runs each item with its own options, one after
-another, past a failed one; long_status.py reports each seed's state."""
+another, past a failed one; long_status.py reports each seed's state; omniglot_rotations.py scores a
+run's test tasks by their rotated classes."""
 import fcntl
 import json
+import os
 import subprocess
 import sys
 
@@ -48,3 +50,22 @@ def test_long_status_reports_each_seed(tmp_path):
                 "val 0.9000 (best 0.9000 at 500), {}"
     assert out == [seed_line.format(1, "tested"), seed_line.format(2, "training, ~8.1 h left at that pace"),
                    "maml-omniglot-5w1s.log: Error: out of disk space"]
+
+
+def test_omniglot_rotations_scores_the_runs_test_tasks_and_upright_ones(protonet_run, data_root):
+    """benchmarks/omniglot_rotations.py (a shortfall's investigation) scores the run's own fixed test
+    tasks (the accuracy its result.json holds), split by tasks holding two rotations of a character,
+    then as many tasks drawn from the 423 upright test characters only."""
+    run_dir, _ = protonet_run
+    env = {**os.environ, "L2L_RECIPES_DATA": str(data_root), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, REPO / "benchmarks" / "omniglot_rotations.py", run_dir], check=True,
+                         capture_output=True, text=True, timeout=600, env=env).stdout.splitlines()
+    every, upright = map(json.loads, out)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert every["test tasks"] == result["episodes"] == 200
+    assert abs(every["accuracy"] - result["accuracy"]) < 1e-6
+    counts = {key: int(key.split("(")[1].split()[0]) for key in every if "(" in key}
+    assert sum(counts.values()) == 200
+    weighted = sum(every[key] * n for key, n in counts.items()) / 200
+    assert abs(weighted - every["accuracy"]) < 1e-6
+    assert upright["upright classes"] == 423 and upright["tasks"] == 200 and 0.4 < upright["accuracy"] <= 1

@@ -58,7 +58,8 @@ PROTONET_5SHOT="protonet-omniglot-5w5s protonet-omniglot-20w5s --seeds 1 --episo
 # 5w5s at 14,950 of 100,000, ProtoNet seed 1 at 23,308), so a row that finishes within one
 # working session is worth more than two half-done ones. Done, reproduced or with a verdict, and
 # not run again here: MAML, FOMAML, Reptile and Meta-SGD omniglot-5w1s (reproduced), ANIL 5w1s,
-# SNAIL 5w1s (short by 1.95, 2026-12-06, within one session), Matching Nets (all four rows),
+# SNAIL 5w1s (short by 1.95, 2026-12-06, within one session), Reptile 5w5s (short by 0.28, 2026-12-07,
+# across four sessions), Matching Nets (all four rows),
 # transfer 5w1s/5w5s, MetaOptNet-ridge 5w1s, MAML sine.
 # Hours on two threads of the faster EPYC (docs/speed.md; 3-5x more on the Zen 1 one): Reptile
 # 5w5s ~2.9 (0.09 s an iteration measured 2026-12-06, 100 validations of 200 tasks; published

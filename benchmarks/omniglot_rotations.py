@@ -51,8 +51,10 @@ def main():
         characters = {names[label].rsplit("/rot", 1)[0] for label in labels}
         groups["shared character" if len(characters) < len(labels) else "distinct characters"].append(acc)
     every = [acc for accs in groups.values() for acc in accs]
-    print(json.dumps({"test tasks": len(every), "accuracy": sum(every) / len(every),
-                      **{f"{k} ({len(v)} tasks)": sum(v) / max(1, len(v)) for k, v in groups.items()}}), flush=True)
+    mean, ci95 = plain.mean_ci95(every)
+    print(json.dumps({"tasks": len(every), "accuracy": mean, "ci95": ci95,
+                      **{k: {"tasks": len(v), "accuracy": sum(v) / max(1, len(v))} for k, v in groups.items()}}),
+          flush=True)
     upright = Upright(data.load_split(cfg.dataset, "test", predictor.data_root), names)
     tasks = data.fixed_taskset(upright, cfg.ways, cfg.shots, cfg.queries, cfg.test_episodes, cfg.test_seed)
     mean, ci95 = plain.mean_ci95(accuracies(predictor, tasks))

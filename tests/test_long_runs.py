@@ -62,10 +62,10 @@ def test_omniglot_rotations_scores_the_runs_test_tasks_and_upright_ones(protonet
                          capture_output=True, text=True, timeout=600, env=env).stdout.splitlines()
     every, upright = map(json.loads, out)
     result = json.loads((run_dir / "result.json").read_text())
-    assert every["test tasks"] == result["episodes"] == 200
-    assert abs(every["accuracy"] - result["accuracy"]) < 1e-6
-    counts = {key: int(key.split("(")[1].split()[0]) for key in every if "(" in key}
-    assert sum(counts.values()) == 200
-    weighted = sum(every[key] * n for key, n in counts.items()) / 200
+    assert every["tasks"] == result["episodes"] == 200
+    assert abs(every["accuracy"] - result["accuracy"]) < 1e-6 and abs(every["ci95"] - result["ci95"]) < 1e-6
+    groups = [every["shared character"], every["distinct characters"]]
+    assert sum(g["tasks"] for g in groups) == 200
+    weighted = sum(g["accuracy"] * g["tasks"] for g in groups) / 200
     assert abs(weighted - every["accuracy"]) < 1e-6
     assert upright["upright classes"] == 423 and upright["tasks"] == 200 and 0.4 < upright["accuracy"] <= 1

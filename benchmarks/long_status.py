@@ -2,15 +2,17 @@
 
     python benchmarks/long_status.py [LONG]      (default /root/l2l-long)
 
-Each line: the bench folder, the seed, its last logged iteration of the recipe's budget, the
-seconds per iteration over its last 1,000 logged iterations (validations included), its last
-and best validation, and whether it is tested (result.json), training (a bench process holds it) or stopped,
-with the hours its budget still needs at that pace.
+Each line: the bench folder, the seed, its last logged iteration of the recipe's budget (under
+early stopping: where training ends if the validation loss does not improve again), the seconds
+per iteration over its last 1,000 logged iterations (validations included, a stop and its resume
+left out), its last and best validation, and whether it is tested (result.json), training (a
+bench process holds it) or stopped, with the hours its budget still needs at that pace.
 Then the records written, and the last line of each bench log that reports an error.
 """
 import fcntl
 import json
 import signal
+import statistics
 import sys
 from pathlib import Path
 
@@ -33,15 +35,41 @@ def held(seed_dir):
         return False
 
 
+def recent_pace(rows):
+    """Seconds per iteration over `rows` (logged training rows), validations included; a step between
+    two rows slower than 20x the median one is a stop and its resume (the time lost, then the start),
+    left out. nan for fewer than two rows."""
+    steps = [(b["time"] - a["time"], b["iteration"] - a["iteration"]) for a, b in zip(rows, rows[1:])
+             if b["iteration"] > a["iteration"]]
+    if not steps:
+        return float("nan")
+    typical = statistics.median(seconds / its for seconds, its in steps)
+    kept = [(seconds, its) for seconds, its in steps if seconds <= 20 * typical * its]
+    return sum(seconds for seconds, _ in kept) / sum(its for _, its in kept)
+
+
+def last_iteration(config, metrics):
+    """The iteration training ends at: the recipe's budget, or under early stopping (ProtoNet's
+    patience) the retraining's end once it started, else the end if the validation loss does not
+    improve again (the stop at best + patience + 1 validations, then as long a retraining on
+    train+val as the recipe does: best + patience - 1 validations)."""
+    retrain = [r["retrain_until"] for r in metrics if "retrain_until" in r]
+    losses = [r for r in metrics if "val_loss" in r]
+    if retrain or not config.get("patience") or not losses:
+        return retrain[-1] if retrain else config.get("iterations", "?")
+    best = min(losses, key=lambda r: r["val_loss"])["iteration"]
+    every, patience = config["val_interval"], config["patience"]
+    stop = best + (patience + 1) * every
+    return min(config["iterations"], stop + (best + (patience - 1) * every if config.get("trainval") else 0))
+
+
 def seed_line(seed_dir):
     metrics = rows(seed_dir / "metrics.jsonl") if (seed_dir / "metrics.jsonl").is_file() else []
-    budget = json.loads((seed_dir / "config.json").read_text()).get("iterations", "?")
+    budget = last_iteration(json.loads((seed_dir / "config.json").read_text()), metrics)
     train = [r for r in metrics if "time" in r and not any(k.startswith("val_") for k in r)]
     vals = [r for r in metrics if "val_accuracy" in r]
     last = train[-1] if train else {"iteration": 0, "time": 0}
-    recent = [r for r in train if r["iteration"] >= last["iteration"] - 1000]
-    pace = ((recent[-1]["time"] - recent[0]["time"]) / (recent[-1]["iteration"] - recent[0]["iteration"])
-            if len(recent) > 1 and recent[-1]["iteration"] > recent[0]["iteration"] else float("nan"))
+    pace = recent_pace([r for r in train if r["iteration"] >= last["iteration"] - 1000])
     val = (f"val {vals[-1]['val_accuracy']:.4f} (best {max(r['val_accuracy'] for r in vals):.4f} at "
            f"{max(vals, key=lambda r: r['val_accuracy'])['iteration']})" if vals else "no validation yet")
     state = "tested" if (seed_dir / "result.json").is_file() else "training" if held(seed_dir) else "stopped"

@@ -30,16 +30,27 @@ def test_queue_items_carry_their_options_and_a_failed_bench_does_not_stop_the_qu
 
 
 def test_long_status_reports_each_seed(tmp_path):
+    """One line per seed: its pace without the time a stop and resume lost, the hours left; under
+    early stopping the end is where training stops if the validation loss does not improve again."""
     home = tmp_path / "bench" / "maml-omniglot-5w1s" / "bench-0123456789"
     for seed, tested in ((1, True), (2, False)):
         run = home / f"seed-{seed}"
         run.mkdir(parents=True)
         (run / "config.json").write_text(json.dumps({"iterations": 60000}))
-        rows = [{"iteration": i, "time": 0.5 * i, "loss": 1.0} for i in range(10, 2010, 10)]
+        rows = [{"iteration": i, "time": 0.5 * i + 700 * (i > 1500 and seed == 2), "loss": 1.0}
+                for i in range(10, 2010, 10)]  # seed 2 stopped and resumed after 1,500: 700 s lost
         rows.insert(50, {"iteration": 500, "time": 250.0, "val_accuracy": 0.9, "val_loss": 0.3})
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         if tested:
             (run / "result.json").write_text("{}")
+    stopping = tmp_path / "bench" / "protonet-omniglot-5w1s" / "bench-0123456789" / "seed-1"
+    stopping.mkdir(parents=True)
+    (stopping / "config.json").write_text(json.dumps({"iterations": 1_000_000, "val_interval": 100,
+                                                      "patience": 200, "trainval": True}))
+    rows = [{"iteration": i, "time": 0.3 * i, "loss": 1.0} for i in range(100, 1100, 100)]
+    rows += [{"iteration": i, "time": 0.3 * i, "val_accuracy": 0.99, "val_loss": 0.5 - 0.1 * (i == 400)}
+             for i in range(100, 1100, 100)]  # the best validation loss at 400
+    (stopping / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "maml-omniglot-5w1s.log").write_text("iteration=10\nError: out of disk space\n")
     with open(home / "seed-2.lock", "a") as lock:
@@ -48,7 +59,10 @@ def test_long_status_reports_each_seed(tmp_path):
                              capture_output=True, text=True, timeout=60).stdout.splitlines()
     seed_line = "maml-omniglot-5w1s/bench-0123456789/seed-{}: iteration 2000 of 60000, 0.500 s/it lately, " \
                 "val 0.9000 (best 0.9000 at 500), {}"
+    # stops at 400 + 201 validations of 100, then retrains for 400 + 199 x 100: ends at 40,800
     assert out == [seed_line.format(1, "tested"), seed_line.format(2, "training, ~8.1 h left at that pace"),
+                   "protonet-omniglot-5w1s/bench-0123456789/seed-1: iteration 1000 of 40800, 0.300 s/it lately, "
+                   "val 0.9900 (best 0.9900 at 100), stopped, ~3.3 h left at that pace",
                    "maml-omniglot-5w1s.log: Error: out of disk space"]
 
 

@@ -4,8 +4,7 @@
 
 Each line: the bench folder, the seed, its last logged iteration of the recipe's budget (under
 early stopping: where training ends if the validation loss does not improve again), the seconds
-per iteration over its last 1,000 logged iterations (validations included, a stop and its resume
-left out), its last and best validation, and whether it is tested (result.json), training (a
+per iteration over its last 1,000 logged iterations (validations included, pauses left out), its last and best validation, and whether it is tested (result.json), training (a
 bench process holds it) or stopped, with the hours its budget still needs at that pace.
 Then the records written, and the last line of each bench log that reports an error.
 """
@@ -37,8 +36,8 @@ def held(seed_dir):
 
 def recent_pace(rows):
     """Seconds per iteration over `rows` (logged training rows), validations included; a step between
-    two rows slower than 20x the median one is a stop and its resume (the time lost, then the start),
-    left out. nan for fewer than two rows."""
+    two rows slower than 20x the median one is a pause (the process stopped with SIGSTOP, or killed and
+    resumed: the time lost and the start), left out. nan for fewer than two rows."""
     steps = [(b["time"] - a["time"], b["iteration"] - a["iteration"]) for a, b in zip(rows, rows[1:])
              if b["iteration"] > a["iteration"]]
     if not steps:

@@ -30,7 +30,7 @@ def test_queue_items_carry_their_options_and_a_failed_bench_does_not_stop_the_qu
 
 
 def test_long_status_reports_each_seed(tmp_path):
-    """One line per seed: its pace without the time a stop and resume lost, the hours left; under
+    """One line per seed: its pace without the time a pause lost, the hours left; under
     early stopping the end is where training stops if the validation loss does not improve again."""
     home = tmp_path / "bench" / "maml-omniglot-5w1s" / "bench-0123456789"
     for seed, tested in ((1, True), (2, False)):
@@ -38,7 +38,7 @@ def test_long_status_reports_each_seed(tmp_path):
         run.mkdir(parents=True)
         (run / "config.json").write_text(json.dumps({"iterations": 60000}))
         rows = [{"iteration": i, "time": 0.5 * i + 700 * (i > 1500 and seed == 2), "loss": 1.0}
-                for i in range(10, 2010, 10)]  # seed 2 stopped and resumed after 1,500: 700 s lost
+                for i in range(10, 2010, 10)]  # seed 2 paused after 1,500: 700 s lost
         rows.insert(50, {"iteration": 500, "time": 250.0, "val_accuracy": 0.9, "val_loss": 0.3})
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         if tested:

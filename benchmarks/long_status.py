@@ -4,8 +4,9 @@
 
 Each line: the bench folder, the seed, its last logged iteration of the recipe's budget (under
 early stopping: where training ends if the validation loss does not improve again), the seconds
-per iteration over its last 1,000 logged iterations (validations included, pauses left out), its last and best validation, and whether it is tested (result.json), training (a
-bench process holds it) or stopped, with the hours its budget still needs at that pace.
+per iteration over its last 1,000 logged iterations (validations included, pauses left out), its
+last and best validation, and whether it is tested (result.json), training (a bench process
+holds it) or stopped, with the hours its budget still needs at that pace.
 Then the records written, and the last line of each bench log that reports an error.
 """
 import fcntl

@@ -58,14 +58,15 @@ PROTONET_5SHOT="protonet-omniglot-5w5s protonet-omniglot-20w5s --seeds 1 --episo
 # 5w5s at 14,950 of 100,000, ProtoNet seed 1 at 23,308), so a row that finishes within one
 # working session is worth more than two half-done ones. Done, reproduced or with a verdict, and
 # not run again here: MAML, FOMAML, Reptile and Meta-SGD omniglot-5w1s (reproduced), ANIL 5w1s,
-# SNAIL 5w1s (short by 1.95, 2026-12-06, within one session), Reptile 5w5s (short by 0.28, 2026-12-07,
-# across four sessions), Matching Nets (all four rows),
-# transfer 5w1s/5w5s, MetaOptNet-ridge 5w1s, MAML sine.
-# Hours on two threads of the faster EPYC (docs/speed.md; 3-5x more on the Zen 1 one): Reptile
-# 5w5s ~2.9 (0.09 s an iteration measured 2026-12-06, 100 validations of 200 tasks; published
-# 99.48, its 5w1s reproduced), ANIL 20w1s (published 96.2) ~3, MAML++ 5w1s
-# ~5, a ProtoNet seed ~5 (Snell et al.'s protocol: early stopping with patience 200 epochs, then
-# the train+val retraining, ~60,000 60-way episodes).
+# SNAIL 5w1s (short by 1.95, 2026-12-06, within one session), Reptile 5w5s (short by 0.28,
+# 2026-12-07, across four sessions), Matching Nets (all four rows), transfer 5w1s/5w5s,
+# MetaOptNet-ridge 5w1s, MAML sine. ANIL 20w1s started again on 2026-12-07 with the official
+# code's inner step (fast_lr 2.0, recipes/anil.py); its run at the earlier 0.1 stopped at
+# iteration 19,236 (best validation 90.1%) and stays in LONG/bench as evidence.
+# Hours on two threads of the faster EPYC (docs/speed.md; 3-5x more on the Zen 1 one): ANIL
+# 20w1s ~3 (one thread beside another run ~7), MAML++ 5w1s ~5, a ProtoNet seed ~5 (Snell et
+# al.'s protocol: early stopping with patience 200 epochs, then the train+val retraining,
+# ~50,000-60,000 60-way episodes).
 # Issue 15's acceptance needs ProtoNet 5w1s on 3 seeds: ProtoNet's benches before MAML++'s.
 ROWS=(reptile-omniglot-5w5s anil-omniglot-20w1s "$PROTONET_SEED1" "$PROTONET_5SHOT"
       "$PROTONET_1SHOT" mamlpp-omniglot-5w1s)  # PROTONET_1SHOT: seeds 2 and 3 beside seed 1 (one bench)

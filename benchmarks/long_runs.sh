@@ -60,22 +60,23 @@ PROTONET_5SHOT="protonet-omniglot-5w5s protonet-omniglot-20w5s --seeds 1 --episo
 # not run again here: MAML, FOMAML, Reptile and Meta-SGD omniglot-5w1s (reproduced), ANIL 5w1s,
 # SNAIL 5w1s (short by 1.95, 2026-12-06, within one session), Reptile 5w5s (short by 0.28,
 # 2026-12-07, across four sessions), Matching Nets (all four rows), transfer 5w1s/5w5s,
-# MetaOptNet-ridge 5w1s, MAML sine. ANIL 20w1s started again on 2026-12-07 with the official
-# code's inner step (fast_lr 2.0, recipes/anil.py); its run at the earlier 0.1 stopped at
-# iteration 19,236 (best validation 90.1%) and stays in LONG/bench as evidence.
+# MetaOptNet-ridge 5w1s, MAML sine. ANIL 20w1s starts again with the official code's inner step
+# (fast_lr 2.0 since 2026-12-07, recipes/anil.py); its run at the earlier 0.1, stopped at
+# iteration 19,236 (best validation 90.1%), was moved to LONG/evidence.
 # Hours on two threads of the faster EPYC (docs/speed.md; 3-5x more on the Zen 1 one): ANIL
 # 20w1s ~3 (one thread beside another run ~7), MAML++ 5w1s ~5, a ProtoNet seed ~5 (Snell et
 # al.'s protocol: early stopping with patience 200 epochs, then the train+val retraining,
 # ~50,000-60,000 60-way episodes).
-# Issue 15's acceptance needs ProtoNet 5w1s on 3 seeds: ProtoNet's benches before MAML++'s.
+# Issue 15's acceptance needs ProtoNet 5w1s on 3 seeds: with two queues, seeds 1 and 2 train side
+# by side (then seed 3 beside the 5-shot model), ANIL and MAML++ after them.
 ROWS=(reptile-omniglot-5w5s anil-omniglot-20w1s "$PROTONET_SEED1" "$PROTONET_5SHOT"
       "$PROTONET_1SHOT" mamlpp-omniglot-5w1s)  # PROTONET_1SHOT: seeds 2 and 3 beside seed 1 (one bench)
 if [ "$QUEUES" = 1 ]; then  # one queue on both cores (THREADS=2): each row done sooner
   queue 0 "${ROWS[@]}"
 elif [ "${QUEUES}" = 2 ]; then  # two one-thread queues (THREADS=1), e.g. on a machine kept for days;
   # the ProtoNet seeds are shared: each bench process trains the seeds no other holds
-  queue 0 "${ROWS[1]}" "${ROWS[4]}" "${ROWS[5]}"
-  queue 0 "${ROWS[0]}" "${ROWS[2]}" "${ROWS[3]}" "${ROWS[4]}" "${ROWS[5]}"
+  queue 0 "${ROWS[4]}" "${ROWS[1]}" "${ROWS[5]}"
+  queue 0 "${ROWS[0]}" "${ROWS[2]}" "${ROWS[3]}" "${ROWS[4]}" "${ROWS[1]}" "${ROWS[5]}"
 fi
 # ProtoNet on its own (PROTONET=1), e.g. with the queues off (QUEUES=0) so that it has the machine
 if [ "${PROTONET:-0}" = 1 ]; then

@@ -330,7 +330,6 @@ class Run(plain.PlainRun):
         run = cls(run_dir, state["recipe"], cfg, device, **options)
         run.resume_state = state
         if distributed.is_main():
-            _note_continuation(run_dir, state["iteration"], device)
             if not (run_dir / "config.json").is_file():  # lost: the checkpoint's config is the run's
                 write_json(run_dir / "config.json", {"recipe": run.recipe, **dataclasses.asdict(cfg)})
             for partial in run_dir.glob(".*.tmp*"):  # writes cut short by a crash
@@ -361,6 +360,7 @@ class Run(plain.PlainRun):
         self.started = time.time() - state["elapsed_seconds"]
         if not distributed.is_main():
             return
+        _note_continuation(self.path, state["iteration"], self.device)  # here, once the checkpoint fits
         # drop metrics logged after the checkpoint: those iterations run again; and lines a crash
         # cut short (appends are not synced), which nothing could read
         metrics = self.path / "metrics.jsonl"

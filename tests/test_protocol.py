@@ -273,6 +273,29 @@ def test_a_bench_of_one_seed_grows_to_more_seeds_without_training_it_again(tmp_p
     assert two["seeds"][0] == one["seeds"][0]
 
 
+def test_a_seed_trained_under_other_defaults_is_refused_and_left_as_it_was(tmp_path, data_root):
+    """A recipe's defaults changed since a seed's bench started (ANIL's inner step, 2026-12-07): the
+    bench refuses to continue it in one line, and its checkpoint, metrics and env.json (no
+    continuation noted for a run that did not continue) stay as they were."""
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    args = ["bench", "protonet-omniglot-5w1s", "--seeds", 1, "--episodes", 10, "--iterations", 4,
+            "--set", "train_ways=10", "--set", "val_interval=2", "--set", "val_episodes=10", "--no-progress",
+            "--device", "cpu", "--data-root", data_root, "--runs-dir", runs, "--results-dir", results, "--resume"]
+    assert cli(*args).exit_code == 0
+    (seed,) = runs.glob("protonet-omniglot-5w1s/bench-*/seed-1")
+    (seed / "result.json").unlink()  # stopped before its test
+    state = torch.load(seed / "ckpt.pt", weights_only=True)
+    state["config"]["lr"] = 0.5  # as if started when the recipe's default was another
+    torch.save(state, seed / "ckpt.pt")
+    config = json.loads((seed / "config.json").read_text())
+    (seed / "config.json").write_text(json.dumps({**config, "lr": 0.5}))
+    kept = {p.name: p.read_bytes() for p in seed.iterdir() if p.is_file()}
+    out = cli(*args)
+    assert out.exit_code != 0
+    assert out.output.strip().splitlines()[-1].startswith(f"Error: {seed} was trained with other settings (lr differ")
+    assert {p.name: p.read_bytes() for p in seed.iterdir() if p.is_file()} == kept
+
+
 def test_a_seed_started_on_another_machine_is_finished_here_and_both_are_recorded(tmp_path, data_root):
     """A bench's runs do not depend on the device (a seed started on a GPU machine continues on a
     CPU with the same command plus --resume); env.json and the record name every machine."""

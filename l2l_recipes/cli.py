@@ -164,15 +164,18 @@ def _train_and_test(run, progress):
 @click.option("--queries", type=click.IntRange(min=1), default=None,
               help="Score Q query images per class instead of the recipe's (a batch-norm model "
                    "normalising with the query batch's statistics gives other numbers).")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Adapt with N test-time steps instead of the recipe's (MAML, ANIL, Meta-SGD, Reptile, "
+                   "MAML++ and their kin).")
 @click.option("--progress/--no-progress", default=None,
               help="Show progress bars (default: when stderr is a terminal).")
-def recipes_eval(run_dir, episodes, device, data_root, ways, shots, queries, progress):
+def recipes_eval(run_dir, episodes, device, data_root, ways, shots, queries, steps, progress):
     """Meta-test the model of RUN_DIR on the fixed test tasks of its recipe (or, with --ways and
     --shots, on fixed test tasks of that setting: one 1-shot ProtoNet gives the 5- and 20-way rows)."""
     progress = sys.stderr.isatty() if progress is None else progress
     harness.cap_memory(plain.resolve_device(device))  # tasks too large fail in one line, not by the OOM killer
     result = harness.meta_test(run_dir, episodes, device, data_root, progress, ways=ways, shots=shots,
-                               queries=queries)
+                               queries=queries, steps=steps)
     click.echo(json.dumps(harness.json_safe(result), allow_nan=False))
     click.echo(_result_line(result))
 
@@ -264,8 +267,9 @@ def recipes_bench(names, seeds, episodes, iterations, max_minutes, assignments, 
 
     The seeds' runs are kept in RUNS_DIR/NAME/bench-<key>/seed-N (the key: a hash of the
     options other than --seeds: --resume with a larger --seeds trains the seeds a finished
-    bench lacks and writes a record of them all). A bench stopped at any moment (Ctrl-C, kill, machine gone) continues with the
-    same command plus --resume, and ends with the record an unstopped bench would write.
+    bench lacks and writes a record of them all). A bench stopped at any moment (Ctrl-C, kill,
+    machine gone) continues with the same command plus --resume, and ends with the record an
+    unstopped bench would write.
     Several processes (or machines sharing RUNS_DIR) may run one bench with --resume: each
     trains the seeds no other holds, the last to finish writes the record.
     """

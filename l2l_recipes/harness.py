@@ -847,14 +847,15 @@ def publish(run_dir, dest):
 
 
 def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=True, out_name=None,
-              ways=None, shots=None, queries=None, **extra):
+              ways=None, shots=None, queries=None, steps=None, **extra):
     """Meta-test a run's model on its fixed test tasks; writes the result to `out_name` and returns it.
 
     `ways` and `shots` test the model on other tasks than it was trained for (models that do
     not fix the number of ways: ProtoNet, Matching Networks, MetaOptNet, transfer; the others
-    refuse other ways); `queries` scores another number of query images per class. `run` writes
-    result.json; a later `eval` writes eval-[<ways>w<shots>s[<queries>q]-]<episodes>.json (<shots>s-
-    for a recipe without ways), so it never replaces the run's recorded result.
+    refuse other ways); `queries` scores another number of query images per class; `steps`
+    adapts with another number of test-time steps (the gradient-based families). `run` writes
+    result.json; a later `eval` writes eval-[<ways>w<shots>s[<queries>q][<steps>steps]-]<episodes>.json
+    (<shots>s- for a recipe without ways), so it never replaces the run's recorded result.
     `extra` fields are added to the result; "checkpoint" names the one tested (best.pt, or
     ckpt.pt with a note on stderr where no validation wrote best.pt). Under torchrun every
     process evaluates its share of the tasks and returns the gathered result; rank 0 writes it.
@@ -864,11 +865,13 @@ def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=Tr
         print(f"note: {run_dir} has no best.pt (no validation finished): testing {ckpt.name}, "
               f"its last checkpoint", file=sys.stderr)
     data.PROGRESS["decoding"] = progress and distributed.is_main()
-    trained = {key: getattr(predictor.cfg, key) for key in ("ways", "shots", "queries") if hasattr(predictor.cfg, key)}
-    asked = (("ways", ways), ("shots", shots), ("queries", queries))
+    options = {"ways": "w", "shots": "s", "queries": "q", "test_adaptation_steps": "steps"}  # -> the file's tag
+    trained = {key: getattr(predictor.cfg, key) for key in options if hasattr(predictor.cfg, key)}
+    asked = (("ways", ways), ("shots", shots), ("queries", queries), ("test_adaptation_steps", steps))
     setting = {key: value for key, value in asked if value is not None}
     if set(setting) - set(trained):
-        raise UserError(f"recipe {recipe} has no {' or '.join(sorted(set(setting) - set(trained)))} to change")
+        missing = sorted(set(setting) - set(trained))
+        raise UserError(f"recipe {recipe} has no {' or '.join(k.replace('_', ' ') for k in missing)} to change")
     if predictor.head and setting.get("ways", trained.get("ways")) != trained.get("ways"):
         raise UserError(f"this {predictor.head} model has a {trained['ways']}-way head: test it with --ways "
                         f"{trained['ways']}, or train a {setting['ways']}-way model (ProtoNet, Matching Networks, "
@@ -892,13 +895,14 @@ def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=Tr
         **predictor.evaluate(tasks, desc="test", progress=progress),
         "episodes": episodes,
         **{key: getattr(cfg, key) for key in ("ways", "shots", "queries") if hasattr(cfg, key)},
+        **({"test_adaptation_steps": cfg.test_adaptation_steps} if steps is not None else {}),
         "split": "test", "test_seed": cfg.test_seed, "seed": cfg.seed, "checkpoint": ckpt.name,
         "device": str(predictor.device), "eval_seconds": round(time.time() - started, 1),
         "run_dir": str(run_dir), **extra,
     }
     if distributed.is_main():
-        tagged = [key for key in trained if key != "queries" or "queries" in setting]
-        tag = "".join(f"{getattr(cfg, key)}{key[0]}" for key in tagged) + "-" if setting else ""
+        tagged = [key for key in trained if key in ("ways", "shots") or key in setting]
+        tag = "".join(f"{getattr(cfg, key)}{options[key]}" for key in tagged) + "-" if setting else ""
         path = Path(run_dir) / (out_name or f"eval-{tag}{episodes}.json")
         try:
             write_json(path, result)

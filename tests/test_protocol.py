@@ -5,9 +5,11 @@ import dataclasses
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,6 +194,29 @@ def test_one_model_tested_at_other_ways(tmp_path, data_root):
     again = bench._tested_as("protonet-omniglot-20w1s", tested, seed_dir, torch.device("cpu"), data_root, False)
     assert again["accuracy"] == record["seeds"][0]["accuracy"]
     assert json.loads(cached.read_text())["accuracy"] == again["accuracy"]
+
+
+def test_eval_adapts_with_another_number_of_steps(protonet_run, data_root, tmp_path):
+    """`eval --steps N` adapts a gradient-based model with N test-time steps (the committed MAML
+    model: 1 instead of its recipe's 3), as scoring the tasks one by one with the loaded model so
+    changed does, in its own file; a model without test-time steps (ProtoNet) refuses in one line."""
+    run_dir = Path(shutil.copytree(REPO / "benchmarks" / "models" / "maml-omniglot-5w1s", tmp_path / "maml"))
+    out = cli("eval", run_dir, "--steps", 1, "--episodes", 20, "--device", "cpu", "--data-root", data_root,
+              "--no-progress")
+    assert out.exit_code == 0, out.output
+    result = json.loads((run_dir / "eval-5w1s1steps-20.json").read_text())
+    assert result["test_adaptation_steps"] == 1 and result["trained_test_adaptation_steps"] == 3
+    predictor = l2l_recipes.load(run_dir, "cpu", data_root)
+    predictor.cfg = dataclasses.replace(predictor.cfg, test_adaptation_steps=1)
+    tasks = predictor.test_tasks(20, predictor.cfg.test_seed)
+    correct = []
+    for x, y in (tasks[i] for i in range(20)):
+        sx, sy, qx, qy = data.split_support_query(x, y, 1)
+        correct.append((predictor.predict(sx, sy, qx).argmax(1) == qy).float().mean().item())
+    assert result["accuracy"] == pytest.approx(sum(correct) / 20, abs=1e-6)
+    refused = cli("eval", protonet_run[0], "--steps", 2, "--device", "cpu", "--data-root", data_root)
+    assert refused.exit_code == 1
+    assert refused.stderr.strip() == "Error: recipe protonet-omniglot-5w1s has no test adaptation steps to change"
 
 
 def test_eval_scores_another_number_of_queries(protonet_run, data_root):

@@ -12,8 +12,9 @@ scripts/train/few_shot/run_train.py, trainval.py and predict/few_shot/eval.py):
     for more than 200 epochs (patience), at most 10,000 epochs; then train a fresh model
     from the same initialisation on train + val (the `trainval` split) for best epoch - 1 +
     200 epochs (trainval.py takes the best epoch's 0-based index), with the same schedule,
-    and test its final weights on 1,000 test episodes (15 queries per class). One 1-shot model gives the 5-way and 20-way 1-shot numbers
-    (`l2l-recipes eval RUN --ways 20`), one 5-shot model the 5-shot ones.
+    and test its final weights on 1,000 test episodes (15 queries per class). One 1-shot
+    model gives the 5-way and 20-way 1-shot numbers (`l2l-recipes eval RUN --ways 20`), one
+    5-shot model the 5-shot ones.
 Where ours differs, and why:
     - the validation episodes are 100 tasks drawn once (`val_seed`) rather than 100 new
       ones per epoch, so that validations are comparable with each other;
@@ -21,7 +22,10 @@ Where ours differs, and why:
       model on 5-way tasks): `protonet-omniglot-5w1s` trained once and evaluated at 20
       ways is the paper's 20-way protocol;
     - `--max-minutes` (e.g. `make run`) cuts phase one short: no train+val retraining
-      then, the best-validation weights are tested, and the record says "reduced".
+      then, the best-validation weights are tested, and the record says "reduced";
+    - the images: grayscale, Lanczos to 28x28, as every Omniglot recipe here (docs/data.md);
+      Snell's `protonets/data/omniglot.py` resizes the 1-bit PNGs as they are, which Pillow
+      does by nearest neighbour, so its images are binary.
 
 Published: Omniglot (Table 1, 1000 test episodes) 5w1s 98.8, 5w5s 99.7, 20w1s 96.0,
 20w5s 98.9; mini-ImageNet (Table 2, 600 test episodes; 30-way 1-shot / 20-way 5-shot

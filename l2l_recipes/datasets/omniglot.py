@@ -2,7 +2,8 @@
 
 `<root>/omniglot-py/images_{background,evaluation}/<Alphabet>/characterNN/*.png`: 105x105
 binary PNGs, resized to 28x28 with PIL's Lanczos filter on the grayscale image, then
-inverted so that ink = 1 and background = 0. Split: Vinyals et al. (2016) as published
+inverted so that ink = 1 and background = 0 (the papers' codes resize the 1-bit image, which
+Pillow does by nearest neighbour: binary images; docs/data.md). Split: Vinyals et al. (2016) as published
 with Prototypical Networks; each character's four rotations are four classes.
 """
 import os

@@ -57,6 +57,7 @@ def read_split(name, split):
 # classes(split) and CHANNELS; imported on first use.
 DATASETS = {
     "omniglot": "l2l_recipes.datasets.omniglot",
+    "omniglot-binary": "l2l_recipes.datasets.omniglot_binary",  # the official codes' binary images
     "mini-imagenet": "l2l_recipes.datasets.mini_imagenet",
     "tiered-imagenet": "l2l_recipes.datasets.tiered_imagenet",
     "cifar-fs": "l2l_recipes.datasets.cifar_fs",
@@ -121,7 +122,7 @@ def dataset_module(name):
 def load_split(dataset, split, root=None, download=False):
     """The classes of `split` ('train', 'val', 'test'; Omniglot also 'trainval') of `dataset`
     as a torch Dataset whose `labels_to_indices` maps each class index to its items."""
-    if split == "trainval" and dataset != "omniglot":
+    if split == "trainval" and not dataset.startswith("omniglot"):
         raise UserError(f"the trainval split (train + val) is shipped for omniglot only, not {dataset}")
     if split not in (*SPLIT_NAMES, "trainval"):
         raise UserError(f"unknown split '{split}': use one of {', '.join(SPLIT_NAMES)}")

@@ -7,7 +7,7 @@ from l2l_recipes import data
 def conv4_classifier(dataset, ways, hidden_size):
     """MAML's Conv4 classifier (`.features`, `.classifier`): on Omniglot 4 x [3x3 conv stride 2, batch
     norm, ReLU], mean-pooled (OmniglotCNN); else 4 x [3x3 conv, batch norm, ReLU, 2x2 max-pool]."""
-    if dataset == "omniglot":
+    if dataset.startswith("omniglot"):  # also omniglot-binary
         return l2l.vision.models.OmniglotCNN(output_size=ways, hidden_size=hidden_size)
     module = data.dataset_module(dataset)
     side = module.SIZE // 16  # after four 2x2 max-pools

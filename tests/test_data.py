@@ -38,12 +38,36 @@ def test_uncached_decoding_gives_the_cached_items(data_root, monkeypatch):
     monkeypatch.setattr(omniglot, "classes", lambda split, root=None: names)
     decoded = omniglot.decode_split("test", data_root)
     reads = []
-    monkeypatch.setattr(omniglot, "read_png", lambda path, read=omniglot.read_png: reads.append(path) or read(path))
+    monkeypatch.setattr(omniglot, "read_png",
+                        lambda path, binary=False, read=omniglot.read_png: reads.append(path) or read(path, binary))
     assert decoded.classes == names and decoded.labels_to_indices == {c: cached.labels_to_indices[c] for c in range(8)}
     assert not decoded.decoded  # nothing read before a task asks for it
     for i in range(len(decoded)):
         assert torch.equal(decoded[i][0], cached[i][0]) and decoded[i][1] == cached[i][1]
     assert len(reads) == len(set(reads)) == 40  # each drawing read once, for its four rotations
+
+
+def test_binary_omniglot_holds_the_official_codes_images(data_root):
+    """Dataset omniglot-binary: omniglot's classes and items, each image the 1-bit PNG resized as
+    the papers' codes resize it (MAML's resize_images.py asks Pillow for Lanczos, which resizes a
+    1-bit image by nearest neighbour anyway), ink = 1: every pixel 0 or 1; its uncached loader (an
+    exported file's) gives the cached items; MAML's network for it is the Omniglot one."""
+    from l2l_recipes import models
+    from l2l_recipes.datasets import omniglot_binary
+    binary, grey = (data.load_split(name, "test", data_root) for name in ("omniglot-binary", "omniglot"))
+    assert binary.classes == grey.classes and binary.labels_to_indices == grey.labels_to_indices
+    c = next(i for i, name in enumerate(binary.classes) if name.endswith("/rot000"))
+    png = omniglot.omniglot_sources(data_root)[binary.classes[c].rsplit("/", 1)[0]][0]
+    with Image.open(png) as image:
+        assert image.mode == "1"
+        official = 1 - np.array(image.resize((28, 28), resample=Image.LANCZOS), dtype=np.float32)
+    assert torch.equal(binary[c * omniglot.DRAWINGS][0][0], torch.from_numpy(official))
+    assert torch.unique(binary.all_images()).tolist() == [0, 255] and len(torch.unique(grey.all_images())) > 100
+    decoded = omniglot_binary.decode_split("test", data_root)
+    for i in range(c * omniglot.DRAWINGS, (c + 1) * omniglot.DRAWINGS):
+        assert torch.equal(decoded[i][0], binary[i][0]) and decoded[i][1] == binary[i][1]
+    omniglot_cnn = type(models.conv4_classifier("omniglot", 5, 64))
+    assert isinstance(models.conv4_classifier("omniglot-binary", 5, 64), omniglot_cnn)
 
 
 def test_split_sizes_and_disjoint_characters(data_root):

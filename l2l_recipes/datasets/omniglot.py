@@ -24,24 +24,29 @@ DRAWINGS = 20  # per character
 CACHE_VERSION = 1
 
 
-def omniglot_pixels(image):
-    """A PNG as read (PIL image) -> uint8 [28, 28] ink intensities (ink = 255)."""
-    small = image.convert("L").resize((SIZE, SIZE), Image.LANCZOS)
+def omniglot_pixels(image, binary=False):
+    """A PNG as read (PIL image) -> uint8 [28, 28] ink intensities (ink = 255): the grayscale
+    image resized with Lanczos, or (`binary`) resized by nearest neighbour as the papers' codes
+    resize the 1-bit PNGs, every pixel ink or not."""
+    if binary:
+        small = image.resize((SIZE, SIZE), Image.NEAREST).convert("L")
+    else:
+        small = image.convert("L").resize((SIZE, SIZE), Image.LANCZOS)
     return 255 - torch.from_numpy(np.array(small, dtype=np.uint8))
 
 
-def read_png(path):
+def read_png(path, binary=False):
     """One drawing's PNG file -> uint8 [28, 28]; an unreadable file is a UserError naming it."""
     try:
         with Image.open(path) as image:
-            return omniglot_pixels(image)
+            return omniglot_pixels(image, binary)
     except OSError as e:  # PIL: truncated or not an image
         raise data.undecodable(path, e) from None
 
 
-def transform(image):
+def transform(image, binary=False):
     """A PNG as read (PIL image) -> float [1, 28, 28] in [0, 1], exactly as in training."""
-    return omniglot_pixels(image).float().div_(255).unsqueeze(0)
+    return omniglot_pixels(image, binary).float().div_(255).unsqueeze(0)
 
 
 def omniglot_sources(root, download=False):
@@ -69,7 +74,7 @@ def omniglot_sources(root, download=False):
     return characters
 
 
-def load_omniglot(root=None, download=False, progress=True):
+def load_omniglot(root=None, download=False, progress=True, binary=False):
     """All Omniglot characters as (names, uint8 tensor [characters, 20, 28, 28]), via the cache."""
     root = data.data_root(root)
     characters = omniglot_sources(root, download)
@@ -79,12 +84,12 @@ def load_omniglot(root=None, download=False, progress=True):
         images = torch.empty(len(names), DRAWINGS, SIZE, SIZE, dtype=torch.uint8)
         for i, name in enumerate(tqdm(names, desc="decoding Omniglot (once)", disable=not progress)):
             for j, f in enumerate(characters[name]):
-                images[i, j] = read_png(f)
+                images[i, j] = read_png(f, binary)
         return {"names": names, "images": images}
 
     files = [f for fs in characters.values() for f in fs]
-    key = data.files_key(f"omniglot v{CACHE_VERSION} {SIZE}px lanczos", files, root)
-    cache = data.cached(f"omniglot-{SIZE}px", key, decode)
+    key = data.files_key(f"omniglot v{CACHE_VERSION} {SIZE}px {'nearest' if binary else 'lanczos'}", files, root)
+    cache = data.cached(f"omniglot-{SIZE}px" + "-binary" * binary, key, decode)
     return cache["names"], cache["images"]
 
 
@@ -129,9 +134,9 @@ def classes(split, root=None):
     return data.read_split("omniglot-vinyals", split)
 
 
-def load_split(split, root=None, download=False, progress=True):
+def load_split(split, root=None, download=False, progress=True, binary=False):
     """One split of the standard Omniglot split (1028/172/423 characters x 4 rotations)."""
-    names, images = load_omniglot(root, download, progress)
+    names, images = load_omniglot(root, download, progress, binary)
     return OmniglotClasses(names, images, classes(split))
 
 
@@ -139,8 +144,9 @@ class DecodedSplit(torch.utils.data.Dataset):
     """One split read from the PNGs under `root/omniglot-py` (no cache): load_split's items, each
     drawing decoded the first time a task asks for it (a run starts at once), then kept."""
 
-    def __init__(self, split, root, download=False):
+    def __init__(self, split, root, download=False, binary=False):
         self.files, self.classes, self.decoded = omniglot_sources(root, download), classes(split), {}  # PNG paths
+        self.binary = binary
         self.labels_to_indices = {c: list(range(c * DRAWINGS, (c + 1) * DRAWINGS)) for c in range(len(self.classes))}
 
     def __len__(self):
@@ -151,11 +157,11 @@ class DecodedSplit(torch.utils.data.Dataset):
         character, rotation = self.classes[c].rsplit("/rot", 1)
         path = self.files[character][j]
         if path not in self.decoded:
-            self.decoded[path] = read_png(path)
+            self.decoded[path] = read_png(path, self.binary)
         # torch.rot90 turns counter-clockwise, as PIL's Image.rotate does
         return torch.rot90(self.decoded[path], int(rotation) // 90).float().div_(255).unsqueeze(0), c
 
 
-def decode_split(split, root, download=False):
+def decode_split(split, root, download=False, binary=False):
     """One split read from the PNGs under `root` (no cache), as its tasks need them: load_split's items."""
-    return DecodedSplit(split, root, download)
+    return DecodedSplit(split, root, download, binary)

@@ -37,14 +37,15 @@ def held(seed_dir):
 
 def recent_pace(rows):
     """Seconds per iteration over `rows` (logged training rows), validations included; a step between
-    two rows slower than 20x the median one is a pause (the process stopped with SIGSTOP, or killed and
-    resumed: the time lost and the start), left out. nan for fewer than two rows."""
+    two rows over 5x the median pace and over two minutes longer than it is a pause (the process
+    stopped with SIGSTOP, or killed and resumed: the time lost and the start), left out. nan for
+    fewer than two rows."""
     steps = [(b["time"] - a["time"], b["iteration"] - a["iteration"]) for a, b in zip(rows, rows[1:])
              if b["iteration"] > a["iteration"]]
     if not steps:
         return float("nan")
     typical = statistics.median(seconds / its for seconds, its in steps)
-    kept = [(seconds, its) for seconds, its in steps if seconds <= 20 * typical * its]
+    kept = [(seconds, its) for seconds, its in steps if seconds <= max(5 * typical * its, typical * its + 120)]
     return sum(seconds for seconds, _ in kept) / sum(its for _, its in kept)
 
 

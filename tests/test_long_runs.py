@@ -47,7 +47,8 @@ def test_long_status_reports_each_seed(tmp_path):
     stopping.mkdir(parents=True)
     (stopping / "config.json").write_text(json.dumps({"iterations": 1_000_000, "val_interval": 100,
                                                       "patience": 200, "trainval": True}))
-    rows = [{"iteration": i, "time": 0.3 * i, "loss": 1.0} for i in range(100, 1100, 100)]
+    rows = [{"iteration": i, "time": 0.3 * i + 300 * (i > 500), "loss": 1.0}  # paused 5 min: 11x a step
+            for i in range(100, 1100, 100)]
     rows += [{"iteration": i, "time": 0.3 * i, "val_accuracy": 0.99, "val_loss": 0.5 - 0.1 * (i == 400)}
              for i in range(100, 1100, 100)]  # the best validation loss at 400
     (stopping / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

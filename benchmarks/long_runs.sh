@@ -55,7 +55,8 @@ PROTONET_5SHOT="protonet-omniglot-5w5s protonet-omniglot-20w5s --seeds 1 --episo
 # the paper's protocols (issue 15), the shorter rows first: a machine may come back without LONG
 # (2026-12-04: ~30 core-hours of runs lost; 2026-12-05: ANIL 5w1s at iteration 32,600 and
 # ProtoNet 5w1s seed 1 at episode 18,400; 2026-12-06: SNAIL 5w1s at 8,260 of 20,000, Reptile
-# 5w5s at 14,950 of 100,000, ProtoNet seed 1 at 23,308), so a row that finishes within one
+# 5w5s at 14,950 of 100,000, ProtoNet seed 1 at 23,308; 2026-12-07: ProtoNet seeds 1 and 2 at
+# episodes ~16,600 and ~8,950), so a row that finishes within one
 # working session is worth more than two half-done ones. Done, reproduced or with a verdict, and
 # not run again here: MAML, FOMAML, Reptile and Meta-SGD omniglot-5w1s (reproduced), ANIL 5w1s,
 # SNAIL 5w1s (short by 1.95, 2026-12-06, within one session), Reptile 5w5s (short by 0.28,
@@ -69,14 +70,13 @@ PROTONET_5SHOT="protonet-omniglot-5w5s protonet-omniglot-20w5s --seeds 1 --episo
 # ~50,000-60,000 60-way episodes).
 # Issue 15's acceptance needs ProtoNet 5w1s on 3 seeds: with two queues, seeds 1 and 2 train side
 # by side (then seed 3 beside the 5-shot model), ANIL and MAML++ after them.
-ROWS=(reptile-omniglot-5w5s anil-omniglot-20w1s "$PROTONET_SEED1" "$PROTONET_5SHOT"
-      "$PROTONET_1SHOT" mamlpp-omniglot-5w1s)  # PROTONET_1SHOT: seeds 2 and 3 beside seed 1 (one bench)
+ROWS=(anil-omniglot-20w1s "$PROTONET_SEED1" "$PROTONET_5SHOT" "$PROTONET_1SHOT" mamlpp-omniglot-5w1s)  # PROTONET_1SHOT: seeds 2 and 3 beside seed 1 (one bench)
 if [ "$QUEUES" = 1 ]; then  # one queue on both cores (THREADS=2): each row done sooner
   queue 0 "${ROWS[@]}"
 elif [ "${QUEUES}" = 2 ]; then  # two one-thread queues (THREADS=1), e.g. on a machine kept for days;
   # the ProtoNet seeds are shared: each bench process trains the seeds no other holds
-  queue 0 "${ROWS[4]}" "${ROWS[1]}" "${ROWS[5]}"
-  queue 0 "${ROWS[0]}" "${ROWS[2]}" "${ROWS[3]}" "${ROWS[4]}" "${ROWS[1]}" "${ROWS[5]}"
+  queue 0 "${ROWS[3]}" "${ROWS[0]}" "${ROWS[4]}"
+  queue 0 "${ROWS[1]}" "${ROWS[2]}" "${ROWS[3]}" "${ROWS[0]}" "${ROWS[4]}"
 fi
 # ProtoNet on its own (PROTONET=1), e.g. with the queues off (QUEUES=0) so that it has the machine
 if [ "${PROTONET:-0}" = 1 ]; then

@@ -347,9 +347,10 @@ def seconds_per_iteration(record):
 def verdict(record, notes_dir=None):
     """'reproduced', 'short by X points' (with the reason's note linked when one exists) or
     'no published number', for the table."""
-    published = record.get("published")
+    published, changed = record.get("published"), changed_since(record)
+    earlier = f"from an earlier version of the recipe (defaults changed since: {', '.join(changed)})"
     if not published or record.get("metric", "accuracy") != "accuracy":
-        return "no published number"
+        return "no published number" + f"; {earlier}" * bool(changed)
     ours, ci = 100 * record["mean_accuracy"], 100 * record["mean_ci95"]
     gap = published["accuracy"] - ours
     paper = is_paper_protocol(record)
@@ -357,10 +358,7 @@ def verdict(record, notes_dir=None):
         return "**reproduced**"
     note = Path(notes_dir or "") / f"{record['recipe']}.md"
     why = f" ([why](notes/{note.name}))" if notes_dir and note.is_file() else ""
-    changed = changed_since(record)
-    when = ("at the paper's protocol" if paper else
-            f"from an earlier version of the recipe (defaults changed since: {', '.join(changed)})" if changed else
-            "not at the paper's protocol")
+    when = "at the paper's protocol" if paper else earlier if changed else "not at the paper's protocol"
     amount = f"short by {gap:.2f} points " if gap > 0 else f"{-gap:.2f} points above, "
     return f"{amount}{when}{why}"
 

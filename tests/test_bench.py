@@ -97,6 +97,9 @@ def test_a_record_of_an_earlier_version_of_the_recipe_is_not_its_protocol():
     assert bench.changed_since(older) == ["carry_adam"] and not bench.is_paper_protocol(older)
     assert bench.verdict(older) == ("0.32 points above, from an earlier version of the recipe "
                                     "(defaults changed since: carry_adam)")
+    # ANIL's inner step changed (2026-12-07) after its 5w1s row, which has no published number, ran
+    assert bench.verdict({**older, "published": None}) == ("no published number; from an earlier version of "
+                                                           "the recipe (defaults changed since: carry_adam)")
     matching = dataclasses.asdict(registry.get_recipe("matchingnet-omniglot-5w1s").config())
     before_options = {k: v for k, v in matching.items() if k not in ("distance", "cosine_scale")}
     paper = {"recipe": "matchingnet-omniglot-5w1s", "protocol": "paper"}

@@ -167,15 +167,18 @@ def _train_and_test(run, progress):
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Adapt with N test-time steps instead of the recipe's (MAML, ANIL, Meta-SGD, Reptile, "
                    "MAML++ and their kin).")
+@click.option("--non-transductive", "alone", is_flag=True,
+              help="Score each query in one batch with the support images, not with the other queries "
+                   "(models with batch statistics at test time: MAML and its kin; what `predict` does).")
 @click.option("--progress/--no-progress", default=None,
               help="Show progress bars (default: when stderr is a terminal).")
-def recipes_eval(run_dir, episodes, device, data_root, ways, shots, queries, steps, progress):
+def recipes_eval(run_dir, episodes, device, data_root, ways, shots, queries, steps, alone, progress):
     """Meta-test the model of RUN_DIR on the fixed test tasks of its recipe (or, with --ways and
     --shots, on fixed test tasks of that setting: one 1-shot ProtoNet gives the 5- and 20-way rows)."""
     progress = sys.stderr.isatty() if progress is None else progress
     harness.cap_memory(plain.resolve_device(device))  # tasks too large fail in one line, not by the OOM killer
     result = harness.meta_test(run_dir, episodes, device, data_root, progress, ways=ways, shots=shots,
-                               queries=queries, steps=steps)
+                               queries=queries, steps=steps, alone=alone)
     click.echo(json.dumps(harness.json_safe(result), allow_nan=False))
     click.echo(_result_line(result))
 
@@ -188,18 +191,22 @@ def recipes_eval(run_dir, episodes, device, data_root, ways, shots, queries, ste
               help="Image file or folder of images to classify; repeatable, more may follow.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list with every class's probability.")
-def recipes_predict(run_dir, more_queries, support, queries, device, as_json):
+@click.option("--transductive", is_flag=True,
+              help="Score all queries in one batch, as the test tasks of MAML and its kin: each query is "
+                   "then normalised with the others' batch statistics.")
+def recipes_predict(run_dir, more_queries, support, queries, device, as_json, transductive):
     """Classify query images among the classes of a support folder with the model of RUN_DIR;
     prints each query's path, predicted class and its probability.
 
-    The queries are scored in one batch: MAML and its kin normalise with the batch's statistics,
-    as in the paper, so a query's prediction depends on the others; they do best with queries of
-    several classes, as their test tasks had."""
+    Each query is scored as if it were the only one: MAML, Meta-SGD, ANIL, Reptile and MAML++,
+    which normalise with batch statistics at test time, see it in one batch with the support
+    images. With --transductive they see all queries in one batch, as their papers test them (a
+    query's class then depends on the other queries: use it for a batch of several classes)."""
     from l2l_recipes import predict
     if support is None:
         raise UserError("predict needs --support DIR: a folder with one subfolder of images per class")
     harness.cap_memory(plain.resolve_device(device))
-    results = predict.classify(run_dir, support, queries + more_queries, device)
+    results = predict.classify(run_dir, support, queries + more_queries, device, transductive)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return

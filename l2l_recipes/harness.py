@@ -605,6 +605,10 @@ class Predictor(plain.Predictor):
     # several tasks of one shape at once (each part with a leading task dimension), logits
     # [tasks, queries, ways]
     predict_tasks = None
+    # whether `predict` normalises the queries with their own batch's statistics (MAML and its kin,
+    # as their papers test them): a query's logits then depend on the other queries given with it
+    transductive = False
+    alone = False  # evaluate() scores each query with `predict_each` (eval --non-transductive)
 
     @property
     def transform(self):
@@ -618,6 +622,26 @@ class Predictor(plain.Predictor):
     def batched(self):
         """Whether evaluation adapts many tasks at once: engine=fast and a recipe's predict_tasks."""
         return getattr(self.cfg, "engine", None) == "fast" and self.predict_tasks is not None
+
+    def predict_each(self, support_x, support_y, query_x):
+        """Logits [queries, ways] of each query as if it were the only one: `predict`'s unless the
+        model is `transductive`; then each query is scored in one batch with the support images,
+        so that it takes their batch statistics (Nichol et al. 2018's non-transductive test)."""
+        if not self.transductive:
+            return self.predict(support_x, support_y, query_x)
+        n, shape = len(query_x), support_x.shape
+        if not self.batched:
+            return torch.cat([self.predict(support_x, support_y, torch.cat([support_x, q[None]]))[-1:]
+                              for q in query_x])
+        chunk = max(1, ACTIVATIONS_AT_ONCE // (2 * shape[0] * max(shape[1], getattr(self.cfg, "hidden_size", 64))
+                                               * shape[2] * shape[3]))
+        logits = []
+        for start in range(0, n, chunk):
+            q = query_x[start:start + chunk, None]
+            k = len(q)
+            batches = torch.cat([support_x.expand(k, *shape), q], 1)  # [k, support + 1, C, H, W]
+            logits.append(self.predict_tasks(support_x.expand(k, *shape), support_y.expand(k, -1), batches)[:, -1])
+        return torch.cat(logits)
 
     def evaluate(self, tasks, desc="eval", progress=True):
         """{metric: mean over `tasks`, "ci95": half-width of its 95% CI, "loss": mean query
@@ -652,8 +676,8 @@ def task_scores(predictor, tasks, indices, shots, desc="eval", progress=False):
     """(query accuracy, query cross-entropy) of each task tasks[i], i in `indices`: task by task
     with `predictor.predict`, or in chunks of tasks with `predict_tasks` where the predictor is
     `batched` (the same per-task values up to float rounding)."""
-    chunk = 1
-    if predictor.batched and indices:
+    chunk, alone = 1, predictor.alone and predictor.transductive
+    if predictor.batched and indices and not alone:
         n, channels, height, width = tasks[indices[0]][0].shape
         hidden = getattr(predictor.cfg, "hidden_size", 64)
         chunk = max(1, ACTIVATIONS_AT_ONCE // (n * max(channels, hidden) * height * width))
@@ -662,7 +686,9 @@ def task_scores(predictor, tasks, indices, shots, desc="eval", progress=False):
         for start in range(0, len(indices), chunk):
             x, y = map(torch.stack, zip(*(tasks[i] for i in indices[start:start + chunk])))
             sx, sy, qx, qy = data.split_support_query(x.to(predictor.device), y.to(predictor.device), shots)
-            if predictor.batched:
+            if alone:
+                logits = predictor.predict_each(sx[0], sy[0], qx[0])[None]
+            elif predictor.batched:
                 logits = predictor.predict_tasks(sx, sy, qx)
             else:
                 logits = predictor.predict(sx[0], sy[0], qx[0])[None]
@@ -847,15 +873,17 @@ def publish(run_dir, dest):
 
 
 def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=True, out_name=None,
-              ways=None, shots=None, queries=None, steps=None, **extra):
+              ways=None, shots=None, queries=None, steps=None, alone=False, **extra):
     """Meta-test a run's model on its fixed test tasks; writes the result to `out_name` and returns it.
 
     `ways` and `shots` test the model on other tasks than it was trained for (models that do
     not fix the number of ways: ProtoNet, Matching Networks, MetaOptNet, transfer; the others
     refuse other ways); `queries` scores another number of query images per class; `steps`
-    adapts with another number of test-time steps (the gradient-based families). `run` writes
-    result.json; a later `eval` writes eval-[<ways>w<shots>s[<queries>q][<steps>steps]-]<episodes>.json
-    (<shots>s- for a recipe without ways), so it never replaces the run's recorded result.
+    adapts with another number of test-time steps (the gradient-based families); `alone` scores
+    each query with the support images only (`Predictor.predict_each`; models with batch statistics
+    at test time). `run` writes result.json; a later `eval` writes
+    eval-[<ways>w<shots>s[<queries>q][<steps>steps]-][nontransductive-]<episodes>.json (<shots>s- for a
+    recipe without ways), so it never replaces the run's recorded result.
     `extra` fields are added to the result; "checkpoint" names the one tested (best.pt, or
     ckpt.pt with a note on stderr where no validation wrote best.pt). Under torchrun every
     process evaluates its share of the tasks and returns the gathered result; rank 0 writes it.
@@ -876,6 +904,10 @@ def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=Tr
         raise UserError(f"this {predictor.head} model has a {trained['ways']}-way head: test it with --ways "
                         f"{trained['ways']}, or train a {setting['ways']}-way model (ProtoNet, Matching Networks, "
                         f"MetaOptNet and transfer models take any number of ways)")
+    if alone and not predictor.transductive:
+        raise UserError(f"{recipe} scores each query on its own already (no batch statistics at test time): "
+                        f"test it without --non-transductive")
+    predictor.alone = alone
     if setting:
         predictor.cfg = dataclasses.replace(predictor.cfg, **setting)
         extra = {**{f"trained_{key}": value for key, value in trained.items()}, **extra}
@@ -896,6 +928,7 @@ def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=Tr
         "episodes": episodes,
         **{key: getattr(cfg, key) for key in ("ways", "shots", "queries") if hasattr(cfg, key)},
         **({"test_adaptation_steps": cfg.test_adaptation_steps} if steps is not None else {}),
+        **({"transductive": False} if alone else {}),
         "split": "test", "test_seed": cfg.test_seed, "seed": cfg.seed, "checkpoint": ckpt.name,
         "device": str(predictor.device), "eval_seconds": round(time.time() - started, 1),
         "run_dir": str(run_dir), **extra,
@@ -903,6 +936,7 @@ def meta_test(run_dir, episodes=None, device="auto", data_root=None, progress=Tr
     if distributed.is_main():
         tagged = [key for key in trained if key in ("ways", "shots") or key in setting]
         tag = "".join(f"{getattr(cfg, key)}{options[key]}" for key in tagged) + "-" if setting else ""
+        tag += "nontransductive-" * alone
         path = Path(run_dir) / (out_name or f"eval-{tag}{episodes}.json")
         try:
             write_json(path, result)

@@ -3,9 +3,10 @@
 The support set is a folder with one subfolder of images per class (the subfolders' names are
 the class names, labelled 0..ways-1 in sorted order); the queries are image files or folders of
 them. Every image goes through the run's `transform`, as the dataset's files do in training.
-The predictor adapts to the support set as in the recipe's evaluation and scores all queries in
-one batch (recipes with batch statistics at test time, MAML and its kin, see them together);
-a query's probabilities are the softmax of its logits.
+The predictor adapts to the support set as in the recipe's evaluation and scores each query as
+if it were the only one (MAML and its kin, which normalise with batch statistics at test time,
+see each query in one batch with the support images); `transductive` scores all queries in one
+batch, as those recipes' test tasks do. A query's probabilities are the softmax of its logits.
 """
 from pathlib import Path
 
@@ -107,17 +108,19 @@ def load_classifier(run_dir, device="auto"):
     return predictor
 
 
-def classify(run_dir, support, queries, device="auto"):
+def classify(run_dir, support, queries, device="auto", transductive=False):
     """For each query image (files, or folders of them): {"query": path, "class": the predicted
     class (a subfolder name of `support`), "probability": its probability, "probabilities":
-    {class: probability}}, in the order given (folders sorted)."""
+    {class: probability}}, in the order given (folders sorted); each query scored on its own
+    (`Predictor.predict_each`), or all in one batch (`transductive`)."""
     predictor = load_classifier(run_dir, device)
     files = query_files(queries)
     support_x, support_y, classes = support_set(support, predictor.transform)
     query_x = torch.stack([read_image(f, predictor.transform) for f in files])
     to = predictor.device
     try:
-        logits = predictor.predict(support_x.to(to), support_y.to(to), query_x.to(to))
+        score = predictor.predict if transductive else predictor.predict_each
+        logits = score(support_x.to(to), support_y.to(to), query_x.to(to))
     except UserError as e:  # what this model cannot do (e.g. a fixed number of ways)
         raise UserError(f"{e} (from the {len(classes)} class folders of {support})") from None
     probabilities = logits.detach().double().softmax(dim=1).cpu()

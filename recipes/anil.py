@@ -109,7 +109,7 @@ def fast_adapt(body, head, support_x, support_y, query_x, query_y, steps):
 
 
 class Predictor(_Predictor):
-    head = "ANIL"
+    head, transductive = "ANIL", True  # a fixed head; batch statistics at test time
 
     def predict_tasks(self, support_x, support_y, query_x):
         self.check_ways(support_y)

@@ -134,7 +134,7 @@ def fast_adapt(learner, support_x, support_y, query_x, query_y, steps):
 
 
 class Predictor(_Predictor):
-    head = "MAML"
+    head, transductive = "MAML", True  # a fixed head; batch statistics at test time
 
     def predict_tasks(self, support_x, support_y, query_x):
         self.check_ways(support_y)

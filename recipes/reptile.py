@@ -187,7 +187,7 @@ def outer_step(model, adapted, outer_lr, meta_batch_size, run):
 
 
 class Predictor(_Predictor):
-    head = "Reptile"
+    head, transductive = "Reptile", True  # a fixed head; batch statistics at test time
 
     def predict(self, support_x, support_y, query_x):
         if self.cfg.engine == "fast":

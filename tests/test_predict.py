@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import l2l_recipes
-from conftest import cli
+from conftest import REPO, cli
 from l2l_recipes import harness, predict, registry
 from l2l_recipes.datasets import mini_imagenet
 
@@ -109,6 +109,40 @@ def test_mini_imagenet_jpegs(tmp_path, data_root):
     support_x, _, _ = predict.support_set(tmp_path / "support", l2l_recipes.load(run_dir, "cpu").transform)
     training = mini_imagenet._decode_csv(source, [r for i, r in enumerate(chosen) if i % 3 != 2], False)
     assert support_x.shape == (6, 3, 84, 84) and torch.equal(support_x, training.float().div(255))
+
+
+@pytest.mark.parametrize("model", ["maml-omniglot-5w1s", "reptile-omniglot-5w1s"])
+def test_a_query_is_classified_as_if_it_were_the_only_one(model, omniglot_folders, tmp_path):
+    """The committed MAML and Reptile models normalise with batch statistics at test time: by
+    default each query takes those of a batch of the support images and itself (so alone or among
+    others, the same logits), computed task by task as Reptile's official code does it; with
+    --transductive all queries share one batch, the recipe's `predict`. Both classify the
+    held-out drawings of a user's folders (one drawing per class in support)."""
+    base, _ = omniglot_folders
+    run_dir = REPO / "benchmarks" / "models" / model
+    predictor = l2l_recipes.load(run_dir, "cpu")
+    support_x, support_y, _ = predict.support_set(base / "support", predictor.transform)
+    support_x, support_y = support_x[::3], support_y[::3]  # the models are 1-shot
+    files = sorted((base / "queries").iterdir())
+    query_x = torch.stack([predict.read_image(f, predictor.transform) for f in files])
+    each = predictor.predict_each(support_x, support_y, query_x)  # the fast engine: all queries' tasks at once
+    one_by_one = torch.cat([predictor.predict(support_x, support_y, torch.cat([support_x, q[None]]))[-1:]
+                            for q in query_x])
+    assert torch.allclose(each, one_by_one, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(predictor.predict_each(support_x, support_y, query_x[7:8]), each[7:8], rtol=1e-4, atol=1e-4)
+    labels = torch.tensor([i // 4 for i in range(len(files))])
+    assert (each.argmax(1) == labels).float().mean() >= 0.8
+    together = predictor.predict(support_x, support_y, query_x)
+    assert not torch.allclose(together, each, rtol=1e-2, atol=1e-2)  # the batch's statistics matter
+    for c in (base / "support").iterdir():
+        shutil.copytree(c, tmp_path / "one-shot" / c.name, ignore=lambda d, names: sorted(names)[1:])
+    for flag, logits in (((), each), (("--transductive",), together)):
+        out = cli("predict", run_dir, "--support", tmp_path / "one-shot", "--query", base / "queries", "--json",
+                  "--device", "cpu", *flag)
+        assert out.exit_code == 0, out.output
+        records = json.loads(out.output)
+        assert [r["probability"] for r in records] == pytest.approx(logits.double().softmax(1).max(1).values.tolist(),
+                                                                    rel=1e-4)
 
 
 @pytest.mark.parametrize("family", CLASSIFIERS)

@@ -219,6 +219,30 @@ def test_eval_adapts_with_another_number_of_steps(protonet_run, data_root, tmp_p
     assert refused.stderr.strip() == "Error: recipe protonet-omniglot-5w1s has no test adaptation steps to change"
 
 
+def test_eval_non_transductive_scores_each_query_with_the_support_images(protonet_run, data_root, tmp_path):
+    """`eval --non-transductive` tests a model with batch statistics at test time (the committed
+    Meta-SGD model) as `predict` uses it: each query in one batch with its task's support images,
+    scored task by task here with the loaded model, in its own file; ProtoNet refuses in one line."""
+    run_dir = Path(shutil.copytree(REPO / "benchmarks" / "models" / "metasgd-omniglot-5w1s", tmp_path / "metasgd"))
+    out = cli("eval", run_dir, "--non-transductive", "--episodes", 20, "--device", "cpu", "--data-root", data_root,
+              "--no-progress")
+    assert out.exit_code == 0, out.output
+    result = json.loads((run_dir / "eval-nontransductive-20.json").read_text())
+    assert result["transductive"] is False and result["episodes"] == 20
+    predictor = l2l_recipes.load(run_dir, "cpu", data_root)
+    tasks = predictor.test_tasks(20, predictor.cfg.test_seed)
+    correct = []
+    for x, y in (tasks[i] for i in range(20)):
+        sx, sy, qx, qy = data.split_support_query(x, y, 1)
+        logits = torch.cat([predictor.predict(sx, sy, torch.cat([sx, q[None]]))[-1:] for q in qx])
+        correct.append((logits.argmax(1) == qy).float().mean().item())
+    assert result["accuracy"] == pytest.approx(sum(correct) / 20, abs=1e-6)
+    refused = cli("eval", protonet_run[0], "--non-transductive", "--device", "cpu", "--data-root", data_root)
+    assert refused.exit_code == 1
+    assert refused.stderr.strip() == ("Error: protonet-omniglot-5w1s scores each query on its own already (no batch "
+                                      "statistics at test time): test it without --non-transductive")
+
+
 def test_eval_scores_another_number_of_queries(protonet_run, data_root):
     """`eval --queries 1` scores one query image per class of fixed test tasks drawn for it,
     as scoring those tasks one by one with the loaded model does, in its own file."""

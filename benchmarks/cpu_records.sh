@@ -197,3 +197,8 @@ python benchmarks/omniglot_rotations.py /root/l2l-long/bench/reptile-omniglot-5w
 # thread, ProtoNet 1-shot seed 1 alone (then the 5-shot model, seeds 2-3, MAML++) on the other
 bench anil-omniglot-20w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
 bench protonet-omniglot-5w1s protonet-omniglot-20w1s --seeds 1 --episodes 1000 --resume --runs-dir /root/l2l-long/bench
+# 2026-12-07 (08:15-10:58), session 30: ANIL 20w1s at the paper's protocol with the official inner step
+# (fast_lr 2.0), commit dea8f53, two threads (long_runs.sh's one queue), within one session: 90.77 +- 0.22 on
+# 1,000 test tasks (best validation 0.9177 at 54,500); published 96.2, short by 5.43
+# (benchmarks/notes/anil-omniglot-20w1s.md). Record anil-omniglot-20w1s-...-20261207-105848
+OMP_NUM_THREADS=2 bench anil-omniglot-20w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench

@@ -629,18 +629,17 @@ class Predictor(plain.Predictor):
         so that it takes their batch statistics (Nichol et al. 2018's non-transductive test)."""
         if not self.transductive:
             return self.predict(support_x, support_y, query_x)
-        n, shape = len(query_x), support_x.shape
         if not self.batched:
             return torch.cat([self.predict(support_x, support_y, torch.cat([support_x, q[None]]))[-1:]
                               for q in query_x])
-        chunk = max(1, ACTIVATIONS_AT_ONCE // (2 * shape[0] * max(shape[1], getattr(self.cfg, "hidden_size", 64))
-                                               * shape[2] * shape[3]))
+        n, channels, height, width = support_x.shape
+        chunk = tasks_at_once(self.cfg, 2 * n + 1, channels, height, width)  # support + (support, query)
         logits = []
-        for start in range(0, n, chunk):
+        for start in range(0, len(query_x), chunk):
             q = query_x[start:start + chunk, None]
-            k = len(q)
-            batches = torch.cat([support_x.expand(k, *shape), q], 1)  # [k, support + 1, C, H, W]
-            logits.append(self.predict_tasks(support_x.expand(k, *shape), support_y.expand(k, -1), batches)[:, -1])
+            sx = support_x.expand(len(q), *support_x.shape)
+            batches = torch.cat([sx, q], 1)  # [k, support + 1, C, H, W]
+            logits.append(self.predict_tasks(sx, support_y.expand(len(q), -1), batches)[:, -1])
         return torch.cat(logits)
 
     def evaluate(self, tasks, desc="eval", progress=True):
@@ -672,15 +671,18 @@ def evaluate(predictor, tasks, shots, desc="eval", progress=True):
 ACTIVATIONS_AT_ONCE = 2 ** 26
 
 
+def tasks_at_once(cfg, images, channels, height, width):
+    """How many tasks of `images` images [channels, height, width] to adapt in one batched call."""
+    return max(1, ACTIVATIONS_AT_ONCE // (images * max(channels, getattr(cfg, "hidden_size", 64)) * height * width))
+
+
 def task_scores(predictor, tasks, indices, shots, desc="eval", progress=False):
     """(query accuracy, query cross-entropy) of each task tasks[i], i in `indices`: task by task
     with `predictor.predict`, or in chunks of tasks with `predict_tasks` where the predictor is
     `batched` (the same per-task values up to float rounding)."""
-    chunk, alone = 1, predictor.alone and predictor.transductive
+    chunk, alone = 1, predictor.alone
     if predictor.batched and indices and not alone:
-        n, channels, height, width = tasks[indices[0]][0].shape
-        hidden = getattr(predictor.cfg, "hidden_size", 64)
-        chunk = max(1, ACTIVATIONS_AT_ONCE // (n * max(channels, hidden) * height * width))
+        chunk = tasks_at_once(predictor.cfg, *tasks[indices[0]][0].shape)
     scores = []
     with tqdm(total=len(indices), desc=desc, leave=False, disable=not progress) as bar:
         for start in range(0, len(indices), chunk):

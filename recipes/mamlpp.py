@@ -226,7 +226,7 @@ def fast_adapt(model, support_x, support_y, query_x, query_y, step_weights, seco
 class Predictor(_Predictor):
     """Adapts the kept best validations' weights (the network itself if none is kept, or if
     `single`: validation in training) to the support set; their query logits averaged."""
-    head, transductive = "MAML++", property(lambda self: self.cfg.transductive)  # query batch statistics at test?
+    head, transductive = "MAML++", property(lambda self: self.cfg.transductive)  # per the config
 
     def __init__(self, cfg, model, device, data_root=None, single=False):
         super().__init__(cfg, model, device, data_root)

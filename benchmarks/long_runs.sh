@@ -48,35 +48,39 @@ queue() {  # queue NICE ITEM...: one background process benching these one after
   echo "queue: started, priority $nice ($*)"
 }
 
-PROTONET_1SHOT="protonet-omniglot-5w1s protonet-omniglot-20w1s --seeds 3 --episodes 1000"  # one model, two rows
-PROTONET_SEED1="${PROTONET_1SHOT/--seeds 3/--seeds 1}"  # its seed 1 alone: a verdict two seeds sooner
-PROTONET_5SHOT="protonet-omniglot-5w5s protonet-omniglot-20w5s --seeds 1 --episodes 1000"
+# ProtoNet in bf16 mixed precision where the CPU computes it natively (AVX512-BF16: 1.7x faster a
+# 60-way episode on the Zen 4 EPYC, so that a seed fits in one working session; docs/speed.md)
+AMP=$(grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null && echo " --set amp=bf16" || true)
+PROTONET_1SHOT="protonet-omniglot-5w1s protonet-omniglot-20w1s --seeds 3 --episodes 1000$AMP"  # one model, two rows
+# one seed alone (SEED, default 1), a verdict sooner; where LONG does not outlive a working session
+# each session trains the next seed (SEED=2, SEED=3) and `l2l-recipes bench-merge` joins their records
+SEED=${SEED:-1}
+PROTONET_SEED="${PROTONET_1SHOT/--seeds 3/--seeds $SEED-$SEED}"
+PROTONET_5SHOT="protonet-omniglot-5w5s protonet-omniglot-20w5s --seeds 1 --episodes 1000$AMP"
 
 # the paper's protocols (issue 15), the shorter rows first: a machine may come back without LONG
 # (2026-12-04: ~30 core-hours of runs lost; 2026-12-05: ANIL 5w1s at iteration 32,600 and
 # ProtoNet 5w1s seed 1 at episode 18,400; 2026-12-06: SNAIL 5w1s at 8,260 of 20,000, Reptile
 # 5w5s at 14,950 of 100,000, ProtoNet seed 1 at 23,308; 2026-12-07: ProtoNet seeds 1 and 2 at
-# episodes ~16,600 and ~8,950), so a row that finishes within one
-# working session is worth more than two half-done ones. Done, reproduced or with a verdict, and
+# episodes ~16,600 and ~8,950, and again the whole folder with ANIL 20w1s's model), so a row that
+# finishes within one working session is worth more than two half-done ones. Done, reproduced or with a verdict, and
 # not run again here: MAML, FOMAML, Reptile and Meta-SGD omniglot-5w1s (reproduced), ANIL 5w1s,
 # SNAIL 5w1s (short by 1.95, 2026-12-06, within one session), Reptile 5w5s (short by 0.28,
 # 2026-12-07, across four sessions), Matching Nets (all four rows), transfer 5w1s/5w5s,
-# MetaOptNet-ridge 5w1s, MAML sine. ANIL 20w1s starts again with the official code's inner step
-# (fast_lr 2.0 since 2026-12-07, recipes/anil.py); its run at the earlier 0.1, stopped at
-# iteration 19,236 (best validation 90.1%), was moved to LONG/evidence.
-# Hours on two threads of the faster EPYC (docs/speed.md; 3-5x more on the Zen 1 one): ANIL
-# 20w1s ~3 (one thread beside another run ~7), MAML++ 5w1s ~5, a ProtoNet seed ~5 (Snell et
-# al.'s protocol: early stopping with patience 200 epochs, then the train+val retraining,
-# ~50,000-60,000 60-way episodes).
+# MetaOptNet-ridge 5w1s, MAML sine, ANIL 20w1s (short by 5.43 at the official inner step,
+# 2026-12-07, within one session).
+# Hours on two threads of the Zen 4 EPYC (docs/speed.md; 3-5x more on the Zen 1 one): MAML++
+# 5w1s ~5, a ProtoNet 1-shot seed ~3.6 in float32 and ~2.1 in bf16 (Snell et al.'s protocol:
+# early stopping with patience 200 epochs, then the train+val retraining, ~60,000 60-way episodes).
 # Issue 15's acceptance needs ProtoNet 5w1s on 3 seeds: with two queues, seeds 1 and 2 train side
-# by side (then seed 3 beside the 5-shot model), ANIL and MAML++ after them.
-ROWS=(anil-omniglot-20w1s "$PROTONET_SEED1" "$PROTONET_5SHOT" "$PROTONET_1SHOT" mamlpp-omniglot-5w1s)  # PROTONET_1SHOT: seeds 2 and 3 beside seed 1 (one bench)
+# by side (then seed 3 beside the 5-shot model), MAML++ after them.
+ROWS=("$PROTONET_SEED" "$PROTONET_5SHOT" "$PROTONET_1SHOT" mamlpp-omniglot-5w1s)  # PROTONET_1SHOT: seeds 2 and 3 beside seed 1 (one bench)
 if [ "$QUEUES" = 1 ]; then  # one queue on both cores (THREADS=2): each row done sooner
   queue 0 "${ROWS[@]}"
 elif [ "${QUEUES}" = 2 ]; then  # two one-thread queues (THREADS=1), e.g. on a machine kept for days;
   # the ProtoNet seeds are shared: each bench process trains the seeds no other holds
-  queue 0 "${ROWS[3]}" "${ROWS[0]}" "${ROWS[4]}"
-  queue 0 "${ROWS[1]}" "${ROWS[2]}" "${ROWS[3]}" "${ROWS[0]}" "${ROWS[4]}"
+  queue 0 "${ROWS[2]}" "${ROWS[3]}"
+  queue 0 "${ROWS[0]}" "${ROWS[1]}" "${ROWS[2]}" "${ROWS[3]}"
 fi
 # ProtoNet on its own (PROTONET=1), e.g. with the queues off (QUEUES=0) so that it has the machine
 if [ "${PROTONET:-0}" = 1 ]; then

@@ -39,7 +39,8 @@ def bench_dir(runs_dir, name, episodes, assignments, max_minutes):
 def bench_recipe(name, seeds, episodes, assignments=(), max_minutes=None, device="auto", data_root=None,
                  runs_dir="runs/bench", results_dir="benchmarks/results", progress=False, command="",
                  resume=False):
-    """Train and meta-test recipe `name` once per seed; write its record and curve; return the record.
+    """Train and meta-test recipe `name` once per seed (`seeds`: N for seeds 1..N, or a range of
+    seed numbers); write its record and curve; return the record.
 
     The seeds' runs live in `bench_dir(...)`. With `resume`, a seed already tested is taken as
     it is, a seed with a checkpoint continues from it (on CPU ending as if never stopped), and
@@ -47,6 +48,7 @@ def bench_recipe(name, seeds, episodes, assignments=(), max_minutes=None, device
     processes may share one bench (`--resume`): each trains the seeds no other holds, and the
     last to finish writes the record (the others raise BenchPending).
     """
+    seeds = range(1, seeds + 1) if isinstance(seeds, int) else seeds
     recipe = registry.get_recipe(name)
     trainer = registry.get_recipe(recipe.tested_from or name)  # whose trained model is tested
     default = trainer.config()
@@ -67,12 +69,12 @@ def bench_recipe(name, seeds, episodes, assignments=(), max_minutes=None, device
         check_writable(folder, option)
     harness.write_json(home / "bench.json", {"recipe": trainer.name, "command": command, "episodes": episodes,
                                              "overrides": list(assignments), "max_minutes": max_minutes})
-    for seed in range(1, seeds + 1):  # each seed trained by the first bench process that locks it
+    for seed in seeds:  # each seed trained by the first bench process that locks it
         with _locked(home / f"seed-{seed}.lock") as mine:
             if mine:
                 seed_cfg = dataclasses.replace(cfg, seed=seed, device=str(dev))
                 _train_seed(trainer.name, seed_cfg, home / f"seed-{seed}", dev, data_root, progress, max_minutes)
-    busy = [seed for seed in range(1, seeds + 1) if not (home / f"seed-{seed}" / "result.json").is_file()]
+    busy = [seed for seed in seeds if not (home / f"seed-{seed}" / "result.json").is_file()]
     if busy:
         raise BenchPending(f"{name}: seed(s) {', '.join(map(str, busy))} still training in another bench process "
                            f"(their runs in {home}); the last process to finish writes the record")
@@ -80,9 +82,9 @@ def bench_recipe(name, seeds, episodes, assignments=(), max_minutes=None, device
         written = home / f"record-{name}.txt"  # the latest record: returned again for as many seeds
         last = Path(written.read_text().strip()) if written.is_file() else None
         last = _readable_record(last) if last and last.is_file() else None  # damaged: write another
-        if last and len(last.get("seeds", ())) == seeds:
+        if last and [s.get("seed") for s in last.get("seeds", ())] == list(seeds):
             return last
-        bench = Bench(name, recipe, trainer, cfg, default, tested, seeds, home, dev, data_root, progress,
+        bench = Bench(name, recipe, trainer, cfg, default, tested, tuple(seeds), home, dev, data_root, progress,
                       max_minutes, tuple(assignments), Path(results_dir), command)
         record = _record(bench)
         written.write_text(str(Path(results_dir).resolve() / f"{record['curve'][:-4]}.json") + "\n")
@@ -129,7 +131,7 @@ class Bench:
     cfg: object  # the trainer's config as trained
     default: object  # the trainer's defaults
     tested: object  # the variant's config as tested
-    seeds: int
+    seeds: tuple  # the seed numbers
     home: Path
     device: object  # torch.device
     data_root: str | None
@@ -159,24 +161,21 @@ def _seed_entry(bench, seed):
              "ended_by_stopping_rule": result["ended_by_stopping_rule"],
              "best_val_iteration": best[0], f"best_val_{metric}": best[1],
              "train_seconds": result["train_seconds"], "eval_seconds": result["eval_seconds"],
-             "run_dir": str(run_dir), **{k: v for k, v in result.items() if k.startswith("before_")}}
+             "run_dir": str(run_dir), **{k: v for k, v in result.items() if k.startswith("before_")},
+             "val_curve": curve}
     return entry, curve, env, (metric, higher)
 
 
 def _record(bench):
     """Write the record and curve of a bench whose seeds are all tested; return the record."""
     name, recipe, cfg, default, tested = bench.name, bench.recipe, bench.cfg, bench.default, bench.tested
-    runs, curves, envs, metrics = zip(*(_seed_entry(bench, seed) for seed in range(1, bench.seeds + 1)))
+    runs, curves, envs, metrics = zip(*(_seed_entry(bench, seed) for seed in bench.seeds))
     env, (metric, higher) = envs[0], metrics[0]  # seed 1's versions and metric
     assignments, max_minutes, results_dir = bench.assignments, bench.max_minutes, bench.results_dir
-    values = [r[metric] for r in runs]
-    stamp = datetime.now(timezone.utc)
-    protocol_overrides = [a for a in assignments if a.split("=", 1)[0].strip() not in SAME_NUMBERS]
-    protocol_overrides += ["test_episodes"] * (tested.test_episodes != recipe.config().test_episodes)
     reduced = cfg.iterations < default.iterations or any(r["stopped_by_time_budget"] for r in runs)
     record = {
         "recipe": name,
-        "date": stamp.isoformat(timespec="seconds"),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": bench.command,
         "git_commit": env["git_commit"],
         "device": env["device"], "processor": env["processor"], "cpu_count": env["cpu_count"],
@@ -188,33 +187,107 @@ def _record(bench):
         "split": "test", "metric": metric, "higher_is_better": higher,
         "budget": {"iterations": cfg.iterations, "recipe_iterations": default.iterations,
                    "max_minutes": max_minutes, "overrides": list(assignments), "reduced": reduced},
-        # the paper's protocol: the recipe's defaults, trained to their end, tested on test_episodes tasks
-        "protocol": "paper" if not reduced and not protocol_overrides else "modified",
-        "seeds": list(runs),
-        f"mean_{metric}": statistics.fmean(values),
-        "seed_std": statistics.stdev(values) if len(values) > 1 else None,
-        "mean_ci95": statistics.fmean(r["ci95"] for r in runs),
-        "wall_seconds": round(sum(r["train_seconds"] + r["eval_seconds"] for r in runs), 1),
+        # the paper's protocol: the recipe's defaults (mixed precision allowed: "precision"), trained to
+        # their end, tested on test_episodes tasks
+        "protocol": "modified" if reduced or protocol_changes(assignments, tested, recipe) else "paper",
+        "precision": precision(cfg),
+        **_over_seeds(runs, metric),
         "published": dataclasses.asdict(recipe.published) if recipe.published else None,
         "learn2learn": dataclasses.asdict(recipe.learn2learn) if recipe.learn2learn else None,
         "config": dataclasses.asdict(cfg),
     }
+    return _write_record(record, dict(zip(bench.seeds, curves)), results_dir)
+
+
+def _over_seeds(runs, metric):
+    """The record's seed entries and their summary: mean, standard deviation, mean CI, wall time."""
+    values = [r[metric] for r in runs]
+    return {"seeds": list(runs), f"mean_{metric}": statistics.fmean(values),
+            "seed_std": statistics.stdev(values) if len(values) > 1 else None,
+            "mean_ci95": statistics.fmean(r["ci95"] for r in runs),
+            "wall_seconds": round(sum(r["train_seconds"] + r["eval_seconds"] for r in runs), 1)}
+
+
+def _write_record(record, curves, results_dir):
+    """Write `record` as `<recipe>-<device>-torch<version>-<time>.json` in `results_dir`, and the
+    validation `curves` ({seed: [(iteration, value)]}) as the PNG of the same name; return it."""
+    results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     device_tag = "cuda" if record["gpu"] else "cpu"
-    stem = base = f"{name}-{device_tag}-torch{env['torch'].split('+')[0]}-{stamp:%Y%m%d-%H%M%S}"
+    stamp, torch_version = datetime.fromisoformat(record["date"]), record["versions"]["torch"].split("+")[0]
+    stem = base = f"{record['recipe']}-{device_tag}-torch{torch_version}-{stamp:%Y%m%d-%H%M%S}"
     for n in itertools.count(2):  # a record never replaces another written in the same second
         if not (results_dir / f"{stem}.json").exists():
             break
         stem = f"{base}-{n}"
     record["curve"] = f"{stem}.png"
     harness.write_json(results_dir / f"{stem}.json", record)
-    plot_curves(dict(enumerate(curves, 1)), results_dir / f"{stem}.png", f"{name}: validation {metric} ({record['device']})", metric)
+    title = f"{record['recipe']}: validation {record['metric']} ({record['device']})"
+    plot_curves(curves, results_dir / f"{stem}.png", title, record["metric"])
     return record
+
+
+# a merged record's sources agree on these (and on their budgets but for "reduced")
+MERGE_SAME = ("recipe", "trained_as", "metric", "ways", "shots", "queries", "config", "precision", "versions",
+              "published")
+
+
+def merge_records(paths, results_dir, command):
+    """One record of the seeds of several records of one bench (the same recipe and options,
+    other seeds), e.g. one seed trained per working session where the runs do not survive the
+    session (`bench NAME --seeds 2-2`); written beside a curve of its seeds (those whose record
+    kept their validation curve); the sources stay. Returns the record."""
+    fix = "pass the JSON records that `l2l-recipes bench` wrote"
+    records = [harness.read_json(Path(p), fix) for p in paths]
+    if len(records) < 2:
+        raise UserError("bench-merge needs two or more records (of the same bench, other seeds)")
+    first = records[0]
+    for path, record in zip(paths[1:], records[1:]):
+        budgets = [{k: v for k, v in r.get("budget", {}).items() if k != "reduced"} for r in (first, record)]
+        differ = [key for key in MERGE_SAME if record.get(key) != first.get(key)]
+        differ += ["budget"] * (budgets[0] != budgets[1])
+        if differ:
+            raise UserError(f"{path} differs from {paths[0]} in {', '.join(differ)}: only records of one bench "
+                            f"(one recipe, the same options) merge")
+    seeds = sorted((s for r in records for s in r["seeds"]), key=lambda s: s["seed"])
+    numbers = [s["seed"] for s in seeds]
+    twice = sorted({n for n in numbers if numbers.count(n) > 1})
+    if twice:
+        raise UserError(f"seed {twice[0]} is in more than one of these records: merge records of other seeds "
+                        f"(bench --seeds FIRST-LAST)")
+    commits = list(dict.fromkeys(r["git_commit"] or "?" for r in records))
+    reduced = any(r["budget"]["reduced"] for r in records)
+    record = {**first, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
+              "git_commit": "+".join(commits),
+              "machines": list(dict.fromkeys(m for s in seeds for m in s["machines"])),
+              "budget": {**first["budget"], "reduced": reduced},
+              "protocol": "paper" if all(r.get("protocol") == "paper" for r in records) else "modified",
+              **_over_seeds(seeds, first["metric"]),
+              "merged_from": [{"record": Path(p).name, "command": r["command"], "git_commit": r["git_commit"],
+                               "date": r["date"], "seeds": [s["seed"] for s in r["seeds"]]}
+                              for p, r in zip(paths, records)]}
+    return _write_record(record, {s["seed"]: s["val_curve"] for s in seeds if s.get("val_curve")}, results_dir)
 
 
 # overrides that change no number a run produces beyond float32 rounding (not a change of
 # protocol): the fast engine and its tensor layout (ProtoNet's channels_last), the device
 SAME_NUMBERS = ("engine", "channels_last", "device", "log_interval")
+# overrides that change the rounding of the training arithmetic, not the protocol: mixed precision
+# (ProtoNet's amp); the record names it ("precision") and the table shows it beside the numbers
+PRECISION = ("amp",)
+
+
+def protocol_changes(assignments, tested, recipe):
+    """The overrides (and a changed number of test tasks) that make a bench other than the
+    recipe's protocol: all but those of SAME_NUMBERS and PRECISION."""
+    changes = [a for a in assignments if a.split("=", 1)[0].strip() not in (*SAME_NUMBERS, *PRECISION)]
+    return changes + ["test_episodes"] * (tested.test_episodes != recipe.config().test_episodes)
+
+
+def precision(cfg):
+    """'float32', or the mixed precision a config trains in ('bf16', 'fp16')."""
+    amp = getattr(cfg, "amp", "off")
+    return "float32" if amp == "off" else amp
 
 
 def _tested_as(name, cfg, run_dir, device, data_root, progress):
@@ -278,8 +351,10 @@ def summary(record):
     n = len(record["seeds"])
     sd = f", sd {format_value(metric, record['seed_std'])}" if record["seed_std"] is not None else ""
     unit = "" if metric == "accuracy" else f" {metric}"
+    arithmetic = record.get("precision", "float32")
+    mixed = f", {arithmetic} mixed precision" if arithmetic != "float32" else ""
     return (f"{format_value(metric, record[f'mean_{metric}'])} ± {format_value(metric, record['mean_ci95'])}"
-            f"{unit} ({n} seed{'s' * (n > 1)}{sd})")
+            f"{unit} ({n} seed{'s' * (n > 1)}{sd}{mixed})")
 
 
 def plot_curves(curves, path, title, metric="accuracy"):
@@ -295,7 +370,8 @@ def plot_curves(curves, path, title, metric="accuracy"):
     ax.set_ylabel(f"validation {label}")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if curves:  # a merged record of older records may have none
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -312,7 +388,7 @@ def _budget(record):
     text = f"{done} it, early-stopped" if ended else f"{done} / {b['recipe_iterations']} it"
     if b["max_minutes"]:
         text += f", ≤ {b['max_minutes']:g} min/seed"
-    changed = [o for o in b.get("overrides", []) if o.split("=", 1)[0] not in SAME_NUMBERS]
+    changed = [o for o in b.get("overrides", []) if o.split("=", 1)[0] not in (*SAME_NUMBERS, *PRECISION)]
     if changed and not b["reduced"]:  # the full budget of a modified recipe
         return f"full, modified ({', '.join(changed)}): " + text
     return ("**reduced**: " if b["reduced"] else "full: ") + text
@@ -336,7 +412,8 @@ def changed_since(record):
     recipe = registry.get_recipe(name)
     ran = as_ran(recipe.family, record["config"])
     ran, now = json.loads(json.dumps(ran)), json.loads(json.dumps(dataclasses.asdict(recipe.config())))
-    return [key for key, value in now.items() if key not in (*SAME_NUMBERS, "seed") and ran.get(key) != value]
+    return [key for key, value in now.items()
+            if key not in (*SAME_NUMBERS, *PRECISION, "seed") and ran.get(key) != value]
 
 
 def seconds_per_iteration(record):
@@ -376,8 +453,13 @@ def _row(r, notes_dir, gpu):
     estimate = "" if is_paper_protocol(r) else _gpu_cost(r["recipe"], gpu, "; the paper's protocol: ")
     return (f"| `{r['recipe']}`{tested} | {_pct(r['published'])} | {_pct(r['learn2learn'])} | {summary(r)} | "
             f"{verdict(r, notes_dir)}{estimate} | {_budget(r)}, {seconds_per_iteration(r):.2f} s/it | "
-            f"{r['wall_seconds'] / 60:.1f} min | {device}, {r['date'][:10]}, `{(r['git_commit'] or '?')[:10]}` | "
+            f"{r['wall_seconds'] / 60:.1f} min | {device}, {r['date'][:10]}, `{_commits(r)}` | "
             f"`{r['command']}` | [curve](results/{r['curve']}) |")
+
+
+def _commits(record):
+    """The record's commit, abbreviated ('a1b2c3d4e5'; a merged record's: 'a1b2c3d4e5+f6...')."""
+    return "+".join(commit[:10] for commit in (record["git_commit"] or "?").split("+"))
 
 
 def table_rows(records, notes_dir=None, speeds=(), gpu=None):
@@ -402,7 +484,7 @@ def table_rows(records, notes_dir=None, speeds=(), gpu=None):
         reproduced += verdict(best).startswith("**reproduced")
         for r in sorted(others, key=lambda r: r["date"]):
             history.append(f"- `{name}`: {summary(r)}, {_budget(r)}, {r['date'][:10]}, "
-                           f"`{(r['git_commit'] or '?')[:10]}`, `{r['command']}` "
+                           f"`{_commits(r)}`, `{r['command']}` "
                            f"([record](results/{r['curve'][:-4]}.json))")
     return rows, history, reproduced
 

@@ -248,10 +248,33 @@ def recipes_export(name, dest, force, all_datasets, fast):
     click.echo(f"wrote {path} ({lines} lines); run it with: python {path} --data-root DIR [--set key=value ...]")
 
 
+class SeedRange(click.ParamType):
+    """`--seeds`: N (seeds 1..N) or FIRST-LAST, as a range of seed numbers."""
+    name = "N|FIRST-LAST"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, range):
+            return value
+        first, dash, last = str(value).strip().rpartition("-")
+        try:
+            seeds = range(int(first) if dash else 1, int(last) + 1)
+        except ValueError:
+            self.fail(f"{value!r} is neither N (seeds 1..N) nor FIRST-LAST (e.g. 2-3)", param, ctx)
+        if not 1 <= seeds.start < seeds.stop:
+            self.fail(f"{value!r} names no seed: seeds are numbered from 1 (N >= 1, 1 <= FIRST <= LAST)", param, ctx)
+        return seeds
+
+    @staticmethod
+    def text(seeds):
+        """The option as given to reproduce `seeds`: '3' for 1..3, '2-3'."""
+        return f"{seeds.stop - 1}" if seeds.start == 1 else f"{seeds.start}-{seeds.stop - 1}"
+
+
 @cli.command("bench")
 @click.argument("names", nargs=-1, required=True)
-@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Training runs per recipe, with seeds 1..N.")
+@click.option("--seeds", type=SeedRange(), default="3", show_default=True,
+              help="Training runs per recipe: N for seeds 1..N, FIRST-LAST for those seeds (e.g. 2-2: seed 2 "
+                   "alone, its record merged later with `bench-merge`).")
 @click.option("--episodes", type=click.IntRange(min=2), default=None,
               help="Fixed test tasks per evaluation (default: the recipe's, its paper's number).")
 @click.option("--iterations", type=click.IntRange(min=1), default=None,
@@ -286,12 +309,12 @@ def recipes_bench(names, seeds, episodes, iterations, max_minutes, assignments, 
         registry.get_recipe(name)  # fail on a typo before hours of training
     keys = {parse_assignment(a)[0] for a in assignments}
     if "seed" in keys:  # each seed's run sets it: the record would name an override that did nothing
-        raise UserError("bench trains seeds 1..N (--seeds N): drop --set seed")
+        raise UserError("bench trains seeds 1..N (--seeds N, or FIRST-LAST): drop --set seed")
     if "iterations" in keys and iterations:
         raise UserError("--iterations and --set iterations=... both set the budget: give one")
     progress = sys.stderr.isatty() if progress is None else progress
     budget = [f"iterations={iterations}"] if iterations else []
-    flags = f" --seeds {seeds}" + (f" --episodes {episodes}" if episodes else "")
+    flags = f" --seeds {SeedRange.text(seeds)}" + (f" --episodes {episodes}" if episodes else "")
     flags += f" --iterations {iterations}" if iterations else ""
     flags += f" --max-minutes {max_minutes:g}" if max_minutes else ""
     flags += "".join(f" --set {shlex.quote(a)}" for a in assignments) + f" --device {device}"
@@ -309,6 +332,23 @@ def recipes_bench(names, seeds, episodes, iterations, max_minutes, assignments, 
             again = f"l2l-recipes bench {' '.join(map(shlex.quote, names))}{flags}{folders} --resume"
             raise UserError(f"{str(stopped).split(' Resume with: ')[0]} Resume the bench with: {again}") from None
         click.echo(f"{name}: {bench.summary(record)}; record {Path(results_dir) / record['curve'][:-4]}.json")
+    bench.write_table(results_dir, Path(results_dir).parent / "README.md")
+
+
+@cli.command("bench-merge")
+@click.argument("records", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--results-dir", type=click.Path(file_okay=False), default="benchmarks/results", show_default=True,
+              help="Where the merged record goes; the table goes into README.md beside it.")
+def recipes_bench_merge(records, results_dir):
+    """Merge RECORDS of one bench's seeds trained apart (`bench NAME --seeds 2-2` ...) into one
+    record of all their seeds, and rebuild the table.
+
+    The records must be of the same recipe, options, versions and test tasks, with no seed twice;
+    they stay as they are (the table shows the merged one, the most seeds, first)."""
+    from l2l_recipes import bench
+    command = "l2l-recipes bench-merge " + " ".join(shlex.quote(str(r)) for r in records)
+    record = bench.merge_records(records, results_dir, command)
+    click.echo(f"{record['recipe']}: {bench.summary(record)}; record {Path(results_dir) / record['curve'][:-4]}.json")
     bench.write_table(results_dir, Path(results_dir).parent / "README.md")
 
 

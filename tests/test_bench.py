@@ -51,9 +51,10 @@ def test_bench_records_seeds_budget_and_table(tmp_path, data_root):
 
 
 def test_time_budget_stops_and_is_recorded(tmp_path, data_root):
+    from l2l_recipes import bench
     results = tmp_path / "results"
     out = cli("bench", "protonet-omniglot-5w1s", "--seeds", 1, "--episodes", 10, "--max-minutes", 0.001,
-              "--set", "train_ways=10", "--set", "val_episodes=10", "--device", "cpu",
+              "--set", "train_ways=10", "--set", "val_episodes=10", "--set", "amp=bf16", "--device", "cpu",
               "--data-root", data_root, "--runs-dir", tmp_path / "runs", "--results-dir", results)
     assert out.exit_code == 0, out.output
     (record,) = [json.loads(p.read_text()) for p in results.glob("*.json")]
@@ -61,6 +62,7 @@ def test_time_budget_stops_and_is_recorded(tmp_path, data_root):
     assert seed["stopped_by_time_budget"] and seed["iterations_done"] == 1
     assert seed["best_val_iteration"] == 1  # the last iteration reached was validated
     assert record["budget"]["reduced"] and record["budget"]["max_minutes"] == 0.001
+    assert record["precision"] == "bf16" and "(1 seed, bf16 mixed precision)" in bench.summary(record)
 
 
 def test_verdict_needs_the_papers_protocol_and_the_published_ci(tmp_path):
@@ -79,6 +81,26 @@ def test_verdict_needs_the_papers_protocol_and_the_published_ci(tmp_path):
     assert bench.verdict({**record, "protocol": "modified"}).startswith("short by 0.30 points not at the paper's")
     assert "reproduced" not in bench.verdict({k: v for k, v in record.items() if k != "protocol"})
     assert bench.verdict({**record, "published": None}) == "no published number"
+
+
+def test_mixed_precision_is_named_but_is_no_change_of_protocol():
+    """A bench in bf16 mixed precision (ProtoNet's amp) at the recipe's defaults is the paper's
+    protocol, named as such in the table; any other override is a modified protocol."""
+    import dataclasses
+    from l2l_recipes import bench, registry
+    recipe = registry.get_recipe("protonet-omniglot-5w1s")
+    cfg = recipe.config()
+    assert bench.protocol_changes(["amp=bf16", "engine=reference"], cfg, recipe) == []
+    assert bench.protocol_changes(["amp=bf16", "lr=0.01"], cfg, recipe) == ["lr=0.01"]
+    assert bench.precision(cfg) == "float32"
+    assert bench.precision(dataclasses.replace(cfg, amp="bf16")) == "bf16"
+    record = {"recipe": "protonet-omniglot-5w1s", "metric": "accuracy", "mean_accuracy": 0.9880,
+              "mean_ci95": 0.0020, "seed_std": None, "seeds": [{}], "protocol": "paper", "precision": "bf16",
+              "published": {"accuracy": 98.8, "ci95": None, "source": "Snell et al. 2017, Table 1"},
+              "config": dataclasses.asdict(dataclasses.replace(cfg, amp="bf16"))}
+    assert bench.changed_since(record) == [] and bench.verdict(record) == "**reproduced**"
+    assert bench.summary(record) == "98.80 ± 0.20 (1 seed, bf16 mixed precision)"
+    assert bench.summary({**record, "precision": "float32"}) == "98.80 ± 0.20 (1 seed)"
 
 
 def test_a_record_of_an_earlier_version_of_the_recipe_is_not_its_protocol():
@@ -178,3 +200,45 @@ def test_rows_show_the_gpu_estimate_of_the_papers_protocol(tmp_path):
     defaults = dataclasses.asdict(registry.get_recipe("maml-omniglot-5w5s").config())
     rows, _, _ = bench.table_rows([{**record, "protocol": "paper", "config": defaults}], speeds=(), gpu=gpu)
     assert "on one GPU" not in [r for r in rows if r.startswith("| `maml-omniglot-5w5s` |")][0]
+
+
+def test_seeds_trained_apart_merge_into_the_record_of_one_bench(tmp_path, data_root):
+    """Where runs do not outlive a working session, each session trains one seed (`--seeds 2-2`);
+    `bench-merge` makes of their records the record `--seeds 2` writes, and refuses records of
+    other options or of the same seed in one line."""
+    common = ["protonet-omniglot-5w1s", "--episodes", 10, "--iterations", 4, "--set", "train_ways=10",
+              "--set", "val_interval=2", "--set", "val_episodes=10", "--device", "cpu", "--no-progress",
+              "--data-root", data_root]
+    apart, together = tmp_path / "apart", tmp_path / "together"
+    for seeds, runs in (("1", "runs-a"), ("2-2", "runs-b")):  # two machines, one seed each
+        out = cli("bench", *common, "--seeds", seeds, "--runs-dir", tmp_path / runs, "--results-dir", apart)
+        assert out.exit_code == 0, out.output
+    paths = sorted(apart.glob("*.json"), key=lambda p: json.loads(p.read_text())["seeds"][0]["seed"])
+    first, second = (json.loads(p.read_text()) for p in paths)
+    assert [s["seed"] for s in second["seeds"]] == [2] and " --seeds 2-2 " in second["command"]
+    out = cli("bench-merge", *paths, "--results-dir", apart)
+    assert out.exit_code == 0, out.output
+    (merged,) = [r for r in (json.loads(p.read_text()) for p in apart.glob("*.json")) if len(r["seeds"]) == 2]
+    assert [m["record"] for m in merged["merged_from"]] == [p.name for p in paths]
+    assert merged["command"].startswith("l2l-recipes bench-merge ") and (apart / merged["curve"]).is_file()
+    row = next(line for line in (tmp_path / "README.md").read_text().splitlines()
+               if line.startswith("| `protonet-omniglot-5w1s`"))  # the table beside the results: the merged row
+    assert "(2 seeds, sd" in row and "`l2l-recipes bench-merge " in row
+    assert cli("bench", *common, "--seeds", 2, "--runs-dir", tmp_path / "runs-c", "--results-dir",
+               together).exit_code == 0
+    (both,) = [json.loads(p.read_text()) for p in together.glob("*.json")]
+    kept = ("seed", "accuracy", "ci95", "iterations_done", "best_val_iteration", "val_curve")
+    assert [{k: s[k] for k in kept} for s in merged["seeds"]] == [{k: s[k] for k in kept} for s in both["seeds"]]
+    for key in ("mean_accuracy", "seed_std", "mean_ci95", "protocol", "budget", "config"):
+        assert merged[key] == both[key], key
+    # the same seed twice, or another bench's record: one line, nothing written
+    count = len(list(apart.glob("*.json")))
+    out = cli("bench-merge", paths[0], paths[0], "--results-dir", apart)
+    assert out.exit_code != 0 and out.output.strip().splitlines()[-1].startswith("Error: seed 1 is in more than one")
+    other = json.loads(paths[1].read_text())
+    other["config"]["lr"] = 0.5
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    out = cli("bench-merge", paths[0], tmp_path / "other.json", "--results-dir", apart)
+    assert out.exit_code != 0 and "differs from" in out.output and "in config:" in out.output
+    assert len(list(apart.glob("*.json"))) == count
+    assert cli("bench", *common, "--seeds", "3-2", "--results-dir", apart).exit_code == 2

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from conftest import cli
 from l2l_recipes import harness, registry
 
 
@@ -14,6 +15,18 @@ def test_protonet_learns(protonet_run):
     # 80 episodes of 20-way training; chance is 20% on 5-way test tasks of unseen characters
     assert result["episodes"] == 200 and result["split"] == "test"
     assert result["accuracy"] > 0.85, result
+
+
+def test_protonet_learns_in_bf16(tmp_path, data_root):
+    """`--set amp=bf16` (the mixed precision a long CPU run may take) learns as float32 does: the
+    same short run as protonet_run's, tested in float32 on the same 200 tasks."""
+    out = cli("run", "protonet-omniglot-5w1s", "--data-root", data_root, "--device", "cpu", "--out", tmp_path,
+              "--no-progress", "--set", "iterations=80", "--set", "train_ways=20", "--set", "val_interval=40",
+              "--set", "val_episodes=50", "--set", "test_episodes=200", "--set", "amp=bf16")
+    assert out.exit_code == 0, out.output
+    (result_file,) = tmp_path.glob("protonet-omniglot-5w1s/*/result.json")
+    result = json.loads(result_file.read_text())
+    assert result["episodes"] == 200 and result["accuracy"] > 0.85, result
 
 
 @pytest.mark.parametrize("name, changes, floor", [

@@ -202,3 +202,9 @@ bench protonet-omniglot-5w1s protonet-omniglot-20w1s --seeds 1 --episodes 1000 -
 # 1,000 test tasks (best validation 0.9177 at 54,500); published 96.2, short by 5.43
 # (benchmarks/notes/anil-omniglot-20w1s.md). Record anil-omniglot-20w1s-...-20261207-105848
 OMP_NUM_THREADS=2 bench anil-omniglot-20w1s --seeds 1 --resume --runs-dir /root/l2l-long/bench
+# 2026-12-07 (11:34-13:33), session 31: ProtoNet 1-shot at Snell et al.'s protocol in bf16 mixed precision
+# (AVX512-BF16 on the Zen 4 EPYC), commit 24e68df, two threads, within one session: early stopping at episode
+# 9,600 (stopped at 29,700), train+val retraining to 59,200; 98.77 +- 0.17 at 5 ways (published 98.8) and
+# 96.20 +- 0.15 at 20 ways (96.0): both reproduced. The records were written again at 29e4919 (precision named):
+# the same command with --resume after removing the bench folder's record-*.txt. Model: benchmarks/models/
+OMP_NUM_THREADS=2 bench protonet-omniglot-5w1s protonet-omniglot-20w1s --seeds 1 --episodes 1000 --set amp=bf16 --resume --runs-dir /root/l2l-long/bench

@@ -225,7 +225,7 @@ def test_a_stopped_bench_says_how_to_resume_the_bench(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--set", "seed=7"], "bench trains seeds 1..N (--seeds N): drop --set seed"),
+    (["--set", "seed=7"], "bench trains seeds 1..N (--seeds N, or FIRST-LAST): drop --set seed"),
     (["--iterations", 5, "--set", "iterations=10"],
      "--iterations and --set iterations=... both set the budget: give one")])
 def test_bench_options_that_would_be_ignored_are_refused(tmp_path, args, message):

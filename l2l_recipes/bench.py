@@ -143,7 +143,7 @@ class Bench:
 
 
 def _seed_entry(bench, seed):
-    """One seed's entry of the record, its validation curve, its env.json and (metric, higher is better)."""
+    """One seed's entry of the record (with its validation curve), its env.json and (metric, higher is better)."""
     run_dir = bench.home / f"seed-{seed}"
     result = harness.read_json(run_dir / "result.json", "remove it and run the bench again with --resume: the "
                                                         "seed is tested again from its checkpoint")
@@ -163,13 +163,13 @@ def _seed_entry(bench, seed):
              "train_seconds": result["train_seconds"], "eval_seconds": result["eval_seconds"],
              "run_dir": str(run_dir), **{k: v for k, v in result.items() if k.startswith("before_")},
              "val_curve": curve}
-    return entry, curve, env, (metric, higher)
+    return entry, env, (metric, higher)
 
 
 def _record(bench):
     """Write the record and curve of a bench whose seeds are all tested; return the record."""
     name, recipe, cfg, default, tested = bench.name, bench.recipe, bench.cfg, bench.default, bench.tested
-    runs, curves, envs, metrics = zip(*(_seed_entry(bench, seed) for seed in bench.seeds))
+    runs, envs, metrics = zip(*(_seed_entry(bench, seed) for seed in bench.seeds))
     env, (metric, higher) = envs[0], metrics[0]  # seed 1's versions and metric
     assignments, max_minutes, results_dir = bench.assignments, bench.max_minutes, bench.results_dir
     reduced = cfg.iterations < default.iterations or any(r["stopped_by_time_budget"] for r in runs)
@@ -196,7 +196,7 @@ def _record(bench):
         "learn2learn": dataclasses.asdict(recipe.learn2learn) if recipe.learn2learn else None,
         "config": dataclasses.asdict(cfg),
     }
-    return _write_record(record, dict(zip(bench.seeds, curves)), results_dir)
+    return _write_record(record, {r["seed"]: r["val_curve"] for r in runs}, results_dir)
 
 
 def _over_seeds(runs, metric):
@@ -277,11 +277,15 @@ SAME_NUMBERS = ("engine", "channels_last", "device", "log_interval")
 PRECISION = ("amp",)
 
 
+def protocol_overrides(assignments):
+    """The `key=value` overrides that change the protocol: all but those of SAME_NUMBERS and PRECISION."""
+    return [a for a in assignments if a.split("=", 1)[0].strip() not in (*SAME_NUMBERS, *PRECISION)]
+
+
 def protocol_changes(assignments, tested, recipe):
     """The overrides (and a changed number of test tasks) that make a bench other than the
     recipe's protocol: all but those of SAME_NUMBERS and PRECISION."""
-    changes = [a for a in assignments if a.split("=", 1)[0].strip() not in (*SAME_NUMBERS, *PRECISION)]
-    return changes + ["test_episodes"] * (tested.test_episodes != recipe.config().test_episodes)
+    return protocol_overrides(assignments) + ["test_episodes"] * (tested.test_episodes != recipe.config().test_episodes)
 
 
 def precision(cfg):
@@ -388,7 +392,7 @@ def _budget(record):
     text = f"{done} it, early-stopped" if ended else f"{done} / {b['recipe_iterations']} it"
     if b["max_minutes"]:
         text += f", ≤ {b['max_minutes']:g} min/seed"
-    changed = [o for o in b.get("overrides", []) if o.split("=", 1)[0] not in (*SAME_NUMBERS, *PRECISION)]
+    changed = protocol_overrides(b.get("overrides", []))
     if changed and not b["reduced"]:  # the full budget of a modified recipe
         return f"full, modified ({', '.join(changed)}): " + text
     return ("**reduced**: " if b["reduced"] else "full: ") + text

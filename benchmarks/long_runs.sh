@@ -11,13 +11,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LONG=${LONG:-/root/l2l-long}
-COMMIT=${COMMIT:-$(git rev-parse HEAD)}
+WANTED=${COMMIT:-HEAD}  # as a full hash (git fetch takes no abbreviation)
+COMMIT=$(git rev-parse --verify -q "$WANTED^{commit}") || { echo "COMMIT=$WANTED is no commit of this repository" >&2; exit 1; }
 DATA=${L2L_RECIPES_DATA:-$(cd .. && pwd)/shared/data}
 QUEUES=${QUEUES:-1}  # 1: one queue of benches on THREADS=2 threads; 2: two queues of one thread; 0: none
 THREADS=${THREADS:-$((QUEUES == 2 ? 1 : 2))}
 mkdir -p "$LONG/logs"
 [ -d "$LONG/code/.git" ] || git clone -q . "$LONG/code"
-git -C "$LONG/code" fetch -q "$(pwd)" "$COMMIT" && git -C "$LONG/code" checkout -q "$COMMIT"
+git -C "$LONG/code" fetch -q "$(pwd)" "$COMMIT"
+git -C "$LONG/code" checkout -q "$COMMIT"
 [ -d .wheelhouse ] && cp -rn .wheelhouse "$LONG/code/"
 (cd "$LONG/code" && L2L_RECIPES_VENV="$LONG/venv" bash tools/bootstrap.sh)
 

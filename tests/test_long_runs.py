@@ -84,3 +84,27 @@ def test_omniglot_rotations_scores_the_runs_test_tasks_and_upright_ones(protonet
     weighted = sum(g["accuracy"] * g["tasks"] for g in groups) / 200
     assert abs(weighted - every["accuracy"]) < 1e-6
     assert upright["upright classes"] == 423 and upright["tasks"] == 200 and 0.4 < upright["accuracy"] <= 1
+
+
+def test_long_runs_checks_out_the_commit_asked_for_even_abbreviated(tmp_path):
+    """COMMIT may be any name git knows (an abbreviated hash too); one that names no commit stops
+    the script before it touches LONG."""
+    def git(*args, cwd=REPO):
+        return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+    long, script = tmp_path / "long", REPO / "benchmarks" / "long_runs.sh"
+    env = {**os.environ, "LONG": str(long), "QUEUES": "0"}
+    bad = subprocess.run(["bash", script], env={**env, "COMMIT": "no-such-commit"}, capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 1 and bad.stderr.strip() == "COMMIT=no-such-commit is no commit of this repository"
+    assert not long.exists()
+    wanted = git("rev-parse", "HEAD~1")
+    git("clone", "-q", str(REPO), str(long / "code"))  # its venv made already: bootstrap.sh's stamp at that commit
+    git("checkout", "-q", wanted, cwd=long / "code")
+    key = subprocess.run("cat requirements.txt setup.cfg pyproject.toml tools/bootstrap.sh tools/learn2learn_wheel.sh"
+                         " | sha256sum | cut -c1-16", shell=True, cwd=long / "code", check=True, capture_output=True,
+                         text=True).stdout.strip()
+    git("checkout", "-q", "HEAD~1", cwd=long / "code")  # elsewhere: the script must move it back
+    (long / "venv").mkdir()
+    (long / "venv" / f".stamp-{key}").touch()
+    subprocess.run(["bash", script], env={**env, "COMMIT": wanted[:7]}, check=True, capture_output=True, timeout=120)
+    assert git("rev-parse", "HEAD", cwd=long / "code") == wanted

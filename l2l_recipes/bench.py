@@ -232,6 +232,11 @@ MERGE_SAME = ("recipe", "trained_as", "metric", "ways", "shots", "queries", "con
               "published")
 
 
+# what merge_records reads of each record: a file without them is refused as no bench record
+MERGE_NEEDS = ("recipe", "metric", "seeds", "budget", "versions", "git_commit", "command", "date", "gpu")
+SEED_NEEDS = ("seed", "ci95", "train_seconds", "eval_seconds", "machines")  # and the record's metric
+
+
 def merge_records(paths, results_dir, command):
     """One record of the seeds of several records of one bench (the same recipe and options,
     other seeds), e.g. one seed trained per working session where the runs do not survive the
@@ -239,11 +244,20 @@ def merge_records(paths, results_dir, command):
     kept their validation curve); the sources stay. Returns the record."""
     fix = "pass the JSON records that `l2l-recipes bench` wrote"
     records = [harness.read_json(Path(p), fix) for p in paths]
+    for path, record in zip(paths, records):
+        missing = [key for key in MERGE_NEEDS if key not in record]
+        missing += [f"{key}.{inner}" for key, inner in (("budget", "reduced"), ("versions", "torch"))
+                    if not isinstance(record.get(key), dict) or inner not in record[key]]
+        seeds = record.get("seeds") if isinstance(record.get("seeds"), list) else [None]
+        missing += [f"seeds[{i}].{key}" for i, seed in enumerate(seeds)
+                    for key in (*SEED_NEEDS, record.get("metric")) if not isinstance(seed, dict) or key not in seed]
+        if missing:
+            raise UserError(f"{path} is not a record of `l2l-recipes bench` (no {missing[0]}): {fix}")
     if len(records) < 2:
         raise UserError("bench-merge needs two or more records (of the same bench, other seeds)")
     first = records[0]
     for path, record in zip(paths[1:], records[1:]):
-        budgets = [{k: v for k, v in r.get("budget", {}).items() if k != "reduced"} for r in (first, record)]
+        budgets = [{k: v for k, v in r["budget"].items() if k != "reduced"} for r in (first, record)]
         differ = [key for key in MERGE_SAME if record.get(key) != first.get(key)]
         differ += ["budget"] * (budgets[0] != budgets[1])
         if differ:

@@ -240,5 +240,13 @@ def test_seeds_trained_apart_merge_into_the_record_of_one_bench(tmp_path, data_r
     (tmp_path / "other.json").write_text(json.dumps(other))
     out = cli("bench-merge", paths[0], tmp_path / "other.json", "--results-dir", apart)
     assert out.exit_code != 0 and "differs from" in out.output and "in config:" in out.output
+    # a JSON file that is no bench record, or one cut short: one line naming what it lacks
+    del other["seeds"][0]["ci95"]
+    for record, lacking in (({}, "recipe"), ({**other, "budget": 3}, "budget.reduced"), (other, "seeds[0].ci95")):
+        (tmp_path / "other.json").write_text(json.dumps(record))
+        out = cli("bench-merge", paths[0], tmp_path / "other.json", "--results-dir", apart)
+        assert out.exit_code == 1 and out.output.strip().splitlines()[-1] == (
+            f"Error: {tmp_path / 'other.json'} is not a record of `l2l-recipes bench` (no {lacking}): pass the "
+            f"JSON records that `l2l-recipes bench` wrote")
     assert len(list(apart.glob("*.json"))) == count
     assert cli("bench", *common, "--seeds", "3-2", "--results-dir", apart).exit_code == 2

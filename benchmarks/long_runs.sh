@@ -69,20 +69,20 @@ PROTONET_5SHOT="protonet-omniglot-5w5s protonet-omniglot-20w5s --seeds 1 --episo
 # not run again here: MAML, FOMAML, Reptile and Meta-SGD omniglot-5w1s (reproduced), ANIL 5w1s,
 # SNAIL 5w1s (short by 1.95, 2026-12-06, within one session), Reptile 5w5s (short by 0.28,
 # 2026-12-07, across four sessions), Matching Nets (all four rows), transfer 5w1s/5w5s,
-# MetaOptNet-ridge 5w1s, MAML sine, ANIL 20w1s (short by 5.43 at the official inner step,
-# 2026-12-07, within one session).
+# MetaOptNet-ridge 5w1s, MAML sine. ANIL 20w1s (short by 5.43 at the official inner step, 2026-12-07,
+# within one session) runs again: its test protocol became MAML's (one query per class, 600 tasks).
 # Hours on two threads of the Zen 4 EPYC (docs/speed.md; 3-5x more on the Zen 1 one): MAML++
 # 5w1s ~5, a ProtoNet 1-shot seed ~3.6 in float32 and ~2.1 in bf16 (Snell et al.'s protocol:
 # early stopping with patience 200 epochs, then the train+val retraining, ~60,000 60-way episodes).
 # Issue 15's acceptance needs ProtoNet 5w1s on 3 seeds: with two queues, seeds 1 and 2 train side
 # by side (then seed 3 beside the 5-shot model), MAML++ after them.
-ROWS=("$PROTONET_SEED" "$PROTONET_5SHOT" "$PROTONET_1SHOT" mamlpp-omniglot-5w1s)  # PROTONET_1SHOT: seeds 2 and 3 beside seed 1 (one bench)
+ROWS=("$PROTONET_SEED" "$PROTONET_5SHOT" "$PROTONET_1SHOT" anil-omniglot-20w1s mamlpp-omniglot-5w1s)  # PROTONET_1SHOT: seeds 2 and 3 beside seed 1 (one bench)
 if [ "$QUEUES" = 1 ]; then  # one queue on both cores (THREADS=2): each row done sooner
   queue 0 "${ROWS[@]}"
 elif [ "${QUEUES}" = 2 ]; then  # two one-thread queues (THREADS=1), e.g. on a machine kept for days;
   # the ProtoNet seeds are shared: each bench process trains the seeds no other holds
-  queue 0 "${ROWS[2]}" "${ROWS[3]}"
-  queue 0 "${ROWS[0]}" "${ROWS[1]}" "${ROWS[2]}" "${ROWS[3]}"
+  queue 0 "${ROWS[@]:2}"
+  queue 0 "${ROWS[@]:0:4}"
 fi
 # ProtoNet on its own (PROTONET=1), e.g. with the queues off (QUEUES=0) so that it has the machine
 if [ "${PROTONET:-0}" = 1 ]; then

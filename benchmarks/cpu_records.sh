@@ -208,3 +208,10 @@ OMP_NUM_THREADS=2 bench anil-omniglot-20w1s --seeds 1 --resume --runs-dir /root/
 # 96.20 +- 0.15 at 20 ways (96.0): both reproduced. The records were written again at 29e4919 (precision named):
 # the same command with --resume after removing the bench folder's record-*.txt. Model: benchmarks/models/
 OMP_NUM_THREADS=2 bench protonet-omniglot-5w1s protonet-omniglot-20w1s --seeds 1 --episodes 1000 --set amp=bf16 --resume --runs-dir /root/l2l-long/bench
+# 2026-12-07 (14:01-14:05 and 14:29-16:26), sessions 31-32: ProtoNet 1-shot seed 2 alone, the same protocol and
+# bench folder (long_runs.sh SEED=2), commit ae541ef, two threads: early stopping at episode 5,800 (stopped at
+# 25,800), train+val retraining to 51,600; 98.72 +- 0.17 at 5 ways and 96.11 +- 0.15 at 20 ways. Merged with
+# seed 1's records: 98.74 +- 0.17 (2 seeds, sd 0.04; published 98.8) and 96.16 +- 0.15 (sd 0.06; 96.0)
+OMP_NUM_THREADS=2 bench protonet-omniglot-5w1s protonet-omniglot-20w1s --seeds 2-2 --episodes 1000 --set amp=bf16 --resume --runs-dir /root/l2l-long/bench
+l2l-recipes bench-merge benchmarks/results/protonet-omniglot-5w1s-cpu-torch2.14.1-20261207-133345.json benchmarks/results/protonet-omniglot-5w1s-cpu-torch2.14.1-20261207-162417.json
+l2l-recipes bench-merge benchmarks/results/protonet-omniglot-20w1s-cpu-torch2.14.1-20261207-133345.json benchmarks/results/protonet-omniglot-20w1s-cpu-torch2.14.1-20261207-162603.json

@@ -401,7 +401,8 @@ def _pct(number):
 
 def _budget(record):
     b = record["budget"]
-    done = max(r["iterations_done"] for r in record["seeds"])
+    reached = [r["iterations_done"] for r in record["seeds"]]
+    done = "-".join(str(n) for n in sorted({min(reached), max(reached)}))  # the seeds' range where they differ
     ended = all(r.get("ended_by_stopping_rule") for r in record["seeds"])
     text = f"{done} it, early-stopped" if ended else f"{done} / {b['recipe_iterations']} it"
     if b["max_minutes"]:

@@ -103,6 +103,17 @@ def test_mixed_precision_is_named_but_is_no_change_of_protocol():
     assert bench.summary({**record, "precision": "float32"}) == "98.80 ± 0.20 (1 seed)"
 
 
+def test_the_budget_column_gives_the_seeds_range_of_iterations():
+    """Seeds stopped early by the recipe's rule reach different iterations (ProtoNet's patience)."""
+    from l2l_recipes import bench
+    seeds = [{"iterations_done": n, "ended_by_stopping_rule": True} for n in (59200, 51600)]
+    record = {"budget": {"recipe_iterations": 1_000_000, "max_minutes": None, "overrides": [], "reduced": False},
+              "seeds": seeds}
+    assert bench._budget(record) == "full: 51600-59200 it, early-stopped"
+    seeds[1].update(iterations_done=59200, ended_by_stopping_rule=False)
+    assert bench._budget(record) == "full: 59200 / 1000000 it"
+
+
 def test_a_record_of_an_earlier_version_of_the_recipe_is_not_its_protocol():
     """Reptile's protocol gained the carried inner Adam state (carry_adam) after records had been
     made without it: such a record, at the paper's settings of its day, no longer counts as the

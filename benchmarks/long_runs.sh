@@ -72,11 +72,13 @@ PROTONET_5SHOT="protonet-omniglot-5w5s protonet-omniglot-20w5s --seeds 1 --episo
 # MetaOptNet-ridge 5w1s, MAML sine. ANIL 20w1s (short by 5.43 at the official inner step, 2026-12-07,
 # within one session) runs again: its test protocol became MAML's (one query per class, 600 tasks).
 # Hours on two threads of the Zen 4 EPYC (docs/speed.md; 3-5x more on the Zen 1 one): MAML++
-# 5w1s ~5, a ProtoNet 1-shot seed ~3.6 in float32 and ~2.1 in bf16 (Snell et al.'s protocol:
-# early stopping with patience 200 epochs, then the train+val retraining, ~60,000 60-way episodes).
+# 5w1s ~5, Meta-SGD 20w1s ~4.6 (its 5w1s row is reproduced), a ProtoNet 1-shot seed ~3.6 in
+# float32 and ~1.5-2.1 in bf16 (Snell et al.'s protocol: early stopping with patience 200 epochs,
+# then the train+val retraining, ~60,000 60-way episodes).
 # Issue 15's acceptance needs ProtoNet 5w1s on 3 seeds: with two queues, seeds 1 and 2 train side
 # by side (then seed 3 beside the 5-shot model), MAML++ after them.
-ROWS=("$PROTONET_SEED" "$PROTONET_5SHOT" "$PROTONET_1SHOT" anil-omniglot-20w1s mamlpp-omniglot-5w1s)  # PROTONET_1SHOT: seeds 2 and 3 beside seed 1 (one bench)
+ROWS=("$PROTONET_SEED" "$PROTONET_5SHOT" "$PROTONET_1SHOT" anil-omniglot-20w1s mamlpp-omniglot-5w1s
+      metasgd-omniglot-20w1s)  # PROTONET_1SHOT: seeds 2 and 3 beside seed 1 (one bench)
 if [ "$QUEUES" = 1 ]; then  # one queue on both cores (THREADS=2): each row done sooner
   queue 0 "${ROWS[@]}"
 elif [ "${QUEUES}" = 2 ]; then  # two one-thread queues (THREADS=1), e.g. on a machine kept for days;

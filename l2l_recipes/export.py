@@ -560,8 +560,10 @@ class _Exporter:
         self.plain = not fast
         if self.plain:  # the plain loop, which engine=reference runs in the package, without the config checks
             text = without_method(plain_source(text), type(self.cfg).__name__, "__post_init__")
-            if hasattr(self.cfg, "engine"):
+            if hasattr(self.cfg, "engine"):  # its one value here, refused otherwise by main()
                 self.cfg = dataclasses.replace(self.cfg, engine="reference")
+                text = re.sub(r"^( +engine: str = [^#\n]*?) *#.*$", rf"\1  # {PLAIN_ENGINE}", text, count=1,
+                              flags=re.M)
         self.rsrc = parsed(self.module.__name__, text, f"{path.parent.name}/{path.name}")
         self.datasets = self._datasets(all_datasets)
 
@@ -804,6 +806,8 @@ class _Exporter:
                 self.rewritten[(f"{PACKAGE}.{module}", name)] = self.source(f"{PACKAGE}.plain").defs[name]
         self._recipe_parts()
         template = PLAIN_MAIN_TEMPLATE if self.plain else MAIN_TEMPLATE
+        if self.plain and not hasattr(self.cfg, "engine"):
+            template = template.replace(ENGINE_CHECK, "")
         main_src = Source("<main>", template, "main", extern=self._recipe_names() | {"RECIPE"})
         self.main_src = main_src
         roots = [self.config_item] + self.recipe_items + main_src.items
@@ -1337,7 +1341,13 @@ def main(argv=None):
 '''
 
 
-# The plain file's command line: one process, no resuming (see MAIN_TEMPLATE).
+# The plain file's command line: one process, no resuming (see MAIN_TEMPLATE). It holds the
+# engine=reference loop alone: engine=fast is refused rather than run as reference.
+PLAIN_ENGINE = "reference: the loop in this file (engine=fast: l2l-recipes export --fast)"
+ENGINE_CHECK = '''\
+        check(cfg.engine == "reference", f"engine={cfg.engine} is not in this file, which holds the reference "
+                                         f"loop alone: use engine=reference, or export the recipe with --fast")
+'''
 PLAIN_MAIN_TEMPLATE = '''\
 import argparse
 import os
@@ -1347,6 +1357,7 @@ from pathlib import Path
 
 import torch
 
+from l2l_recipes.config import check
 from l2l_recipes.errors import UserError
 from l2l_recipes.plain import PlainRun, override, resolve_device
 
@@ -1364,6 +1375,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         cfg = override(Config(), [f"device={args.device}"] * bool(args.device) + args.assignments)
+''' + ENGINE_CHECK + '''\
         device = resolve_device(cfg.device)
         path = Path(args.out) / RECIPE / f"{time.strftime('%Y%m%d-%H%M%S')}-s{cfg.seed}"
         run = PlainRun(path, RECIPE, cfg, device, args.data_root, args.download)

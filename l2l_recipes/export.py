@@ -196,6 +196,13 @@ def without_method(text, class_name, method):
     return "".join(lines[:first] + lines[last:])
 
 
+def _only_validates(text, class_name):
+    """Whether top-level class `class_name`'s `__post_init__` in `text` calls `validate(self)` alone."""
+    (cls,) = [n for n in ast.parse(text).body if isinstance(n, ast.ClassDef) and n.name == class_name]
+    body = [n.body for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__post_init__"]
+    return bool(body) and [ast.unparse(stmt) for stmt in body[0]] == ["validate(self)"]
+
+
 CALLED_BY_TORCH = frozenset({"forward", "backward", "extra_repr", "reset_parameters"})  # never called by name
 
 
@@ -558,8 +565,10 @@ class _Exporter:
         path = Path(self.module.__file__)
         text = path.read_text(encoding="utf-8")
         self.plain = not fast
-        if self.plain:  # the plain loop, which engine=reference runs in the package, without the config checks
-            text = without_method(plain_source(text), type(self.cfg).__name__, "__post_init__")
+        if self.plain:  # the plain loop, which engine=reference runs in the package
+            text = plain_source(text)
+            if _only_validates(text, type(self.cfg).__name__):  # override() validates: a copy would repeat it
+                text = without_method(text, type(self.cfg).__name__, "__post_init__")
             if hasattr(self.cfg, "engine"):  # its one value here, refused otherwise by main()
                 self.cfg = dataclasses.replace(self.cfg, engine="reference")
                 text = re.sub(r"^( +engine: str = [^#\n]*?) *#.*$", rf"\1  # {PLAIN_ENGINE}", text, count=1,

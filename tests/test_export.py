@@ -293,12 +293,13 @@ def test_exported_recipe_reproduces_the_package_run(exported_runs, package_runs,
 # cuda:K without GPU K one line, +3; the Omniglot split read by the package's one scan of the PNGs, and
 # the run folder claimed by the function harness.Run uses too, so that neither is written twice, +6 to +16,
 # 2026-12-07; checkpoints written whole, then renamed, +2; engine=fast refused by the plain file, which
-# ran the reference loop silently, +2 where the config has an engine, the same day).
+# ran the reference loop silently, +2 where the config has an engine, the same day; each recipe's own config
+# checks kept in its file (a misspelt choice, e.g. distance=cosin, ran another branch silently), +4 to +26).
 # Issue #17 asks for 350, and 450 for MetaOptNet, SNAIL and MAML++: l2l_recipes.plain (~150 lines),
 # the config's ranges (~25), the episodes and the uncached loader (~120 for Omniglot, ~150 for
 # mini-ImageNet) keep them above.
-LINE_LIMITS = {"maml": 588, "protonet": 636, "matchingnet": 598, "anil": 591, "metasgd": 612, "reptile": 654,
-               "transfer": 609, "metaoptnet": 672, "snail": 728, "mamlpp": 722}
+LINE_LIMITS = {"maml": 588, "protonet": 644, "matchingnet": 602, "anil": 591, "metasgd": 616, "reptile": 654,
+               "transfer": 615, "metaoptnet": 698, "snail": 733, "mamlpp": 730}
 
 
 def test_every_default_export_is_within_its_line_limit():
@@ -491,7 +492,8 @@ def test_override_reads_each_value_as_its_fields_type():
 
 
 def test_the_plain_file_refuses_a_bad_device_or_range_and_a_run_without_weights_in_one_line(tmp_path):
-    """The ranges `run` checks (config.validate): a 1-way task would score 100%, val_interval=0 divide by 0."""
+    """The ranges `run` checks (config.validate, and each recipe's own): a 1-way task would score 100%,
+    val_interval=0 divide by 0."""
     path = export.export_recipe("maml-omniglot-5w1s", tmp_path)
     for assignment, error in (("device=gpu", "device='gpu' is out of range: use auto, cpu or cuda"),
                               ("ways=1", "ways=1 is out of range: ways must be at least 2"),
@@ -501,6 +503,13 @@ def test_the_plain_file_refuses_a_bad_device_or_range_and_a_run_without_weights_
                               ("engine=fast", "engine=fast is not in this file, which holds the reference loop alone: "
                                               "use engine=reference, or export the recipe with --fast")):
         result = run_blocked(path, "--set", assignment, cwd=tmp_path)
+        assert result.returncode == 1 and result.stderr.strip() == f"Error: {error}", assignment
+    # a recipe's own checks (its config's __post_init__) come with it: a misspelt choice ran the other
+    # branch silently before (Matching Networks' distance=cosin: l2; transfer's head=Centroid: linear)
+    for name, assignment, error in (
+            ("matchingnet-omniglot-5w1s", "distance=cosin", "distance='cosin' is out of range: use cosine or l2"),
+            ("transfer-omniglot-5w1s", "head=Centroid", "head='Centroid' is out of range: use linear or centroid")):
+        result = run_blocked(export.export_recipe(name, tmp_path), "--set", assignment, cwd=tmp_path)
         assert result.returncode == 1 and result.stderr.strip() == f"Error: {error}", assignment
     cfg = registry.get_recipe("maml-omniglot-5w1s").config()
     with pytest.raises(UserError, match="nothing to test: training ran no validation"):  # e.g. iterations=0

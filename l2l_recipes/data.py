@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import os
 import random
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -178,13 +179,15 @@ def undecodable(path, error):
 
 
 def files_key(tag, files, base):
-    """Hash of `tag` and each file's path (relative to `base`), size and modification time."""
+    """'<folder>-<sources>': a hash of folder `base` (its absolute path), then one of `tag` and each
+    file's path (relative to `base`), size and modification time."""
     h, prefix = hashlib.sha256(tag.encode()), f"{base}/"
     for f in map(str, files):  # strings: pathlib's relative_to and stat take 4x as long
         st = os.stat(f)
         relative = f[len(prefix):] if f.startswith(prefix) else Path(f).relative_to(base)
         h.update(f"{relative} {st.st_size} {st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+    folder = hashlib.sha256(str(Path(base).resolve()).encode()).hexdigest()[:8]
+    return f"{folder}-{h.hexdigest()[:16]}"
 
 
 def cached(name, key, build):
@@ -192,6 +195,9 @@ def cached(name, key, build):
 
     The key covers the sources, so changed sources give a new file; an unreadable
     (truncated, corrupt) cache file is rebuilt; processes asking at once build it once.
+    A new file replaces `name`'s files of the same source folder (files_key's first part:
+    their sources have changed since, e.g. data extracted again) and those named before
+    the folder was in the key, so stale caches do not pile up.
     """
     path = cache_dir() / f"{name}-{key}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,6 +210,13 @@ def cached(name, key, build):
                 warnings.warn(f"cache {path} is unreadable ({type(e).__name__}); rebuilding it")
         value = build()
         atomic_save(value, path)
+        folder = key.split("-")[0] if "-" in key else None
+        stale = [p for p in path.parent.glob(f"{name}-*.pt") if p != path and (
+            re.fullmatch(rf"{re.escape(name)}-[0-9a-f]{{16}}\.pt", p.name)
+            or folder and re.fullmatch(rf"{re.escape(name)}-{folder}-[0-9a-f]{{16}}\.pt", p.name))]
+        for p in stale:  # a reader that has it open keeps reading it (POSIX)
+            p.unlink(missing_ok=True)
+            p.with_name(f".{p.name}.lock").unlink(missing_ok=True)
         return value
 
 

@@ -124,18 +124,27 @@ def _tiny_omniglot(root, characters=2, value=0):
     (root / "omniglot-py" / "images_evaluation").mkdir(parents=True, exist_ok=True)
 
 
-def test_cache_is_rebuilt_when_a_source_changes(tmp_path, monkeypatch):
-    monkeypatch.setenv("L2L_RECIPES_CACHE", str(tmp_path / "cache"))
+def test_cache_is_rebuilt_when_a_source_changes_and_the_stale_one_removed(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("L2L_RECIPES_CACHE", str(cache))
     _tiny_omniglot(tmp_path / "data")
+    _tiny_omniglot(tmp_path / "copy")  # another data folder: its cache is its own
     names, images = omniglot.load_omniglot(tmp_path / "data", progress=False)
     assert names == ["Alpha/character01", "Alpha/character02"] and images[0].sum() > 0
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
-    # redraw one file: the cache key changes and the new pixels are read
+    omniglot.load_omniglot(tmp_path / "copy", progress=False)
+    (first, other) = sorted(cache.glob("*.pt"), key=lambda p: p.stat().st_mtime_ns)
+    older_scheme = cache / "omniglot-28px-0123456789abcdef.pt"  # named before the folder was in the key
+    older_scheme.write_bytes(b"")
+    # redraw one file: the cache key changes, the new pixels are read, the stale cache goes
     png = tmp_path / "data/omniglot-py/images_background/Alpha/character01/0000_01.png"
     Image.fromarray(np.ones((105, 105), dtype=bool)).save(png)
     _, rebuilt = omniglot.load_omniglot(tmp_path / "data", progress=False)
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
     assert rebuilt[0, 0].sum() == 0 and torch.equal(rebuilt[0, 1:], images[0, 1:])
+    kept = set(cache.glob("*.pt"))
+    assert len(kept) == 2 and other in kept and first not in kept and older_scheme not in kept
+    assert not (cache / f".{first.name}.lock").exists() and (cache / f".{other.name}.lock").exists()
+    omniglot.load_omniglot(tmp_path / "copy", progress=False)  # read, not rebuilt
+    assert set(cache.glob("*.pt")) == kept
 
 
 def test_a_cache_asked_for_twice_at_once_is_built_once(tmp_path, monkeypatch):

@@ -208,6 +208,8 @@ def cached(name, key, build):
                 return torch.load(path, weights_only=True)
             except Exception as e:  # torch raises several types for a damaged file
                 warnings.warn(f"cache {path} is unreadable ({type(e).__name__}); rebuilding it")
+        for tmp in path.parent.glob(f".{path.name}.tmp*"):  # a build killed while saving (the lock is ours)
+            tmp.unlink(missing_ok=True)
         value = build()
         atomic_save(value, path)
         folder = key.split("-")[0] if "-" in key else None

@@ -159,12 +159,15 @@ def test_a_cache_asked_for_twice_at_once_is_built_once(tmp_path, monkeypatch):
         time.sleep(0.5)
         return {"x": torch.arange(3)}
 
+    killed = tmp_path / ".t-k.pt.tmp12345"  # what a build killed while saving leaves
+    killed.write_bytes(b"partial")
     first = threading.Thread(target=lambda: results.append(data.cached("t", "k", build)))
     first.start()
     building.wait()
     results.append(data.cached("t", "k", build))
     first.join()
     assert len(builds) == 1 and len(results) == 2 and all(torch.equal(r["x"], torch.arange(3)) for r in results)
+    assert not killed.exists()
 
 
 def test_missing_data_is_a_clear_error(tmp_path):

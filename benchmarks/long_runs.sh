@@ -77,8 +77,11 @@ PROTONET_5SHOT="protonet-omniglot-5w5s protonet-omniglot-20w5s --seeds 1 --episo
 # then the train+val retraining, ~60,000 60-way episodes).
 # Issue 15's acceptance needs ProtoNet 5w1s on 3 seeds: with two queues, seeds 1 and 2 train side
 # by side (then seed 3 beside the 5-shot model), MAML++ after them.
-ROWS=("$PROTONET_SEED" "$PROTONET_5SHOT" "$PROTONET_1SHOT" anil-omniglot-20w1s mamlpp-omniglot-5w1s
-      metasgd-omniglot-20w1s)  # PROTONET_1SHOT: seeds 2 and 3 beside seed 1 (one bench)
+# Since the machine came back as it was for three sessions in a row (2026-12-07), the rows that
+# may reproduce go first: MAML++ 5w1s (also issue 16's <= 8 h in a real bench) and Meta-SGD
+# 20w1s, then ANIL 20w1s (its verdict at the corrected test; 5.4 points short before).
+ROWS=("$PROTONET_SEED" "$PROTONET_5SHOT" "$PROTONET_1SHOT" mamlpp-omniglot-5w1s metasgd-omniglot-20w1s
+      anil-omniglot-20w1s)  # PROTONET_1SHOT: seeds 2 and 3 beside seed 1 (one bench)
 if [ "$QUEUES" = 1 ]; then  # one queue on both cores (THREADS=2): each row done sooner
   queue 0 "${ROWS[@]}"
 elif [ "${QUEUES}" = 2 ]; then  # two one-thread queues (THREADS=1), e.g. on a machine kept for days;

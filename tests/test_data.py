@@ -143,8 +143,9 @@ def test_cache_is_rebuilt_when_a_source_changes_and_the_stale_one_removed(tmp_pa
     kept = set(cache.glob("*.pt"))
     assert len(kept) == 2 and other in kept and first not in kept and older_scheme not in kept
     assert not (cache / f".{first.name}.lock").exists() and (cache / f".{other.name}.lock").exists()
+    written = other.stat().st_mtime_ns
     omniglot.load_omniglot(tmp_path / "copy", progress=False)  # read, not rebuilt
-    assert set(cache.glob("*.pt")) == kept
+    assert set(cache.glob("*.pt")) == kept and other.stat().st_mtime_ns == written
 
 
 def test_a_cache_asked_for_twice_at_once_is_built_once(tmp_path, monkeypatch):

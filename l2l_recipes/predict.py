@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from l2l_recipes import harness
 from l2l_recipes.errors import UserError
@@ -42,12 +42,13 @@ def as_8_bit(image):
 
 
 def read_image(path, transform):
-    """Image file `path` through `transform` (after as_8_bit); an unreadable or corrupt file is a
-    UserError naming it."""
+    """Image file `path` through `transform` (after as_8_bit), turned upright as its EXIF orientation
+    says (a phone stores a photo as the sensor saw it and tags how to show it; the datasets' files
+    carry no such tag); an unreadable or corrupt file is a UserError naming it."""
     try:
         with Image.open(path) as image:
             image.load()
-            return transform(as_8_bit(image))
+            return transform(as_8_bit(ImageOps.exif_transpose(image)))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # foreign, damaged, huge
         reason = (str(e).splitlines() or [""])[0][:120]
         raise UserError(f"cannot read image {path} ({type(e).__name__}: {reason}): replace or remove it") from None

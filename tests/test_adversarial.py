@@ -254,6 +254,25 @@ def test_16_bit_and_transparent_images_are_read_as_the_drawing_they_show(data_ro
         assert (predict.read_image(tmp_path / name, omniglot.transform) - expected).abs().max() <= 1 / 255, name
 
 
+def test_a_photo_is_read_upright_as_its_exif_orientation_shows_it(data_root, tmp_path):
+    """A phone stores a photo as the sensor saw it and tags how to show it: read as stored, a
+    drawing photographed with the phone held sideways reached the model turned by 90 degrees."""
+    png = sorted((data_root / "omniglot-py" / "images_evaluation").glob("*/character01/*.png"))[0]
+    expected = predict.read_image(png, omniglot.transform)
+    with Image.open(png) as image:
+        upright = image.convert("L")
+    # orientation 6: stored turned 90 degrees counter-clockwise, shown turned back clockwise (8: the other way)
+    for orientation, stored in ((6, upright.transpose(Image.Transpose.ROTATE_90)),
+                                (8, upright.transpose(Image.Transpose.ROTATE_270))):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        stored.save(tmp_path / f"photo-{orientation}.png", exif=exif)
+        with Image.open(tmp_path / f"photo-{orientation}.png") as image:  # the tag is kept in the file
+            assert image.getexif()[0x0112] == orientation
+        assert torch.equal(predict.read_image(tmp_path / f"photo-{orientation}.png", omniglot.transform), expected)
+    assert not torch.equal(omniglot.transform(stored), expected)  # the stored pixels alone are turned
+
+
 def test_an_image_too_large_for_pil_is_one_line(tmp_path, monkeypatch):
     """PIL refuses images of more than twice MAX_IMAGE_PIXELS (a 14000x14000 scan) with its own
     exception, which went through as a traceback."""

@@ -245,7 +245,9 @@ def recipes_export(name, dest, force, all_datasets, fast):
     from l2l_recipes import export
     path = export.export_recipe(name, dest, force=force, all_datasets=all_datasets, fast=fast)
     lines = len(path.read_text().splitlines())
-    click.echo(f"wrote {path} ({lines} lines); run it with: python {path} --data-root DIR [--set key=value ...]")
+    splits = "" if fast else f" and {path.parent / 'splits'}/, which it reads (copy both)"
+    click.echo(f"wrote {path} ({lines} lines){splits}; run it with: python {path} --data-root DIR "
+               f"[--set key=value ...]")
 
 
 class SeedRange(click.ParamType):

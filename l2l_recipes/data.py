@@ -47,8 +47,9 @@ def cache_dir():
 def read_split(name, split):
     """Class names of one split of a shipped split, e.g. read_split('omniglot-vinyals', 'test')."""
     path = SPLITS_DIR / name / f"{split}.txt"
-    if not path.is_file():
-        raise UserError(f"no split file {path}: split must be one of {', '.join(SPLIT_NAMES)}")
+    if not path.is_file():  # an exported file copied without the splits/ folder `export` wrote beside it
+        raise UserError(f"no split file {path}: the class splits are read from the {SPLITS_DIR.name}/ folder "
+                        f"beside {Path(__file__).name}; copy that folder along with it")
     return path.read_text().split()
 
 

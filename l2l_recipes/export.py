@@ -1051,7 +1051,8 @@ class _Exporter:
             raise ExportError(f"{self.rsrc.label}: the module docstring must be triple-quoted")
         if self.plain:  # its title and summary; the protocol notes stay in the package
             return "\n\n".join(raw[:-3].split("\n\n")[:2]) + "\n\n" + textwrap.fill(
-                f"Run: python {self.recipe.name.replace('-', '_')}.py --data-root DIR [--set key=value ...]. "
+                f"Run: python {self.recipe.name.replace('-', '_')}.py --data-root DIR [--set key=value ...], the "
+                f"splits/ folder beside it (copy both). "
                 f"Protocol and published numbers: `l2l-recipes show {self.recipe.name}`. {line}", width=100,
                 break_long_words=False, break_on_hyphens=False) + f"\n{quote}\n"
         return raw[:-3].rstrip() + f"\n\n{line}\n{quote}\n"

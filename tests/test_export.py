@@ -491,7 +491,7 @@ def test_override_reads_each_value_as_its_fields_type():
             override(cfg, [bad])
 
 
-def test_the_plain_file_refuses_a_bad_device_or_range_and_a_run_without_weights_in_one_line(tmp_path):
+def test_the_plain_file_refuses_a_bad_device_or_range_and_a_run_without_weights_in_one_line(tmp_path, data_root):
     """The ranges `run` checks (config.validate, and each recipe's own): a 1-way task would score 100%,
     val_interval=0 divide by 0."""
     path = export.export_recipe("maml-omniglot-5w1s", tmp_path)
@@ -511,6 +511,15 @@ def test_the_plain_file_refuses_a_bad_device_or_range_and_a_run_without_weights_
             ("transfer-omniglot-5w1s", "head=Centroid", "head='Centroid' is out of range: use linear or centroid")):
         result = run_blocked(export.export_recipe(name, tmp_path), "--set", assignment, cwd=tmp_path)
         assert result.returncode == 1 and result.stderr.strip() == f"Error: {error}", assignment
+    # the file copied into a project without the splits/ folder written beside it: said so, where the
+    # message said "split must be one of train, val, test" (the split was train)
+    (tmp_path / "project").mkdir()
+    alone = Path(shutil.copy(path, tmp_path / "project"))
+    result = run_blocked(alone, "--data-root", data_root, cwd=tmp_path / "project")
+    split = tmp_path / "project" / "splits" / "omniglot-vinyals" / "train.txt"
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"Error: no split file {split}: the class splits are read from the splits/ folder beside "
+        f"{alone.name}; copy that folder along with it")
     cfg = registry.get_recipe("maml-omniglot-5w1s").config()
     with pytest.raises(UserError, match="nothing to test: training ran no validation"):  # e.g. iterations=0
         PlainRun(tmp_path / "run", "maml-omniglot-5w1s", cfg, "cpu").test(None)

@@ -212,7 +212,8 @@ def without_unused_methods(text, keep_classes=()):
     while True:
         tree = ast.parse(text)
         called = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
-        unused = [(cls.name, f.name) for cls in tree.body if isinstance(cls, ast.ClassDef) and cls.name not in keep_classes
+        unused = [(cls.name, f.name) for cls in tree.body
+                  if isinstance(cls, ast.ClassDef) and cls.name not in keep_classes
                   for f in cls.body if isinstance(f, ast.FunctionDef) and not f.name.startswith("__")
                   and f.name not in CALLED_BY_TORCH and f.name not in called]
         if not unused:
@@ -1091,8 +1092,9 @@ class _Exporter:
             group = "<export>" if item.src.module == "<export>" else item.src
             if previous is None or group != previous[0]:
                 if item.src.module == "<export>":
-                    title = ("---- written for this file: the dataset table" if self.plain else "---- written for this file: the package's "
-                             "data.dataset_module, data.read_split and harness.recipe_module look outside it")
+                    title = ("---- written for this file: the dataset table" if self.plain else
+                             "---- written for this file: the package's data.dataset_module, data.read_split and "
+                             "harness.recipe_module look outside it")
                 else:
                     summary = " ".join((ast.get_docstring(item.src.tree) or "").split("\n\n")[0].split())
                     title = f"---- {item.src.label}" + (f": {summary}" if summary and not self.plain else "")
@@ -1394,4 +1396,3 @@ def main(argv=None):
     except UserError as e:
         sys.exit(f"Error: {e}")
 '''
-

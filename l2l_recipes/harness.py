@@ -735,6 +735,9 @@ def _resumable(run_dir):
     if (run_dir / "result.json").is_file():
         raise UserError(f"run {run_dir} is finished (it has result.json): nothing to resume; to test it "
                         f"again, run `l2l-recipes eval {shlex.quote(str(run_dir))}`")
+    if not (run_dir / "ckpt.pt").is_file():
+        raise UserError(f"run {run_dir} has no ckpt.pt: it stopped before its first checkpoint, so there is "
+                        f"nothing to resume; start it again with `l2l-recipes run`")
     state = read_checkpoint(run_dir / "ckpt.pt")
     path = run_dir / "config.json"
     if path.is_file():
@@ -829,6 +832,9 @@ def _read_run(run_dir):
     ckpt = run_dir / "best.pt"
     if not ckpt.is_file():
         ckpt = run_dir / "ckpt.pt"
+    if not ckpt.is_file():
+        raise UserError(f"run {run_dir} holds no weights (no best.pt or ckpt.pt): it stopped before its "
+                        f"first checkpoint; train it again")
     state = read_checkpoint(ckpt)
     return recipe, ckpt, state
 

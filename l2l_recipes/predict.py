@@ -98,10 +98,6 @@ def query_files(paths):
 
 def load_classifier(run_dir, device="auto"):
     """The predictor of an image-classification run directory (its best.pt, else its ckpt.pt)."""
-    run_dir = Path(run_dir)
-    if (run_dir / "config.json").is_file() and not any((run_dir / n).is_file() for n in ("best.pt", "ckpt.pt")):
-        raise UserError(f"run {run_dir} holds no weights (no best.pt or ckpt.pt): it stopped before its "
-                        f"first checkpoint; train it again")
     recipe, _, predictor = harness._load(run_dir, device, None)
     if predictor.metric != "accuracy":
         raise UserError(f"{recipe} is measured by {predictor.metric}, not a classifier of images: predict "

@@ -137,6 +137,18 @@ def test_missing_data_root_names_the_fix(tmp_path):
 def test_not_a_run_directory_is_a_clear_error(tmp_path):
     result = cli("eval", tmp_path)
     assert result.exit_code == 1 and "is not a run directory" in result.stderr
+    # a run stopped before its first checkpoint: eval and publish said "no checkpoint at .../ckpt.pt"
+    (tmp_path / "config.json").write_text(json.dumps({"recipe": "protonet-omniglot-5w1s"}))
+    for command in (["eval", tmp_path], ["publish", tmp_path, tmp_path / "published"]):
+        result = cli(*command)
+        assert result.exit_code == 1 and result.stderr.strip().splitlines() == [
+            f"Error: run {tmp_path} holds no weights (no best.pt or ckpt.pt): it stopped before its first "
+            f"checkpoint; train it again"], command
+    assert not (tmp_path / "published").exists()
+    result = cli("run", "--resume", tmp_path)
+    assert result.exit_code == 1 and result.stderr.strip().splitlines() == [
+        f"Error: run {tmp_path} has no ckpt.pt: it stopped before its first checkpoint, so there is nothing to "
+        f"resume; start it again with `l2l-recipes run`"]
 
 
 def test_cuda_without_gpu_is_a_clear_error(tmp_path, monkeypatch):
